@@ -55,6 +55,42 @@ void zi_lin_forward(const zi_lin *l, const float *x, int M, float *y);
 
 
 /* ================================================================ lora.c */
+/* One module of a LoRA file, named as the diffusers Linear it targets. */
+typedef struct {
+    char *name;
+    int rank, in, out;
+    float *A, *B;           /* [rank, in], [out, rank], float32 */
+    float alpha;            /* NAN when the file gives none (scale 1) */
+} zi_lora_module;
+
+typedef struct zi_lora {
+    char *path;
+    int n;
+    zi_lora_module *m;
+    zi_dtype dtype;         /* of the file's matrices */
+    int n_unknown;          /* keys that are no LoRA weight we know */
+    char **unknown;
+    int n_applied;          /* what zi_lora_apply changed, undone by zi_lora_remove */
+    struct zi_lora_applied *applied;
+} zi_lora;
+
+/* Reads any of the formats listed in lora.c (a fused ComfyUI qkv becomes to_q/to_k/to_v). */
+zi_lora *zi_lora_load(const char *path);
+float zi_lora_scale(const zi_lora_module *m);   /* alpha/rank, or 1 without alpha */
+/* Applies the LoRA with scale·strength to the Linear layers of the same names, either merged
+ * into a copy of each weight (merge = 1, same dtype) or as run-time adapters. Shapes are
+ * checked first; modules matching no layer are warnings (verbose), none matching is an error.
+ * Returns the number of modules applied or -1. */
+int zi_lora_apply(zi_lora *l, zi_lin *const *lins, int nlins, float strength, int merge, int verbose);
+/* Undoes zi_lora_apply exactly (the original weights come back). With several LoRAs on the
+ * same layers, remove them in the reverse order of applying. */
+void zi_lora_remove(zi_lora *l);
+void zi_lora_free(zi_lora *l);                  /* removes it first when applied */
+/* Writes the modules as FORMAT: diffsynth (bare names, .lora_A.default.weight, no alpha),
+ * diffusers (transformer. prefix, explicit .alpha), comfyui (diffusion_model. prefix, .alpha)
+ * or kohya (lora_unet_ flattened names, lora_down/lora_up, .alpha); metadata rank, alpha,
+ * targets, base_model. */
+int zi_lora_save(const zi_lora *l, const char *path, const char *format, zi_dtype dtype, const char *base_model);
 
 
 /* ================================================================ zimage.c */
