@@ -385,6 +385,7 @@ zj *zj_parse(const char *text, size_t len, const char *what) {
 zj *zj_load(const char *path) {
     FILE *f = fopen(path, "rb");
     if (!f) { zi_seterr("%s: %s", path, strerror(errno)); return NULL; }
+    errno = 0;
     size_t cap = 1 << 16, len = 0;
     char *buf = zi_malloc(cap);
     for (;;) {
@@ -393,9 +394,9 @@ zj *zj_load(const char *path) {
         cap *= 2;
         buf = zi_realloc(buf, cap);
     }
-    int err = ferror(f);
+    int err = ferror(f) ? errno : 0;
     fclose(f);
-    if (err) { free(buf); zi_seterr("%s: read error", path); return NULL; }
+    if (err) { free(buf); zi_seterr("%s: %s", path, strerror(err)); return NULL; }
     zj *root = zj_parse(buf, len, path);
     free(buf);
     return root;

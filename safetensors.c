@@ -23,6 +23,7 @@
 #include <math.h>
 #include <pthread.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -38,12 +39,10 @@ const char *zj_source(const zj *obj);
 char *zi_path(const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
-    int n = vsnprintf(NULL, 0, fmt, ap);
+    char *s = NULL;
+    int n = vasprintf(&s, fmt, ap);
     va_end(ap);
-    char *s = zi_malloc((size_t)(n < 0 ? 0 : n) + 1);
-    va_start(ap, fmt);
-    vsnprintf(s, (size_t)n + 1, fmt, ap);
-    va_end(ap);
+    if (n < 0) zi_die("out of memory (zi_path)");
     return s;
 }
 
@@ -55,7 +54,9 @@ static int ends_with(const char *s, const char *suffix) {
 /* ================================================================ reader */
 typedef struct {
     char *path;
-    const unsigned char *map;   /* the whole file, read-only */
+    unsigned char *base;        /* the mapping (munmap(base, maplen)) */
+    size_t maplen;
+    const unsigned char *map;   /* the file's bytes, inside the mapping */
     size_t size;
     zj *header;                 /* parsed header; tensor names point into it */
 } st_shard;
@@ -131,42 +132,77 @@ static int cmp_span(const void *a, const void *b) {
     return x->begin < y->begin ? -1 : x->begin > y->begin ? 1 : x->end < y->end ? -1 : x->end > y->end;
 }
 
-/* mmaps one file, checks its header and appends its tensors to st->tensors. */
+/* Reads n bytes at offset off; -1 on error or a short file. */
+static int pread_all(int fd, void *buf, size_t n, off_t off) {
+    unsigned char *p = buf;
+    while (n) {
+        ssize_t k = pread(fd, p, n, off);
+        if (k < 0 && errno == EINTR) continue;
+        if (k <= 0) return -1;
+        p += k;
+        off += k;
+        n -= (size_t)k;
+    }
+    return 0;
+}
+
+/* Maps the file so that its data area (at 8 + n) is 8-byte aligned, which is what lets
+ * model code read a BF16 or F32 tensor in place. The Python library pads the header to make
+ * 8 + n a multiple of 8, and then the file is simply mmap'd. Files from old writers without
+ * the padding are read into anonymous memory at an offset that aligns the data area. */
+static int map_file(st_shard *sh, int fd, uint64_t n) {
+    size_t shift = (size_t)((8 - (8 + n) % 8) % 8);
+    void *m = shift ? mmap(NULL, sh->size + shift, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+                    : mmap(NULL, sh->size, PROT_READ, MAP_PRIVATE, fd, 0);
+    if (m == MAP_FAILED) return zi_seterr("%s: mmap: %s", sh->path, strerror(errno)), -1;
+    sh->base = m;
+    sh->maplen = sh->size + shift;
+    if (shift) {
+        if (pread_all(fd, sh->base + shift, sh->size, 0))
+            return zi_seterr("%s: read error: %s", sh->path, strerror(errno)), -1;
+        mprotect(sh->base, sh->maplen, PROT_READ);
+    }
+    sh->map = sh->base + shift;
+    return 0;
+}
+
+/* Opens one file, checks its header and appends its tensors to st->tensors. */
 static int open_shard(zi_st *st, const char *path) {
+    st_shard *sh = &st->shards[st->nshards++];
+    sh->path = zi_strdup(path);
     int fd = open(path, O_RDONLY);
     if (fd < 0) return zi_seterr("%s: %s", path, strerror(errno)), -1;
     struct stat sb;
+    unsigned char len8[8];
+    int rc = 0;
     if (fstat(fd, &sb) || !S_ISREG(sb.st_mode)) {
-        close(fd);
-        return zi_seterr("%s: not a regular file", path), -1;
+        rc = -1;
+        zi_seterr("%s: not a regular file", path);
+    } else if ((sh->size = (size_t)sb.st_size) < 8 || pread_all(fd, len8, 8, 0)) {
+        rc = -1;
+        zi_seterr("%s: truncated (%zu bytes, no safetensors header)", path, sh->size);
     }
-    size_t size = (size_t)sb.st_size;
-    if (size < 8) {
-        close(fd);
-        return zi_seterr("%s: truncated (%zu bytes, no safetensors header)", path, size), -1;
-    }
-    void *map = mmap(NULL, size, PROT_READ, MAP_PRIVATE, fd, 0);
-    close(fd);      /* the mapping keeps the file */
-    if (map == MAP_FAILED) return zi_seterr("%s: mmap: %s", path, strerror(errno)), -1;
-
-    st_shard *sh = &st->shards[st->nshards++];
-    sh->path = zi_strdup(path);
-    sh->map = map;
-    sh->size = size;
-
     uint64_t n = 0;
-    for (int i = 7; i >= 0; i--) n = n << 8 | sh->map[i];
-    if (n > size - 8) return zi_seterr("%s: header length %llu past the end of the file (%zu bytes)",
-                                       path, (unsigned long long)n, size), -1;
-    if (n > ST_MAX_HEADER) return zi_seterr("%s: header too large (%llu bytes)", path, (unsigned long long)n), -1;
+    for (int i = 7; i >= 0 && !rc; i--) n = n << 8 | len8[i];
+    if (!rc && n > sh->size - 8) {
+        rc = -1;
+        zi_seterr("%s: header length %llu past the end of the file (%zu bytes)", path, (unsigned long long)n,
+                  sh->size);
+    } else if (!rc && n > ST_MAX_HEADER) {
+        rc = -1;
+        zi_seterr("%s: header too large (%llu bytes)", path, (unsigned long long)n);
+    }
+    if (!rc) rc = map_file(sh, fd, n);
+    close(fd);      /* a mapping keeps the file */
+    if (rc) return -1;
     if (!(sh->header = zj_parse((const char *)sh->map + 8, (size_t)n, path))) return -1;
     const zj *h = sh->header;
     if (h->type != ZJ_OBJ) return zi_seterr("%s: header is not a JSON object", path), -1;
 
     const unsigned char *data = sh->map + 8 + n;
-    size_t data_size = size - 8 - (size_t)n;
+    size_t data_size = sh->size - 8 - (size_t)n;
     st_span *spans = zi_malloc((size_t)h->n * sizeof *spans);
-    int ns = 0, rc = 0;
+    int ns = 0;
     st->tensors = zi_realloc(st->tensors, (size_t)(st->count + h->n) * sizeof(zi_tensor));
     for (int i = 0; i < h->n && !rc; i++) {
         const char *name = h->keys[i];
@@ -187,6 +223,12 @@ static int open_shard(zi_st *st, const char *path) {
         uint64_t begin;
         memset(t, 0, sizeof *t);
         if ((rc = parse_tensor_info(path, name, v, data_size, t, &begin))) break;
+        if (begin % zi_dtype_size(t->dtype)) {     /* the Python library never writes this */
+            zi_seterr("%s: tensor '%s': data offset %llu not aligned to its dtype", path, name,
+                      (unsigned long long)begin);
+            rc = -1;
+            break;
+        }
         t->data = data + begin;
         t->shard = st->nshards - 1;
         spans[ns++] = (st_span){ begin, begin + t->nbytes, name };
@@ -337,7 +379,7 @@ zi_st *zi_st_open(const char *path) {
 void zi_st_close(zi_st *st) {
     if (!st) return;
     for (int i = 0; i < st->nshards; i++) {
-        munmap((void *)st->shards[i].map, st->shards[i].size);
+        if (st->shards[i].base) munmap(st->shards[i].base, st->shards[i].maplen);
         zj_free(st->shards[i].header);
         free(st->shards[i].path);
     }
@@ -451,7 +493,7 @@ void zi_stw_add(zi_stw *w, const char *name, zi_dtype dtype, int ndim, const int
     }
     t->dtype = dtype;
     t->ndim = ndim;
-    memcpy(t->shape, shape, (size_t)ndim * sizeof *shape);
+    for (int i = 0; i < ndim; i++) t->shape[i] = shape[i];
     t->nbytes = numel * zi_dtype_size(dtype);
     t->data = zi_malloc(t->nbytes);
     memcpy(t->data, data, t->nbytes);
@@ -560,7 +602,8 @@ int zi_stw_write(zi_stw *w, const char *path) {
     for (int i = 0; i < w->n; i++) order[i] = &w->t[i];
     qsort(order, (size_t)w->n, sizeof *order, cmp_stw);
 
-    /* the header: compact JSON, __metadata__ first, then the tensors in data order */
+    /* the header: compact JSON, __metadata__ first (keys in the order they were added, as
+     * the Python library keeps a dict's order), then the tensors in data order */
     strbuf h = {0};
     sb_put(&h, "{", 1);
     if (w->nmeta) {
@@ -612,7 +655,9 @@ int zi_stw_write(zi_stw *w, const char *path) {
 }
 
 /* ================================================================ --dump */
-static zi_stw *dump_writer;     /* non-NULL while a dump is active */
+/* The collector: non-NULL while a dump is active. Atomic so that zi_dump() from any thread
+ * can test it without the lock (the common case: no dump, nothing to do). */
+static _Atomic(zi_stw *) dump_writer;
 static pthread_mutex_t dump_lock = PTHREAD_MUTEX_INITIALIZER;
 
 void zi_dump_begin(void) {
@@ -623,18 +668,19 @@ void zi_dump_begin(void) {
 
 int zi_dump_active(void) { return dump_writer != NULL; }
 
-void zi_dump(const char *name, int ndim, const int64_t *shape, const float *data) {
+static void dump_add(const char *name, zi_dtype dt, int ndim, const int64_t *shape, const void *data) {
     if (!dump_writer) return;
     pthread_mutex_lock(&dump_lock);
-    if (dump_writer) zi_stw_add_f32(dump_writer, name, ndim, shape, data);
+    if (dump_writer) zi_stw_add(dump_writer, name, dt, ndim, shape, data);
     pthread_mutex_unlock(&dump_lock);
 }
 
+void zi_dump(const char *name, int ndim, const int64_t *shape, const float *data) {
+    dump_add(name, ZI_F32, ndim, shape, data);
+}
+
 void zi_dump_i64(const char *name, int64_t n, const int64_t *data) {
-    if (!dump_writer) return;
-    pthread_mutex_lock(&dump_lock);
-    if (dump_writer) zi_stw_add(dump_writer, name, ZI_I64, 1, &n, data);
-    pthread_mutex_unlock(&dump_lock);
+    dump_add(name, ZI_I64, 1, &n, data);
 }
 
 int zi_dump_end(const char *path) {

@@ -292,6 +292,48 @@ TEST(st_writer_roundtrip) {
     zi_st_close(st);
 }
 
+/* Re-writing every golden file (written by the Python library) with our writer must give
+ * the same bytes: header layout, tensor order, escapes, padding. */
+TEST(st_writer_matches_python) {
+    static const char *names[] = {
+        "dit-lora1.safetensors", "dit-batch.safetensors", "lora-a-diffsynth.safetensors", "pipe-0.safetensors",
+        "rng.safetensors", "te-0.safetensors", "train-0.safetensors", "pipe-lora.safetensors",
+        "tiny-zimage/text_encoder/model-00002-of-00002.safetensors",
+        "tiny-zimage/vae/diffusion_pytorch_model.safetensors",
+    };
+    char out[512];
+    snprintf(out, sizeof out, "%s/rewrite.safetensors", zt_tmpdir());
+    for (size_t f = 0; f < sizeof names / sizeof *names; f++) {
+        char in[512];
+        snprintf(in, sizeof in, "%s", zt_golden(names[f]));
+        zi_st *st = zi_st_open(in);
+        CHECK(st, "%s", zi_err());
+        zj *hdr = NULL;
+        size_t len_in, len_out;
+        unsigned char *a = read_file(in, &len_in);
+        uint64_t n = 0;
+        for (int i = 7; i >= 0; i--) n = n << 8 | a[i];
+        hdr = zj_parse((const char *)a + 8, (size_t)n, in);
+        const zj *meta = zj_get(hdr, "__metadata__");
+        zi_stw *w = zi_stw_new();
+        for (int i = 0; meta && i < meta->n; i++) zi_stw_meta(w, meta->keys[i], meta->kids[i].str);
+        for (int i = 0; i < zi_st_count(st); i++) {
+            const zi_tensor *t = zi_st_at(st, i);
+            zi_stw_add(w, t->name, t->dtype, t->ndim, t->shape, t->data);
+        }
+        int rc = zi_stw_write(w, out);
+        zi_stw_free(w);
+        zj_free(hdr);
+        zi_st_close(st);
+        unsigned char *b = rc ? NULL : read_file(out, &len_out);
+        int same = b && len_in == len_out && !memcmp(a, b, len_in);
+        if (!same && b) fprintf(stderr, "    ours:   %.200s\n    theirs: %.200s\n", b + 8, a + 8);
+        free(a);
+        free(b);
+        CHECK(same, "%s: the rewritten file differs", names[f]);
+    }
+}
+
 TEST(st_writer_errors) {
     zi_stw *w = zi_stw_new();
     float x = 1;
@@ -494,4 +536,143 @@ TEST(st_bad_index) {
     CHECK(open_fails(path, "unexpected end"), "broken index");
     unlink(path);
     CHECK(open_fails(dir, "2 .safetensors files"), "ambiguous directory");
+}
+
+/* A header without the alignment padding (older writers): the data is still exposed
+ * 8-byte aligned and correct. A tensor at an offset not aligned to its dtype is refused. */
+TEST(st_unpadded_header) {
+    char path[512];
+    snprintf(path, sizeof path, "%s/unpadded.safetensors", zt_tmpdir());
+    const char *h = "{\"x\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]}}";   /* 55 bytes */
+    FILE *f = fopen(path, "wb");
+    uint64_t n = strlen(h);
+    for (int i = 0; i < 8; i++) fputc((int)(n >> (8 * i) & 0xFF), f);
+    fputs(h, f);
+    float x[2] = { 1.5f, -3 };
+    fwrite(x, sizeof x, 1, f);
+    fclose(f);
+    CHECK(n % 8, "the test header must be unpadded");
+    zi_st *st = zi_st_open(path);
+    CHECK(st, "%s", zi_err());
+    const zi_tensor *t = zi_st_get(st, "x");
+    CHECK(t && ((uintptr_t)t->data & 7) == 0 && !memcmp(t->data, x, sizeof x), "aligned copy");
+    zi_st_close(st);
+
+    snprintf(path, sizeof path, "%s/misaligned.safetensors", zt_tmpdir());
+    write_st(path, "{\"b\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[0,1]},"
+                   "\"x\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[1,5]}}", 0, 8);
+    CHECK(open_fails(path, "not aligned"), "misaligned tensor");
+}
+
+/* Random damage to a real header (deterministic): every open either succeeds with sane
+ * tensors or fails with a message; never a crash or an out-of-bounds read (run it under
+ * `make debug`). */
+TEST(st_fuzz_headers) {
+    size_t len;
+    unsigned char *orig = read_file(zt_golden("dit-lora1.safetensors"), &len);
+    CHECK(orig, "dit-lora1.safetensors");
+    uint64_t n = 0;
+    for (int i = 7; i >= 0; i--) n = n << 8 | orig[i];
+    unsigned char *buf = malloc(len);
+    char path[512];
+    snprintf(path, sizeof path, "%s/fuzz.safetensors", zt_tmpdir());
+    static const char alphabet[] = "{}[]\",:0123456789-eE.\\u ";
+    uint64_t rng = 12345;
+    int opened = 0, failed = 0;
+    for (int iter = 0; iter < 400; iter++) {
+        memcpy(buf, orig, len);
+        size_t flen = len;
+        int edits = 1 + iter % 3;
+        for (int e = 0; e < edits; e++) {
+            rng = rng * 6364136223846793005ull + 1442695040888963407ull;
+            size_t at = (size_t)(rng >> 33) % (8 + n);
+            int r = (int)(rng >> 20 & 0xFF);
+            buf[at] = (r & 1) ? (unsigned char)alphabet[(r >> 1) % (sizeof alphabet - 1)] : (unsigned char)r;
+        }
+        if (iter % 17 == 0) flen = (size_t)(rng >> 40) % len;
+        FILE *f = fopen(path, "wb");
+        fwrite(buf, 1, flen, f);
+        fclose(f);
+        zi_st *st = zi_st_open(path);
+        if (st) {
+            opened++;
+            for (int i = 0; i < zi_st_count(st); i++) {
+                const zi_tensor *t = zi_st_at(st, i);
+                const unsigned char *p = t->data;
+                unsigned sum = 0;
+                for (size_t b = 0; b < t->nbytes; b++) sum += p[b];      /* touch every byte */
+                (void)sum;
+            }
+            zi_st_close(st);
+        } else {
+            failed++;
+            CHECK(!strchr(zi_err(), '\n') && strstr(zi_err(), path), "message: %s", zi_err());
+        }
+    }
+    fprintf(stderr, "    400 damaged files: %d opened, %d refused\n", opened, failed);
+    free(buf);
+    free(orig);
+}
+
+/* The same for JSON text. */
+TEST(json_fuzz) {
+    size_t len;
+    unsigned char *orig = read_file(zt_golden("tiny-zimage/tokenizer/tokenizer_config.json"), &len);
+    CHECK(orig, "tokenizer_config.json");
+    unsigned char *buf = malloc(len);
+    uint64_t rng = 777;
+    int ok = 0;
+    for (int iter = 0; iter < 400; iter++) {
+        memcpy(buf, orig, len);
+        for (int e = 0; e < 1 + iter % 2; e++) {
+            rng = rng * 6364136223846793005ull + 1442695040888963407ull;
+            buf[(rng >> 33) % len] = (unsigned char)(rng >> 24);
+        }
+        size_t flen = iter % 13 == 0 ? (size_t)(rng >> 40) % len : len;
+        zj *j = zj_parse((const char *)buf, flen, "fuzz.json");
+        ok += j != NULL;
+        if (!j) CHECK(strstr(zi_err(), "fuzz.json: line "), "message: %s", zi_err());
+        zj_free(j);
+    }
+    fprintf(stderr, "    400 damaged texts: %d still valid\n", ok);
+    free(buf);
+    free(orig);
+}
+
+/* The dtype conversions the reader relies on (zi_tensor_f32). */
+TEST(st_dtype_conversion) {
+    /* every f16 value against its definition, and back */
+    for (uint32_t h = 0; h < 65536; h++) {
+        int e = h >> 10 & 31, m = h & 1023;
+        double want = e == 0 ? ldexp(m, -24) : ldexp(1024 + m, e - 25);
+        if (h & 0x8000) want = -want;
+        float got = zi_f16_to_f32((uint16_t)h);
+        if (e == 31) {
+            CHECK(m ? isnan(got) : isinf(got), "f16 %04x special", h);
+            if (!m) CHECK(zi_f32_to_f16(got) == h, "inf back");
+            continue;
+        }
+        CHECK(got == (float)want, "f16 %04x: %g, want %g", h, got, want);
+        CHECK(zi_f32_to_f16(got) == h, "f16 %04x round trip gives %04x", h, zi_f32_to_f16(got));
+    }
+    /* rounding to nearest even */
+    CHECK(zi_f32_to_f16(1.0f + 0x1p-11f) == 0x3c00 && zi_f32_to_f16(1.0f + 3 * 0x1p-11f) == 0x3c02, "f16 ties");
+    CHECK(zi_f32_to_f16(65520.0f) == 0x7c00 && zi_f32_to_f16(65519.0f) == 0x7bff, "f16 overflow");
+    CHECK(zi_f32_to_f16(0x1p-25f) == 0 && zi_f32_to_f16(0x1.8p-25f) == 1 && zi_f32_to_f16(0x1.8p-24f) == 2, "f16 tiny");
+    CHECK(zi_f32_to_bf16(1.0f + 0x1p-8f) == 0x3f80 && zi_f32_to_bf16(1.0f + 3 * 0x1p-8f) == 0x3f82, "bf16 ties");
+    CHECK(isnan(zi_bf16_to_f32(zi_f32_to_bf16(NAN))), "bf16 NaN");
+    /* fp8 and integers through zi_to_f32 */
+    uint8_t f8[4] = { 0x38, 0xC0, 0x01, 0x7F };     /* E4M3: 1, -2, 2^-9, NaN */
+    float out[4];
+    zi_to_f32(out, f8, ZI_F8_E4M3, 4);
+    CHECK(out[0] == 1 && out[1] == -2 && out[2] == 0x1p-9f && isnan(out[3]), "e4m3");
+    uint8_t e5[2] = { 0x3C, 0x7B };                 /* E5M2: 1, 57344 */
+    zi_to_f32(out, e5, ZI_F8_E5M2, 2);
+    CHECK(out[0] == 1 && out[1] == 57344, "e5m2");
+    int16_t i16[2] = { -7, 300 };
+    zi_to_f32(out, i16, ZI_I16, 2);
+    CHECK(out[0] == -7 && out[1] == 300, "i16");
+    double f64[1] = { 0.1 };
+    zi_to_f32(out, f64, ZI_F64, 1);
+    CHECK(out[0] == 0.1f, "f64");
 }
