@@ -97,8 +97,8 @@ static int parse_tensor_info(const char *path, const char *name, const zj *info,
         return zi_seterr("%s: tensor '%s': unknown dtype '%s'", path, name, dt), -1;
     if (shape->n > ZI_MAXDIM)
         return zi_seterr("%s: tensor '%s': %d dimensions (at most %d)", path, name, shape->n, ZI_MAXDIM), -1;
-    /* numel * dtype size must not overflow: keep it below 2^62 along the way */
-    uint64_t numel = 1, lim = (uint64_t)1 << 62;
+    /* numel * dtype size (at most 8) must not overflow: keep numel below 2^60 along the way */
+    uint64_t numel = 1, lim = (uint64_t)1 << 60;
     t->ndim = shape->n;
     for (int i = 0; i < shape->n; i++) {
         uint64_t d;

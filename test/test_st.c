@@ -453,6 +453,9 @@ TEST(st_bad_files) {
         { "size", "{\"a\":{\"dtype\":\"F32\",\"shape\":[3],\"data_offsets\":[0,8]}}", "need 12", 0, 8 },
         { "overflow", "{\"a\":{\"dtype\":\"F32\",\"shape\":[4294967296,4294967296,16],\"data_offsets\":[0,0]}}",
           "too large", 0, 8 },
+        /* 2^61 elements of 8 bytes: the byte count wraps around to 0 in 64 bits */
+        { "overflow2", "{\"a\":{\"dtype\":\"F64\",\"shape\":[2147483648,1073741824],\"data_offsets\":[0,0]}}",
+          "too large", 0, 8 },
         { "negdim", "{\"a\":{\"dtype\":\"F32\",\"shape\":[-1],\"data_offsets\":[0,4]}}", "bad shape", 0, 8 },
         { "fracoff", "{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0.5,4]}}", "data_offsets", 0, 8 },
         { "nooffs", "{\"a\":{\"dtype\":\"F32\",\"shape\":[1]}}", "missing", 0, 8 },
