@@ -679,3 +679,25 @@ TEST(st_dtype_conversion) {
     zi_to_f32(out, f64, ZI_F64, 1);
     CHECK(out[0] == 0.1f, "f64");
 }
+
+/* zi_st_close gives the mapping back: the file no longer shows in /proc/self/maps. */
+static int mapped(const char *name) {
+    FILE *f = fopen("/proc/self/maps", "r");
+    if (!f) return -1;
+    char line[4096];
+    int found = 0;
+    while (fgets(line, sizeof line, f)) found |= strstr(line, name) != NULL;
+    fclose(f);
+    return found;
+}
+
+TEST(st_close_unmaps) {
+    const char *name = "tiny-zimage/vae/diffusion_pytorch_model.safetensors";
+    zi_st *st = zi_st_open(zt_golden("tiny-zimage/vae"));
+    CHECK(st, "%s", zi_err());
+    int before = mapped(name);
+    if (before < 0) return;     /* no /proc */
+    CHECK(before == 1, "the file is not mapped while open");
+    zi_st_close(st);
+    CHECK(mapped(name) == 0, "the file is still mapped after zi_st_close");
+}
