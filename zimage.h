@@ -23,6 +23,7 @@ typedef struct zi_lora_adapter {
     const float *A, *B;
     int rank;
     float scale;
+    float *dA, *dB;         /* training: gradients accumulate here; NULL otherwise */
     struct zi_lora_adapter *next;
 } zi_lora_adapter;
 
@@ -94,6 +95,31 @@ int zi_lora_save(const zi_lora *l, const char *path, const char *format, zi_dtyp
 
 
 /* ================================================================ zimage.c */
+#define ZI_MAX_TOKENS 512   /* the pipeline's max_sequence_length, after the chat template */
+
+/* Everything a text-to-image run takes (the CLI's flags). */
+typedef struct {
+    const char *prompt, *negative;
+    int width, height, steps;
+    float cfg;              /* classic scale: neg + cfg·(pos − neg); 1 = off */
+    float cfg_norm;         /* diffusers cfg_normalization; 0 = off */
+    float cfg_trunc;        /* diffusers cfg_truncation; 1 = off */
+    float shift;            /* <= 0: the scheduler config's */
+    const char *sampler;    /* euler, heun, dpmpp_2m */
+    uint64_t seed;
+    int rng_cuda;           /* noise as torch.randn on a CUDA generator instead of the CPU one */
+    int n_lora;
+    const char *const *lora_files;
+    const float *lora_strengths;
+    const char *dump;       /* write every intermediate here, or NULL */
+    int quiet;              /* no progress on stderr */
+} zi_params;
+
+zi_params zi_params_default(void);  /* the Turbo defaults: 1024², 8 steps, cfg 1, euler */
+/* Runs the pipeline; returns the image [3, H, W] in [0, 1] (malloc'd) or NULL. */
+float *zi_generate(const char *model_dir, const zi_params *p);
+/* zi_generate, then a PNG at path with the settings in its "parameters" text chunk. */
+int zi_generate_png(const char *model_dir, const zi_params *p, const char *path);
 
 
 #endif
