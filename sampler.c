@@ -374,8 +374,10 @@ static void randn_cpu(float *out, int64_t n, uint64_t seed) {
  *   u = x0·2^-32 + 2^-33, v = x1·2π·2^-32 + π·2^-32, s = sqrt(−2·log u): (s·sin v, s·cos v)
  * and likewise (x2, x3). Normal number q of round k of thread idx lands at element
  * idx + threads·(4k + q) (aten/src/ATen/native/cuda/DistributionTemplates.h).
- * The GPU computes sin and cos with the __sincosf intrinsic (a hardware approximation,
- * absolute error ~2^-21); here they are computed exactly, so values differ by a few 1e-7. */
+ * The GPU takes sin and cos from the __sincosf intrinsic: it scales v by 1/2π rounding toward
+ * zero, then the special-function unit approximates sin/cos(2π·r) (absolute error ~2^-22). The
+ * first part is reproduced below, the hardware approximation is not: most values differ from
+ * the GPU's in the last bits (by at most ~1e-6 for values up to 5). */
 
 static void philox4x32_10(const uint32_t ctr_in[4], uint64_t seed, uint32_t out[4]) {
     uint32_t c[4] = { ctr_in[0], ctr_in[1], ctr_in[2], ctr_in[3] };
@@ -397,7 +399,11 @@ static float curand_box_muller(uint32_t x, uint32_t y, int cosine) {
     float u = (float)x * inv32 + inv32 / 2;
     float v = fmaf((float)y, inv32_2pi, inv32_2pi / 2);     /* nvcc fuses this into one FMA */
     float s = sqrtf(-2.0f * logf_(u));
-    return (float)(cosine ? cos((double)v) : sin((double)v)) * s;
+    double prod = (double)v * 0.15915494f;                  /* exact: v / 2π in turns */
+    float turns = (float)prod;
+    if (fabs((double)turns) > fabs(prod)) turns = nextafterf(turns, 0.0f);   /* round toward zero */
+    double angle = 2.0 * 3.14159265358979323846 * turns;
+    return (float)(cosine ? cos(angle) : sin(angle)) * s;
 }
 
 void zi_randn_cuda(float *out, int64_t n, uint64_t seed, int64_t max_blocks) {

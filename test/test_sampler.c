@@ -88,7 +88,8 @@ TEST(sampler_randn_cpu_bitwise) {
 }
 
 TEST(sampler_randn_cuda) {
-    /* Bit-exact up to the GPU's __sincosf approximation (absolute error ~2^-21 on sin v). */
+    /* Exact up to the GPU's hardware sin/cos approximation (see sampler.c): measured max error
+     * 2.9e-7 of the largest value. */
     zi_st *st = zi_st_open(zt_golden("rng.safetensors"));
     CHECK(st, "%s", zi_err());
     for (int s = 0; s < 3; s++)
@@ -99,7 +100,7 @@ TEST(sampler_randn_cuda) {
             float *ref = golden_f32(st, name, &n), *got = zi_malloc((size_t)n * sizeof(float));
             CHECK(ref, "%s missing", name);
             zi_randn(got, n, (uint64_t)rng_seeds[s], ZI_RNG_CUDA);
-            int ok = zt_close(name, got, ref, (size_t)n, 1e-5);
+            int ok = zt_close(name, got, ref, (size_t)n, 1e-6);
             free(ref);
             free(got);
             CHECK(ok, "%s differs", name);
