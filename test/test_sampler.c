@@ -74,9 +74,10 @@ TEST(sampler_randn_cpu_bitwise) {
         for (int k = 0; k < 4; k++) {
             char name[64];
             snprintf(name, sizeof name, "cpu.%d.%s", rng_seeds[s], rng_shapes[k]);
-            int64_t n;
-            float *ref = golden_f32(st, name, &n), *got = zi_malloc((size_t)n * sizeof(float));
+            int64_t n = 0;
+            float *ref = golden_f32(st, name, &n);
             CHECK(ref, "%s missing", name);
+            float *got = zi_malloc((size_t)n * sizeof(float));
             zi_randn(got, n, (uint64_t)rng_seeds[s], ZI_RNG_CPU);
             int64_t d = bit_diffs(got, ref, n);
             int ok = zt_close(name, got, ref, (size_t)n, 0);
@@ -96,9 +97,10 @@ TEST(sampler_randn_cuda) {
         for (int k = 0; k < 4; k++) {
             char name[64];
             snprintf(name, sizeof name, "cuda.%d.%s", rng_seeds[s], rng_shapes[k]);
-            int64_t n;
-            float *ref = golden_f32(st, name, &n), *got = zi_malloc((size_t)n * sizeof(float));
+            int64_t n = 0;
+            float *ref = golden_f32(st, name, &n);
             CHECK(ref, "%s missing", name);
+            float *got = zi_malloc((size_t)n * sizeof(float));
             zi_randn(got, n, (uint64_t)rng_seeds[s], ZI_RNG_CUDA);
             int ok = zt_close(name, got, ref, (size_t)n, 1e-6);
             free(ref);
@@ -169,7 +171,7 @@ static void check_sampler(const char *name) {
     const char *meta = zi_st_meta(st, "cases");
     zj *cases = meta ? zj_parse(meta, strlen(meta), file) : NULL;
     CHECK(cases && cases->type == ZJ_ARR && cases->n > 0, "%s: no cases metadata", file);
-    int64_t n;
+    int64_t n = 0;
     float *x0 = golden_f32(st, "x.init", &n), *a = golden_f32(st, "field.a", NULL),
           *c = golden_f32(st, "field.c", NULL), *d = golden_f32(st, "field.d", NULL);
     CHECK(x0 && a && c && d, "%s: inputs missing", file);
@@ -181,7 +183,7 @@ static void check_sampler(const char *name) {
         snprintf(key, sizeof key, "case%d.sigmas", k);
         float *sig_ref = golden_f32(st, key, NULL), *sig = zi_malloc((size_t)(steps + 1) * sizeof(float));
         snprintf(key, sizeof key, "case%d.t", k);
-        int64_t nt;
+        int64_t nt = 0;
         float *t_ref = golden_f32(st, key, &nt);
         zi_flow_sigmas(steps, shift, sig);
         int sig_bad = sig_ref ? (int)bit_diffs(sig, sig_ref, steps + 1) : -1;
