@@ -109,7 +109,7 @@ static int heun(run *r, const float *sigmas, int steps) {
     float *x = r->x, *v = r->v;
     float *x_prev = zi_malloc((size_t)n * sizeof(float)), *d_prev = zi_malloc((size_t)n * sizeof(float));
     int rc = 0;
-    for (int i = 0; i < steps && !rc; i++) {
+    for (int i = 0; i < steps; i++) {
         float sigma = sigmas[i], sigma_next = sigmas[i + 1], dt = sigma_next - sigma;
         if ((rc = eval_model(r, sigma))) break;
         for (int64_t j = 0; j < n; j++) {               /* predictor */
@@ -157,7 +157,7 @@ static int dpmpp_2m(run *r, const float *sigmas, int steps) {
     for (int i = 0; i < steps; i++) {
         float sigma_s0 = sigmas[i], sigma_t = sigmas[i + 1];
         if ((rc = eval_model(r, sigma_s0))) break;
-        float *t = m1; m1 = m0; m0 = t;                 /* m1: the previous x0 */
+        float *prev = m0; m0 = m1; m1 = prev;           /* m1: the previous step's x0 */
         for (int64_t j = 0; j < n; j++) m0[j] = x[j] - rnd(sigma_s0 * v[j]);
 
         float alpha_t = 1.0f - sigma_t;
