@@ -50,7 +50,65 @@ void zi_lin_forward(const zi_lin *l, const float *x, int M, float *y);
 
 
 /* ================================================================ sampler.c */
+/* Flow-matching schedules, samplers, classifier-free guidance and torch-compatible noise.
+ * Everything reproduces the float32 arithmetic of diffusers (FlowMatchEulerDiscreteScheduler with
+ * the Z-Image pipeline's sigmas, FlowMatchHeunDiscreteScheduler, DPMSolverMultistepScheduler)
+ * and of torch.randn, operation by operation.
+ *
+ * Conventions: σ goes from 1 (pure noise) to 0 (clean). The DiT takes the time t = 1 − σ
+ * (0 = noise), computed as diffusers does: T = σ·1000, t = (1000 − T)/1000 in float32. The
+ * samplers integrate dx/dσ = v, where v is what diffusers hands to scheduler.step: for Z-Image
+ * the negated DiT output (≈ noise − x0). */
 
+/* sigmas[0..steps]: σ_i = shift·s_i / (1 + (shift − 1)·s_i) with s = linspace(1, 1/steps, steps)
+ * (float32, torch's linspace), and the terminal σ_steps = 0. steps >= 1. */
+void zi_flow_sigmas(int steps, double shift, float *sigmas);
+float zi_flow_timestep(float sigma);            /* T = σ·1000, diffusers' "timesteps" */
+float zi_flow_t(float sigma);                   /* the DiT time input (1000 − T)/1000 */
+
+/* The model, as the samplers see it: v = dx/dσ at (x, σ). t = zi_flow_t(sigma). x and v hold
+ * n floats (the latents). Returns 0, or -1 with an error set (the sampler stops). */
+typedef int (*zi_velocity_fn)(void *ctx, const float *x, float sigma, float t, float *v);
+/* Called after every model evaluation and update (diffusers' callback_on_step_end): x are the
+ * latents after step `step` (0-based; zi_sampler_evals() steps in all). May be NULL. */
+typedef void (*zi_step_fn)(void *ctx, int step, const float *x);
+
+typedef enum {
+    ZI_EULER,       /* FlowMatchEulerDiscreteScheduler: x += (σ_next − σ)·v; steps evaluations */
+    ZI_HEUN,        /* FlowMatchHeunDiscreteScheduler: Heun's 2nd order, last step Euler; 2·steps − 1 */
+    ZI_DPMPP_2M,    /* DPMSolverMultistepScheduler (dpmsolver++, order 2, midpoint, flow sigmas,
+                       flow_prediction, final sigma 0): first and last steps 1st order; steps */
+} zi_sampler;
+
+int zi_sampler_parse(const char *name, zi_sampler *out);   /* "euler", "heun", "dpmpp_2m"; -1 if unknown */
+const char *zi_sampler_name(zi_sampler s);
+int zi_sampler_evals(zi_sampler s, int steps);             /* model evaluations for `steps` sigmas */
+
+/* Integrates x [n] in place along sigmas[0..steps] (sigmas[steps] is normally 0; a tail of a
+ * longer schedule works too, e.g. for img2img). Returns 0, or -1 when the model failed. */
+int zi_sample(zi_sampler s, const float *sigmas, int steps, float *x, int64_t n,
+              zi_velocity_fn velocity, zi_step_fn on_step, void *ctx);
+
+/* Classifier-free guidance as pipeline_z_image.py does it. guidance is diffusers'
+ * guidance_scale G (the classic scale is S = G + 1). zi_cfg_scale() is the G in force at model
+ * time t: G itself, or 0 when G <= 0 or when cfg_truncation <= 1 and t > cfg_truncation
+ * (compared in double, as diffusers compares Python floats). When it is 0 the pipeline runs the
+ * positive prompt alone. */
+double zi_cfg_scale(double guidance, double cfg_truncation, float t);
+/* pred = pos + G·(pos − neg) (float32); then, when cfg_normalization > 0 and
+ * ‖pred‖ > cfg_normalization·‖pos‖ (2-norms over all n values), pred is scaled down to that
+ * norm. pred may alias pos or neg. */
+void zi_cfg_combine(float *pred, const float *pos, const float *neg, int64_t n, double guidance,
+                    double cfg_normalization);
+
+/* torch.randn(shape, generator=torch.Generator(dev).manual_seed(seed)) for a contiguous
+ * float32 tensor of n elements, bit for bit (CUDA: up to the GPU's sin/cos, see sampler.c). */
+typedef enum { ZI_RNG_CPU, ZI_RNG_CUDA } zi_rng;
+int zi_rng_parse(const char *name, zi_rng *out);           /* "cpu", "cuda"; -1 if unknown */
+void zi_randn(float *out, int64_t n, uint64_t seed, zi_rng dev);
+/* The CUDA kernel's grid is capped at (SMs × max threads per SM / 256) blocks; beyond
+ * 256·cap elements the numbers depend on the GPU. zi_randn uses an H100's cap (1056). */
+void zi_randn_cuda(float *out, int64_t n, uint64_t seed, int64_t max_blocks);
 
 /* ================================================================ image.c */
 

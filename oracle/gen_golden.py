@@ -1,0 +1,374 @@
+# Golden-data generator for the Z-Image C implementation.
+#
+# Builds small random Z-Image models (same architecture, real checkpoint layout) and records
+# what the PyTorch reference computes: diffusers (DiT, VAE, scheduler, pipeline) and
+# transformers (Qwen3 text encoder, Qwen2 tokenizer), all in float32 on the CPU with
+# bf16-valued weights, exactly as a real bf16 checkpoint would be upcast.
+#
+# Needs: torch, transformers, safetensors, and diffusers (source tree on PYTHONPATH is enough),
+# plus the Qwen3 tokenizer files (tokenizer.json, tokenizer_config.json) in $DEPS.
+# usage: DEPS=dir python3 gen_golden.py OUTDIR
+#        ONLY=sampler python3 gen_golden.py OUTDIR   (just the sampler-*.safetensors files: no models, no DEPS)
+#
+# File naming follows the evaluation convention of the C tools: every golden file holds the
+# inputs of one component and its expected outputs, under these tensor names:
+#   te-N:    te.ids (int64 [L])                       -> te.embeds [L, D]   (+ te.hidden.K, debugging)
+#   dit-N:   dit.x [16,1,h,w], dit.t [1], dit.cap [L,D] -> dit.out [16,1,h,w] (+ dit.block.NAME, debugging)
+#   vae-dec: vae.z [1,16,h,w]                         -> vae.img [1,3,8h,8w]
+#   vae-enc: vae.img_in [1,3,H,W]                     -> vae.mean, vae.logvar [1,16,H/8,W/8]
+#   train-N: train.x0, train.noise [16,1,h,w], train.sigma [1], train.cap [L,D]
+#                                                     -> train.loss [1], grad.<module>.lora_A / lora_B
+#   pipe-N:  metadata "args" (JSON: prompt, negative, seed, steps, cfg, width, height, cfg_norm,
+#            cfg_trunc, rng, loras) and tensors ids, prompt_embeds, negative_embeds (when cfg > 1),
+#            latents.init, latents.step{i} (after step i), image [3,H,W] in [0,1] (before 8-bit rounding)
+#   tokenizer-cases.json: [{text, ids (no template), chat (templated text), chat_ids}]
+#   scheduler.json: [{steps, shift, sigmas, timesteps}] from FlowMatchEulerDiscreteScheduler with the pipeline's sigmas
+#   rng.safetensors: DEV.SEED.SHAPE = torch.randn(SHAPE, generator=torch.Generator(DEV).manual_seed(SEED))
+#   sampler-NAME.safetensors (NAME = euler, heun, dpmpp_2m): a diffusers scheduler integrating the synthetic
+#            velocity field v(x, t) = (field.a * x + t * field.c) + field.d (float32, elementwise; t = the DiT time
+#            input (1000 - timestep) / 1000) from x.init, for the (steps, shift) pairs of the metadata "cases":
+#            case{k}.sigmas [steps+1] (the Z-Image schedule), case{k}.t [evals] (t of every model evaluation),
+#            case{k}.step{i} (x after scheduler.step i, i from 0, as the pipeline's callback_on_step_end sees it)
+#   lora-*.safetensors: the same kind of LoRA in several key formats; dit-lora1/2 and pipe-lora name the files
+#   and strengths they used in their "loras" metadata ("file:strength"); scale = alpha/rank (1 without alpha)
+#   x strength
+# "cfg" in the args is the classic scale (1 = off, as in DiffSynth, ComfyUI and sd.cpp);
+# diffusers' guidance_scale g corresponds to cfg = g + 1.
+import json, math, os, sys, shutil
+import torch
+from safetensors.torch import save_file
+
+OUT = sys.argv[1]
+DEPS = os.environ.get("DEPS", ".deps")
+torch.set_grad_enabled(False)
+torch.backends.cuda.matmul.allow_tf32 = False
+os.makedirs(OUT, exist_ok=True)
+
+from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler, DPMSolverMultistepScheduler
+
+BASE_SEED = 1234
+ONLY = os.environ.get("ONLY")   # ONLY=sampler: only the sampler section
+
+def f32(d):
+    return {k: (v.detach().to(torch.float32).contiguous() if v.is_floating_point() else v.detach().contiguous())
+            for k, v in d.items()}
+
+def save(name, tensors, **meta):
+    save_file(f32(tensors), os.path.join(OUT, name), metadata={k: (v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)) for k, v in meta.items()})
+
+# ---------------------------------------------------------------- samplers on a synthetic velocity field
+# The Z-Image schedule (FlowMatchEulerDiscreteScheduler with the pipeline's sigmas) driven through diffusers'
+# Euler, Heun and DPM-Solver++(2M) schedulers. Heun and DPM-Solver++ cannot take custom sigmas in
+# set_timesteps, so their sigmas/timesteps are replaced by the Z-Image ones after set_timesteps, laid out
+# exactly as their own set_timesteps lays them out. The loop is the pipeline's: t = (1000 - T) / 1000,
+# v = field(x, t), x = scheduler.step(v, T, x).
+def zimage_schedule(steps, shift):
+    s = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift, use_dynamic_shifting=False)
+    s.set_timesteps(steps, sigmas=torch.linspace(1.0, 1 / steps, steps).tolist(), mu=0.0)
+    return s
+
+def make_scheduler(name, steps, shift):
+    base = zimage_schedule(steps, shift)
+    if name == "euler":
+        s = base
+    elif name == "heun":
+        s = FlowMatchHeunDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+        s.set_timesteps(steps)
+        ts, sg = base.timesteps, base.sigmas
+        s.timesteps = torch.cat([ts[:1], ts[1:].repeat_interleave(2)])
+        s.sigmas = torch.cat([sg[:1], sg[1:-1].repeat_interleave(2), sg[-1:]])
+    elif name == "dpmpp_2m":
+        s = DPMSolverMultistepScheduler(num_train_timesteps=1000, solver_order=2, algorithm_type="dpmsolver++",
+                                        solver_type="midpoint", prediction_type="flow_prediction",
+                                        use_flow_sigmas=True, flow_shift=shift, final_sigmas_type="zero",
+                                        lower_order_final=True)
+        s.set_timesteps(steps)
+        s.sigmas = base.sigmas.clone()
+        s.timesteps = base.timesteps.clone()
+    s.set_begin_index(0)
+    return s, base.sigmas
+
+SAMPLER_CASES = [(1, 3.0), (2, 3.0), (5, 3.0), (8, 3.0), (9, 6.0)]
+g = torch.Generator().manual_seed(BASE_SEED + 50)
+x_init = torch.randn(1, 16, 4, 4, generator=g)
+field = {"field.a": 0.5 * torch.randn(1, 16, 4, 4, generator=g), "field.c": torch.randn(1, 16, 4, 4, generator=g),
+         "field.d": torch.randn(1, 16, 4, 4, generator=g)}
+for name in ["euler", "heun", "dpmpp_2m"]:
+    d = {"x.init": x_init, **field}
+    for k, (steps, shift) in enumerate(SAMPLER_CASES):
+        sched, sigmas = make_scheduler(name, steps, shift)
+        x, ts = x_init.clone(), []
+        for i, T in enumerate(sched.timesteps):
+            t = (1000 - T) / 1000
+            v = (field["field.a"] * x + t * field["field.c"]) + field["field.d"]
+            x = sched.step(v, T, x, return_dict=False)[0]
+            ts.append(t); d[f"case{k}.step{i}"] = x
+        d[f"case{k}.sigmas"] = sigmas; d[f"case{k}.t"] = torch.stack(ts)
+    save(f"sampler-{name}.safetensors", d, cases=[{"steps": n, "shift": sh} for n, sh in SAMPLER_CASES],
+         field="v(x, t) = (field.a * x + t * field.c) + field.d, float32 elementwise")
+if ONLY == "sampler":
+    sys.exit(0)
+
+from transformers import Qwen3Config, Qwen3ForCausalLM, AutoTokenizer
+from diffusers import AutoencoderKL, ZImagePipeline, ZImageTransformer2DModel
+
+# ---------------------------------------------------------------- models
+DIT_CFG = dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=64, n_layers=2,
+               n_refiner_layers=2, n_heads=2, n_kv_heads=2, norm_eps=1e-5, qk_norm=True, cap_feat_dim=32,
+               rope_theta=256.0, t_scale=1000.0, axes_dims=[8, 12, 12], axes_lens=[1536, 512, 512])
+TE_CFG = dict(vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+              num_attention_heads=4, num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-6,
+              rope_theta=1000000.0, max_position_embeddings=40960, tie_word_embeddings=True,
+              hidden_act="silu", attention_bias=False, bos_token_id=151643, eos_token_id=151645)
+VAE_CFG = dict(in_channels=3, out_channels=3,
+               down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+               block_out_channels=[32, 64, 128, 128], layers_per_block=2, latent_channels=16,
+               norm_num_groups=16, sample_size=64, scaling_factor=0.3611, shift_factor=0.1159,
+               use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=True, force_upcast=True)
+SCHED_CFG = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
+
+def randomize(model, seed, scale_vec=0.1):
+    # default inits leave adaLN, final layers and pad tokens near zero or undefined:
+    # draw every parameter so that every path carries signal, then round to bf16
+    g = torch.Generator().manual_seed(seed)
+    for n, p in model.named_parameters():
+        if p.ndim >= 2:
+            fan_in = p[0].numel()
+            v = torch.randn(p.shape, generator=g) / math.sqrt(fan_in)
+        else:
+            is_gain = ("norm" in n and n.endswith("weight"))
+            v = torch.randn(p.shape, generator=g) * scale_vec + (1.0 if is_gain else 0.0)
+        p.copy_(v.to(torch.bfloat16).to(torch.float32))
+
+torch.manual_seed(BASE_SEED)
+dit = ZImageTransformer2DModel(**DIT_CFG).eval(); randomize(dit, BASE_SEED)
+with torch.no_grad():  # pad tokens: learned vectors of unit scale
+    g = torch.Generator().manual_seed(BASE_SEED + 5)
+    dit.x_pad_token.copy_(torch.randn(dit.x_pad_token.shape, generator=g).to(torch.bfloat16).float())
+    dit.cap_pad_token.copy_(torch.randn(dit.cap_pad_token.shape, generator=g).to(torch.bfloat16).float())
+te = Qwen3ForCausalLM(Qwen3Config(**TE_CFG)).eval(); randomize(te, BASE_SEED + 1)
+vae = AutoencoderKL(**VAE_CFG).eval(); randomize(vae, BASE_SEED + 2, scale_vec=0.05)
+sched = FlowMatchEulerDiscreteScheduler(**SCHED_CFG)
+
+MODEL = os.path.join(OUT, "tiny-zimage")
+tokdir = os.path.join(MODEL, "tokenizer")
+os.makedirs(tokdir, exist_ok=True)
+for f in ("tokenizer.json", "tokenizer_config.json"):
+    shutil.copy(os.path.join(DEPS, f), tokdir)
+tok = AutoTokenizer.from_pretrained(tokdir)
+
+dit.to(torch.bfloat16).save_pretrained(os.path.join(MODEL, "transformer"), max_shard_size="300KB")
+te.to(torch.bfloat16).save_pretrained(os.path.join(MODEL, "text_encoder"), max_shard_size="6MB")
+vae.to(torch.bfloat16).save_pretrained(os.path.join(MODEL, "vae"))
+sched.save_pretrained(os.path.join(MODEL, "scheduler"))
+dit.to(torch.float32); te.to(torch.float32); vae.to(torch.float32)
+json.dump({"_class_name": "ZImagePipeline", "_diffusers_version": "0.36.0.dev0",
+           "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+           "text_encoder": ["transformers", "Qwen3Model"], "tokenizer": ["transformers", "Qwen2Tokenizer"],
+           "transformer": ["diffusers", "ZImageTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"]},
+          open(os.path.join(MODEL, "model_index.json"), "w"), indent=2)
+
+te_base = te.model
+pipe = ZImagePipeline(scheduler=sched, vae=vae, text_encoder=te_base, tokenizer=tok, transformer=dit)
+pipe.set_progress_bar_config(disable=True)
+
+def chat(p):
+    return tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                   add_generation_prompt=True, enable_thinking=True)
+
+# ---------------------------------------------------------------- tokenizer
+TOK_TEXTS = ["a dog", "A photo of a cat sitting on a windowsill, golden hour, 35mm film",
+               "一只可爱的小猫坐在窗台上", "Hello, world! It's a test: don't, we'll, they're, I'm, you've, he'd.",
+               "  leading and trailing spaces  ", "tabs\tand\nnewlines\r\nand  double  spaces", "emoji 🐶🐱🚀 and ❤️",
+               "numbers 1234567890 3.14159 1,000,000", "ÀÉÎÕÜ ñ ç ß Ω Ж ж", "code: for (int i=0;i<10;i++) { x += y[i]; }",
+               "<|im_start|>user\nhi<|im_end|>", "", " ", "\n\n\n", "a" * 300, "supercalifragilisticexpialidocious",
+               "東京タワーと富士山、夜景。", "한국어 문장입니다.", "مرحبا بالعالم", "e\u0301 combining accent (NFC)",
+               "URL https://example.com/path?q=1&r=2#frag", "MiXeD CaSe 'S 'T 'RE 'VE 'M 'LL 'D"]
+cases = []
+for t in TOK_TEXTS:
+    cases.append({"text": t, "ids": tok(t)["input_ids"], "chat": chat(t), "chat_ids": tok(chat(t))["input_ids"]})
+json.dump(cases, open(os.path.join(OUT, "tokenizer-cases.json"), "w"), ensure_ascii=False, indent=1)
+
+# ---------------------------------------------------------------- text encoder
+PROMPTS = ["a dog", "一只在雪地里奔跑的柴犬, cinematic lighting"]
+for i, p in enumerate(PROMPTS):
+    ids = torch.tensor(tok(chat(p))["input_ids"], dtype=torch.int64)
+    embeds = pipe._encode_prompt([p], device="cpu", max_sequence_length=512)[0]
+    hs = te_base(input_ids=ids[None], output_hidden_states=True).hidden_states
+    d = {"te.ids": ids, "te.embeds": embeds}
+    for l, h in enumerate(hs):
+        d[f"te.hidden.{l}"] = h[0]
+    save(f"te-{i}.safetensors", d, prompt=p)
+
+# ---------------------------------------------------------------- DiT single forwards
+def block_hooks(model):
+    rec, hs = {}, []
+    for name, mod in model.named_modules():
+        if name.count(".") == 1 and name.split(".")[0] in ("noise_refiner", "context_refiner", "layers"):
+            hs.append(mod.register_forward_hook(lambda m, i, o, name=name: rec.__setitem__(name, o[0].clone())))
+    return rec, hs
+
+g = torch.Generator().manual_seed(BASE_SEED + 10)
+dit_cases = [(8, 8, 7, 0.5), (6, 12, 35, 0.9), (4, 4, 1, 0.02), (16, 10, 64, 1.0)]
+dit_inputs = []
+for ci, (lh, lw, L, t) in enumerate(dit_cases):
+    x = torch.randn(16, 1, lh, lw, generator=g); cap = torch.randn(L, DIT_CFG["cap_feat_dim"], generator=g)
+    tt = torch.tensor([t])
+    rec, hs = block_hooks(dit)
+    out = dit([x], tt, [cap], return_dict=False)[0][0]
+    for h in hs: h.remove()
+    d = {"dit.x": x, "dit.t": tt, "dit.cap": cap, "dit.out": out}
+    if ci == 0:
+        d.update({f"dit.block.{k}": v for k, v in rec.items()})
+    save(f"dit-{ci}.safetensors", d)
+    dit_inputs.append((x, tt, cap))
+# a batch of two differently sized items must give the same answers as two single calls
+ob = dit([dit_inputs[0][0], dit_inputs[1][0]], torch.cat([dit_inputs[0][1], dit_inputs[1][1]]),
+         [dit_inputs[0][2], dit_inputs[1][2]], return_dict=False)[0]
+save("dit-batch.safetensors", {"dit.out.0": ob[0], "dit.out.1": ob[1]}, note="outputs of dit-0 and dit-1 run as one batch")
+
+# ---------------------------------------------------------------- scheduler
+sched_cases = []
+for steps in [1, 2, 4, 8, 9, 30, 50]:
+    for shift in [1.0, 3.0, 6.0]:
+        s = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift, use_dynamic_shifting=False)
+        s.set_timesteps(steps, sigmas=torch.linspace(1.0, 1 / steps, steps).tolist(), mu=0.0)
+        sched_cases.append({"steps": steps, "shift": shift, "sigmas": s.sigmas.tolist(), "timesteps": s.timesteps.tolist()})
+json.dump(sched_cases, open(os.path.join(OUT, "scheduler.json"), "w"), indent=1)
+
+# ---------------------------------------------------------------- VAE
+g = torch.Generator().manual_seed(BASE_SEED + 20)
+z = torch.randn(1, 16, 8, 12, generator=g)
+save("vae-dec.safetensors", {"vae.z": z, "vae.img": vae.decode(z, return_dict=False)[0]})
+img = torch.rand(1, 3, 48, 80, generator=g) * 2 - 1
+dist = vae.encode(img).latent_dist
+save("vae-enc.safetensors", {"vae.img_in": img, "vae.mean": dist.mean, "vae.logvar": dist.logvar})
+
+# ---------------------------------------------------------------- torch-compatible noise
+rng = {}
+for seed in [0, 42, 1234]:
+    for shape in [(16,), (1, 16, 8, 8), (1, 16, 64, 64), (3, 5)]:
+        name = "x".join(map(str, shape))
+        rng[f"cpu.{seed}.{name}"] = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed))
+        if torch.cuda.is_available():
+            rng[f"cuda.{seed}.{name}"] = torch.randn(shape, generator=torch.Generator("cuda").manual_seed(seed), device="cuda").cpu()
+save_file(rng, os.path.join(OUT, "rng.safetensors"),
+          metadata={"note": "torch.randn(shape, generator=torch.Generator(dev).manual_seed(seed)), float32; names dev.seed.shape"})
+
+# ---------------------------------------------------------------- pipelines
+def run_pipe(name, c):
+    steps_lat = []
+    def cb(p, i, t, kw):
+        steps_lat.append(kw["latents"].clone()); return {}
+    g_diffusers = c["cfg"] - 1.0 if c["cfg"] > 1.0 else 0.0
+    res = pipe(prompt=c["prompt"], negative_prompt=c.get("negative"), height=c["height"], width=c["width"],
+               num_inference_steps=c["steps"], guidance_scale=g_diffusers,
+               generator=torch.Generator("cpu").manual_seed(c["seed"]), output_type="pt",
+               cfg_normalization=c.get("cfg_norm", 0.0) or False, cfg_truncation=c.get("cfg_trunc", 1.0),
+               callback_on_step_end=cb, max_sequence_length=512)
+    d = {"ids": torch.tensor(tok(chat(c["prompt"]))["input_ids"], dtype=torch.int64),
+         "prompt_embeds": pipe._encode_prompt([c["prompt"]], device="cpu")[0],
+         "latents.init": torch.randn(1, 16, c["height"] // 8, c["width"] // 8, generator=torch.Generator("cpu").manual_seed(c["seed"])),
+         "image": res.images[0]}
+    if g_diffusers > 0:
+        d["negative_embeds"] = pipe._encode_prompt([c.get("negative") or ""], device="cpu")[0]
+    for i, l in enumerate(steps_lat):
+        d[f"latents.step{i}"] = l
+    c = dict(c, rng="cpu", loras=c.get("loras", []))
+    save(name, d, args=c)
+
+PIPES = [dict(prompt="a dog", seed=42, steps=8, cfg=1.0, width=64, height=64),
+         dict(prompt="一只猫", negative="blurry, low quality", seed=7, steps=4, cfg=3.0, width=80, height=48),
+         dict(prompt="a dog", negative="", seed=3, steps=3, cfg=5.0, width=32, height=64, cfg_norm=1.0, cfg_trunc=0.6)]
+for i, c in enumerate(PIPES):
+    run_pipe(f"pipe-{i}.safetensors", c)
+
+# ---------------------------------------------------------------- LoRA
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "w1", "w2", "w3"]
+class LoRALinear(torch.nn.Module):
+    """y = W x + b + sum_i s_i * B_i (A_i x)"""
+    def __init__(self, base):
+        super().__init__()
+        self.base, self.A, self.B, self.s = base, torch.nn.ParameterList(), torch.nn.ParameterList(), []
+    def add(self, A, B, s):
+        self.A.append(torch.nn.Parameter(A)); self.B.append(torch.nn.Parameter(B)); self.s.append(s)
+    def forward(self, x):
+        y = self.base(x)
+        for A, B, s in zip(self.A, self.B, self.s):
+            y = y + s * torch.nn.functional.linear(torch.nn.functional.linear(x, A), B)
+        return y
+
+wrapped = {}
+for name, mod in list(dit.named_modules()):
+    for cname, child in list(mod.named_children()):
+        full = f"{name}.{cname}" if name else cname
+        if isinstance(child, torch.nn.Linear) and any(full.endswith("." + t) for t in TARGETS):
+            w = LoRALinear(child); setattr(mod, cname, w); wrapped[full] = w
+
+def make_lora(seed, rank, b_scale):
+    g = torch.Generator().manual_seed(seed); out = {}
+    for full, w in wrapped.items():
+        A = (torch.randn(rank, w.base.in_features, generator=g) / math.sqrt(w.base.in_features)).to(torch.bfloat16).float()
+        B = (torch.randn(w.base.out_features, rank, generator=g) * b_scale).to(torch.bfloat16).float()
+        out[full] = (A, B)
+    return out
+
+def write_lora(path, lora, fmt, alpha=None):
+    sd = {}
+    for full, (A, B) in lora.items():
+        if fmt == "diffsynth":   # DiffSynth-Studio's own checkpoints: bare names, peft adapter name "default"
+            sd[f"{full}.lora_A.default.weight"] = A; sd[f"{full}.lora_B.default.weight"] = B
+        elif fmt == "diffusers":  # diffusers / PEFT export
+            sd[f"transformer.{full}.lora_A.weight"] = A; sd[f"transformer.{full}.lora_B.weight"] = B
+        elif fmt == "aitoolkit":  # ai-toolkit / ComfyUI-style prefix
+            sd[f"diffusion_model.{full}.lora_A.weight"] = A; sd[f"diffusion_model.{full}.lora_B.weight"] = B
+        elif fmt == "kohya":      # kohya / musubi: flattened names, down/up, alpha
+            k = "lora_unet_" + full.replace(".", "_")
+            sd[f"{k}.lora_down.weight"] = A; sd[f"{k}.lora_up.weight"] = B
+            sd[f"{k}.alpha"] = torch.tensor(float(alpha if alpha is not None else A.shape[0]))
+    save_file({k: v.to(torch.bfloat16) for k, v in sd.items()}, os.path.join(OUT, path), metadata={"format": "pt"})
+
+RANK = 4
+lora1 = make_lora(BASE_SEED + 30, RANK, 0.1)   # the user's LoRA
+lora2 = make_lora(BASE_SEED + 31, 8, 0.05)     # a second one, like the DistillPatch
+write_lora("lora-a-diffsynth.safetensors", lora1, "diffsynth")
+write_lora("lora-a-diffusers.safetensors", lora1, "diffusers")
+write_lora("lora-b-aitoolkit.safetensors", lora2, "aitoolkit")
+l1_file, l1_scale, l1_strength = "lora-a-diffsynth.safetensors", 1.0, 1.0
+l2_file, l2_strength = "lora-b-aitoolkit.safetensors", 0.5
+
+for full, w in wrapped.items():
+    w.add(*lora1[full], l1_scale * l1_strength)
+x, tt, cap = dit_inputs[-1]
+save("dit-lora1.safetensors", {"dit.x": x, "dit.t": tt, "dit.cap": cap, "dit.out": dit([x], tt, [cap], return_dict=False)[0][0]},
+     loras=[f"{l1_file}:{l1_strength}"])
+for full, w in wrapped.items():
+    w.add(*lora2[full], l2_strength)
+save("dit-lora2.safetensors", {"dit.x": x, "dit.t": tt, "dit.cap": cap, "dit.out": dit([x], tt, [cap], return_dict=False)[0][0]},
+     loras=[f"{l1_file}:{l1_strength}", f"{l2_file}:{l2_strength}"])
+run_pipe("pipe-lora.safetensors", dict(PIPES[0], loras=[f"{l1_file}:{l1_strength}", f"{l2_file}:{l2_strength}"]))
+
+# ---------------------------------------------------------------- one training step of LoRA 1 (LoRA 2 removed)
+for w in wrapped.values():
+    w.A = torch.nn.ParameterList([w.A[0]]); w.B = torch.nn.ParameterList([w.B[0]]); w.s = w.s[:1]
+torch.set_grad_enabled(True)
+for w in wrapped.values():
+    w.A[0].requires_grad_(True); w.B[0].requires_grad_(True)
+g = torch.Generator().manual_seed(BASE_SEED + 40)
+for ti, (lh, lw, L, sigma) in enumerate([(8, 8, 9, 0.7), (6, 4, 20, 0.25)]):
+    for w in wrapped.values():
+        w.A[0].grad = None; w.B[0].grad = None
+    x0 = torch.randn(16, 1, lh, lw, generator=g); noise = torch.randn(16, 1, lh, lw, generator=g)
+    capt = torch.randn(L, DIT_CFG["cap_feat_dim"], generator=g)
+    xt = (1 - sigma) * x0 + sigma * noise
+    pred = -dit([xt], torch.tensor([1 - sigma]), [capt], return_dict=False)[0][0]
+    loss = torch.nn.functional.mse_loss(pred, noise - x0)
+    loss.backward()
+    d = {"train.x0": x0, "train.noise": noise, "train.cap": capt, "train.sigma": torch.tensor([sigma]),
+         "train.loss": loss.detach().reshape(1)}
+    for full, w in wrapped.items():
+        d[f"grad.{full}.lora_A"] = w.A[0].grad; d[f"grad.{full}.lora_B"] = w.B[0].grad
+    save(f"train-{ti}.safetensors", d, loras=[f"{l1_file}:{l1_strength}"],
+         loss="mean((-dit((1-sigma)*x0 + sigma*noise, t=1-sigma, cap) - (noise - x0))^2) over all elements; "
+              "gradients are d loss / d LoRA A and B of the file, at the file's scale")
+print("done", sorted(os.listdir(OUT)))
