@@ -46,7 +46,24 @@ void zi_lin_forward(const zi_lin *l, const float *x, int M, float *y);
 /* ================================================================ dit.c */
 
 
-/* ================================================================ vae.c */
+/* ================================================================ vae.c
+ * The FLUX VAE (diffusers AutoencoderKL), float32, one image at a time. Latents of the
+ * diffusion model relate to the decoder input by z = latents / scaling + shift (and
+ * latents = (mean - shift) · scaling after encoding); the caller applies that. */
+typedef struct zi_vae zi_vae;
+/* vae_dir holds config.json and the safetensors weights (diffusers layout). */
+zi_vae *zi_vae_load(const char *vae_dir);
+void zi_vae_free(zi_vae *v);
+/* z [latent_channels, h, w] -> malloc'd image [out_channels (3), f·h, f·w] (f = zi_vae_factor),
+ * the raw decoder output (about [-1, 1], not clamped). NULL on a bad size. */
+float *zi_vae_decode(zi_vae *v, const float *z, int h, int w);
+/* img [in_channels (3), H, W] in [-1, 1] (H, W multiples of f) -> malloc'd mean and logvar
+ * [latent_channels, H/f, W/f] of the posterior (logvar clamped to [-30, 20]). 0 or -1. */
+int zi_vae_encode(zi_vae *v, const float *img, int H, int W, float **mean, float **logvar);
+float zi_vae_scaling(const zi_vae *v);      /* scaling_factor (0.3611 for FLUX) */
+float zi_vae_shift(const zi_vae *v);        /* shift_factor (0.1159; 0 when null) */
+int zi_vae_latent_channels(const zi_vae *v);
+int zi_vae_factor(const zi_vae *v);         /* spatial down-sampling factor, 2^(blocks-1) = 8 */
 
 
 /* ================================================================ sampler.c */
