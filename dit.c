@@ -140,19 +140,19 @@ static int load_block(zi_dit *m, dit_block *b, const char *prefix, int i, int mo
 /* Reads and checks config.json. The constraints are the ones diffusers asserts, plus those
  * of this implementation (latents have one frame, so the frame patch must be 1). */
 static int read_config(zi_dit *m, const char *dir) {
-    zj *cfg = zi_config_load(dir, ".");
+    zj *cfg = zi_config_load(dir, "");
     if (!cfg) return -1;
     char *path = zi_path("%s/config.json", dir);
     zi_dit_cfg *c = &m->c;
-    int patch[8], fpatch[8], rc = -1;
-    int np = zi_cfg_ints(cfg, "all_patch_size", patch, 8), nf = zi_cfg_ints(cfg, "all_f_patch_size", fpatch, 8);
-    int na = zi_cfg_ints(cfg, "axes_dims", c->axes_dims, 3), nl = zi_cfg_ints(cfg, "axes_lens", c->axes_lens, 3);
+    int patch[8], fpatch[8], np, nf, na, nl, rc = -1;
     if (zi_cfg_need_int(cfg, "in_channels", &c->in_channels) || zi_cfg_need_int(cfg, "dim", &c->dim) ||
         zi_cfg_need_int(cfg, "n_layers", &c->n_layers) || zi_cfg_need_int(cfg, "n_refiner_layers", &c->n_refiner_layers) ||
-        zi_cfg_need_int(cfg, "n_heads", &c->n_heads) || zi_cfg_need_int(cfg, "cap_feat_dim", &c->cap_feat_dim))
+        zi_cfg_need_int(cfg, "n_heads", &c->n_heads) || zi_cfg_need_int(cfg, "cap_feat_dim", &c->cap_feat_dim) ||
+        (np = zi_cfg_ints(cfg, "all_patch_size", patch, 8)) < 0 || (nf = zi_cfg_ints(cfg, "all_f_patch_size", fpatch, 8)) < 0 ||
+        (na = zi_cfg_ints(cfg, "axes_dims", c->axes_dims, 3)) < 0 || (nl = zi_cfg_ints(cfg, "axes_lens", c->axes_lens, 3)) < 0)
         goto done;
     if (np < 1 || nf != np || na != 3 || nl != 3) {
-        zi_seterr("%s: all_patch_size/all_f_patch_size must be lists of one length and axes_dims/axes_lens lists of 3", path);
+        zi_seterr("%s: all_patch_size and all_f_patch_size must be lists of one length, axes_dims and axes_lens of 3", path);
         goto done;
     }
     /* the forward uses the first patch size, diffusers' default ("2-1") */
@@ -162,7 +162,8 @@ static int read_config(zi_dit *m, const char *dir) {
     c->t_scale = (float)zi_cfg_num(cfg, "t_scale", 1000.0);
     c->rope_theta = zi_cfg_num(cfg, "rope_theta", 256.0);
     c->qk_norm = zj_bool(cfg, "qk_norm", 1);
-    if (c->patch < 1 || c->f_patch != 1 || c->in_channels < 1 || c->dim < 1 || c->n_heads < 1 ||
+    if (c->patch < 1 || c->patch > 64 || c->f_patch != 1 || c->in_channels < 1 || c->in_channels > 1 << 16 ||
+        c->dim < 1 || c->n_heads < 1 ||
         c->dim % c->n_heads || c->n_layers < 0 || c->n_refiner_layers < 0 || c->cap_feat_dim < 1 ||
         !(c->norm_eps > 0) || !(c->rope_theta > 0)) {
         zi_seterr("%s: bad sizes (patch %d, f_patch %d (must be 1), in_channels %d, dim %d, n_heads %d)", path,
@@ -172,8 +173,8 @@ static int read_config(zi_dit *m, const char *dir) {
     c->head_dim = c->dim / c->n_heads;
     int sum = 0;
     for (int a = 0; a < 3; a++) {
-        if (c->axes_dims[a] < 0 || c->axes_dims[a] % 2 || c->axes_lens[a] < 1) {
-            zi_seterr("%s: axes_dims must be even and axes_lens positive", path);
+        if (c->axes_dims[a] < 0 || c->axes_dims[a] % 2 || c->axes_lens[a] < 1 || c->axes_lens[a] > 1 << 20) {
+            zi_seterr("%s: axes_dims must be even and axes_lens in 1..2^20", path);
             goto done;
         }
         sum += c->axes_dims[a];
