@@ -116,8 +116,9 @@ static int load_block(zi_dit *m, dit_block *b, const char *prefix, int i, int mo
                          !(b->norm_k = load_vec(m, NAME("attention.norm_k.weight"), hd, 0))))
         return -1;
     int64_t F = dim_of(m->st, NAME("feed_forward.w1.weight"), 2, 0);
-    if (F <= 0 || F > 1 << 24) {
-        if (F > 0) zi_seterr("%s: %s has %lld rows", zi_st_path(m->st), k, (long long)F);
+    if (F < 0) return -1;
+    if (F == 0 || F > 1 << 24) {
+        zi_seterr("%s: %s has %lld rows", zi_st_path(m->st), k, (long long)F);
         return -1;
     }
     b->ffn = (int)F;
@@ -138,7 +139,8 @@ static int load_block(zi_dit *m, dit_block *b, const char *prefix, int i, int mo
 }
 
 /* Reads and checks config.json. The constraints are the ones diffusers asserts, plus those
- * of this implementation (latents have one frame, so the frame patch must be 1). */
+ * of this implementation (latents have one frame, so the frame patch must be 1).
+ * n_kv_heads is not read: diffusers ignores it too (its attention has n_heads key heads). */
 static int read_config(zi_dit *m, const char *dir) {
     zj *cfg = zi_config_load(dir, "");
     if (!cfg) return -1;
