@@ -326,6 +326,7 @@ enum { WSIZE = 32768, HBITS = 15, MAX_CHAIN = 128, NICE_LEN = 128, BLOCK_TOKENS 
 typedef struct {
     const uint8_t *src;
     size_t n;
+    int min_len;                /* shorter matches are coded as literals */
     int32_t head[1 << HBITS];   /* most recent position + 1 with each hash (0: none) */
     int32_t prev[WSIZE];        /* previous position + 1 with the same hash, by pos % WSIZE */
 } lz77;
@@ -361,14 +362,16 @@ static int lz_match(const lz77 *z, size_t pos, int *dist) {
         if (nxt >= cand) break;     /* that slot was overwritten by a newer position */
         cand = nxt;
     }
-    return best >= 3 ? best : 0;
+    if (best == 3 && *dist > 4096) return 0;    /* zlib's TOO_FAR: costs more than 3 literals */
+    return best >= z->min_len ? best : 0;
 }
 
 /* raw deflate stream of src[0..n) appended to out */
-static void deflate_raw(const uint8_t *src, size_t n, zbuf *out) {
+static void deflate_raw(const uint8_t *src, size_t n, int min_len, zbuf *out) {
     lz77 *z = zi_calloc(1, sizeof *z);
     z->src = src;
     z->n = n;
+    z->min_len = min_len;
     ztok *tok = zi_malloc(BLOCK_TOKENS * sizeof *tok);
     bitw w = { out, 0, 0 };
     int ntok = 0;
@@ -402,14 +405,18 @@ static void deflate_raw(const uint8_t *src, size_t n, zbuf *out) {
     free(z);
 }
 
-void zi_zlib_compress(const uint8_t *src, size_t n, uint8_t **out, size_t *out_n) {
+static void zlib_compress(const uint8_t *src, size_t n, int min_len, uint8_t **out, size_t *out_n) {
     zbuf b = { 0 };
     /* CMF 0x78: deflate, 32 KiB window; FLG 0x9C: default level, check bits (0x789C % 31 == 0) */
     zb_put(&b, "\x78\x9c", 2);
-    deflate_raw(src, n, &b);
+    deflate_raw(src, n, min_len, &b);
     zb_be32(&b, zi_adler32(1, src, n));
     *out = b.p;
     *out_n = b.n;
+}
+
+void zi_zlib_compress(const uint8_t *src, size_t n, uint8_t **out, size_t *out_n) {
+    zlib_compress(src, n, 3, out, out_n);
 }
 
 /* ================================================================ inflate */
@@ -752,7 +759,9 @@ int zi_png_write_image(const char *path, const zi_image *im, const char *const *
     }
     size_t nraw, nz;
     uint8_t *raw = png_filter_image(im->px, im->w, im->h, im->c, &nraw), *z;
-    zi_zlib_compress(raw, nraw, &z, &nz);
+    /* filtered rows are small residuals where 3-5 byte matches are mostly coincidences that
+     * cost more bits than the literals (zlib's Z_FILTERED makes the same choice) */
+    zlib_compress(raw, nraw, 6, &z, &nz);
     free(raw);
     enum { IDAT_MAX = 1 << 16 };                /* split the stream into IDATs of 64 KiB */
     for (size_t off = 0; off < nz; off += IDAT_MAX)
@@ -790,12 +799,15 @@ typedef struct {
     int npal;
 } png_hdr;
 
-/* Sample i of an unfiltered row, as 8 bits: sub-byte gray values are scaled by replication
- * (PIL's "L;2"/"L;4" unpackers: v·85, v·17; 1-bit: v·255) except palette indices; 16-bit
- * samples keep their high byte. */
+/* Sample i of an unfiltered row, as 8 bits, the way PIL unpacks it: sub-byte gray values
+ * scaled by replication ("L;2"/"L;4": v·85, v·17; 1-bit: v·255), palette indices as they
+ * are, 16-bit samples by their high byte, except 16-bit gray: PIL opens it as a 32-bit
+ * integer image (mode "I") whose convert("RGB") clips the value to 255 -- a quirk we keep
+ * so that training images match DiffSynth's. */
 static int png_sample(const png_hdr *ph, const uint8_t *row, size_t i) {
     int d = ph->depth;
     if (d == 8) return row[i];
+    if (d == 16 && ph->ctype == 0) return row[2 * i] ? 255 : row[2 * i + 1];
     if (d == 16) return row[2 * i];
     size_t bit = i * d;
     int v = (row[bit / 8] >> (8 - d - bit % 8)) & ((1 << d) - 1);
@@ -915,8 +927,11 @@ int zi_png_decode(const uint8_t *buf, size_t n, zi_image *out) {
     }
     uint8_t *raw = NULL;
     size_t nraw = 0;
-    if (!err && zi_zlib_decompress(idat.p, idat.n, expect, &raw, &nraw)) err = "corrupt image data";
-    else if (!err && nraw != expect) err = "image data too short";
+    char zerr[256];
+    if (!err && zi_zlib_decompress(idat.p, idat.n, expect, &raw, &nraw)) {
+        snprintf(zerr, sizeof zerr, "corrupt image data (%s)", zi_err());
+        err = zerr;
+    } else if (!err && nraw != expect) err = "image data too short";
     free(idat.p);
     if (!err) {
         out->w = ph.w;

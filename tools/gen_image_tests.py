@@ -7,13 +7,27 @@ return, computed independently: sub-byte gray scaled by replication, 16-bit samp
 byte, palette looked up (tRNS ignored), alpha dropped without compositing (PIL's
 convert("RGB")).
 
+Exception, following PIL: 16-bit gray opens as mode "I" and convert("RGB") clips the 16-bit
+value to 255 (so the expected value is min(v, 255), not the high byte).
+
 JPEG (test/data/jpeg/): a synthetic picture encoded with libjpeg-turbo's cjpeg in several
 modes; NAME.ppm is djpeg's decoding with its defaults (islow IDCT, fancy upsampling), i.e.
 what PIL returns. Needs cjpeg/djpeg (Debian: libjpeg-turbo-progs).
 
-usage: python3 tools/gen_image_tests.py   (from the repository root)
+Resize (test/data/resize/, needs PIL): src.png and, per target TWxTH, DiffSynth's
+crop_and_resize of it made with PIL.
+
+When PIL is importable every expected PNG/JPEG decoding is also checked against PIL's
+Image.open(f).convert("RGB"). Run with Debian's python (apt-get install python3-pil
+libjpeg-turbo-progs):
+
+usage: /usr/bin/python3 tools/gen_image_tests.py   (from the repository root)
 """
 import os, random, struct, subprocess, zlib
+try:
+    from PIL import Image
+except ImportError:
+    Image = None
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "test", "data")
 
@@ -70,8 +84,10 @@ def make_png(name, w, h, ctype, depth, interlace, rng):
         npal = rng.randint(2, 1 << depth)
         pal = [tuple(rng.randrange(256) for _ in range(3)) for _ in range(npal)]
     # the image: samples[y][x] = tuple of channel values
-    img = [[tuple(rng.randrange(npal if ctype == 3 else maxv + 1) for _ in range(chans)) for x in range(w)]
-           for y in range(h)]
+    # 16-bit gray: half the samples below 256, where PIL's clipping (below) keeps the value
+    top = npal if ctype == 3 else 511 if (ctype, depth) == (0, 16) else maxv + 1
+    img = [[tuple(rng.randrange(top) if (x + y) % 2 else rng.randrange(maxv + 1 if ctype != 3 else npal)
+                  for _ in range(chans)) for x in range(w)] for y in range(h)]
     # expected RGB
     rgb = []
     for y in range(h):
@@ -79,6 +95,8 @@ def make_png(name, w, h, ctype, depth, interlace, rng):
             s = img[y][x]
             if ctype == 3:
                 rgb += pal[s[0]]
+            elif (ctype, depth) == (0, 16):
+                rgb += [min(s[0], 255)] * 3  # PIL: mode "I", convert("RGB") clips to 255
             else:
                 v = [(c >> 8) if depth == 16 else (c * (255 // maxv)) for c in s]
                 rgb += [v[0]] * 3 if ctype in (0, 4) else v[:3]
@@ -109,6 +127,13 @@ def make_png(name, w, h, ctype, depth, interlace, rng):
     d = os.path.join(ROOT, "png")
     open(os.path.join(d, name + ".png"), "wb").write(out)
     open(os.path.join(d, name + ".ppm"), "wb").write(ppm(w, h, rgb))
+    check_pil(os.path.join(d, name + ".png"), rgb)
+
+
+def check_pil(path, rgb):
+    """when PIL is there (Debian: python3-pil), the expected pixels must be its convert("RGB")"""
+    if Image is not None:
+        assert Image.open(path).convert("RGB").tobytes() == bytes(rgb), path + ": PIL disagrees"
 
 
 def gen_png():
@@ -167,9 +192,30 @@ def gen_jpeg():
                 ww, hh = map(int, head.split()[1:3])
                 out = ppm(ww, hh, [v for v in data for _ in range(3)])
             open(os.path.join(d, name + suffix + ".ppm"), "wb").write(out)
+            check_pil(jpg, out.split(b"\n255\n", 1)[1])
     os.remove(src)
+
+
+def gen_resize():
+    """DiffSynth's ImageCropAndResize.crop_and_resize with PIL (torchvision's resize on a PIL
+    image is Image.resize; its center_crop offsets are int(round((size - crop) / 2)))"""
+    d = os.path.join(ROOT, "resize")
+    os.makedirs(d, exist_ok=True)
+    w, h = 67, 41
+    src = Image.frombytes("RGB", (w, h), bytes(picture(w, h)))
+    src.save(os.path.join(d, "src.png"))
+    for tw, th in ((32, 32), (48, 16), (16, 16), (80, 64), (67, 20), (20, 41), (7, 5), (131, 83)):
+        scale = max(tw / w, th / h)
+        img = src.resize((round(w * scale), round(h * scale)), Image.BILINEAR)
+        left, top = int(round((img.width - tw) / 2.0)), int(round((img.height - th) / 2.0))
+        img = img.crop((left, top, left + tw, top + th))
+        open(os.path.join(d, "%dx%d.ppm" % (tw, th)), "wb").write(ppm(tw, th, img.tobytes()))
 
 
 if __name__ == "__main__":
     gen_png()
     gen_jpeg()
+    if Image is not None:
+        gen_resize()
+    else:
+        print("PIL not found: test/data/resize left as it is")
