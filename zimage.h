@@ -37,7 +37,28 @@ typedef struct {
 /* y[M, out] = x[M, in] · Wᵀ + bias + Σ adapters */
 void zi_lin_forward(const zi_lin *l, const float *x, int M, float *y);
 
-/* ================================================================ tokenizer.c */
+/* ================================================================ tokenizer.c
+ * The Qwen2 byte-level BPE tokenizer, read from a Hugging Face tokenizer.json; ids are exactly
+ * those of HF `tokenizers` (AutoTokenizer(...)(text).input_ids: no BOS/EOS added).
+ * Text is UTF-8; invalid UTF-8 is an error (-1), never replaced. Ids come back in a malloc'd
+ * array (*ids; NULL when there are none) that the caller frees. */
+typedef struct zi_tokenizer zi_tokenizer;
+/* path: tokenizer.json, or a directory holding it directly or in tokenizer/ (a model dir). */
+zi_tokenizer *zi_tok_load(const char *path);
+void zi_tok_free(zi_tokenizer *t);
+/* Encodes text[0..len): returns the number of ids or -1 (invalid UTF-8). */
+int zi_tok_encode(const zi_tokenizer *t, const char *text, size_t len, int32_t **ids);
+/* The Z-Image prompt: the Qwen3 chat template for one user message with the generation prompt
+ * (thinking enabled, so no empty <think> block), malloc'd:
+ * "<|im_start|>user\n" PROMPT "<|im_end|>\n<|im_start|>assistant\n". */
+char *zi_tok_chat_text(const char *prompt);
+/* Its ids, truncated to at most max_len (the pipeline uses 512); the count or -1. */
+int zi_tok_chat(const zi_tokenizer *t, const char *prompt, int max_len, int32_t **ids);
+/* Text of ids (added tokens as their text; invalid UTF-8 becomes U+FFFD, as HF does), malloc'd
+ * and NUL-terminated, its length in *len (may be NULL; the text may hold U+0000); NULL for an
+ * id that is not in the vocabulary. */
+char *zi_tok_decode(const zi_tokenizer *t, const int32_t *ids, int n, size_t *len);
+int zi_tok_n_ids(const zi_tokenizer *t);        /* 1 + the largest id */
 
 
 /* ================================================================ qwen3.c */
@@ -165,7 +186,52 @@ void zi_randn(float *out, int64_t n, uint64_t seed, zi_rng dev);
  * 256·cap elements the numbers depend on the GPU. zi_randn uses an H100's cap (1056). */
 void zi_randn_cuda(float *out, int64_t n, uint64_t seed, int64_t max_blocks);
 
-/* ================================================================ image.c */
+/* ================================================================ image.c
+ * Images are 8-bit, row-major, channels interleaved: px[(y·w + x)·c + k]. The loaders always
+ * return RGB (c = 3), as PIL's Image.open(path).convert("RGB") in DiffSynth's data loader:
+ * alpha is dropped without compositing, gray is replicated, EXIF orientation is ignored. */
+typedef struct { int w, h, c; uint8_t *px; } zi_image;
+void zi_image_free(zi_image *im);
+
+uint32_t zi_crc32(uint32_t crc, const void *buf, size_t n);     /* start with crc = 0 */
+uint32_t zi_adler32(uint32_t adler, const void *buf, size_t n); /* start with adler = 1 */
+/* zlib streams (RFC 1950/1951). compress cannot fail; *out is malloc'd. decompress returns
+ * -1 for a corrupt or truncated stream, or when the output would exceed max_out bytes. */
+void zi_zlib_compress(const uint8_t *src, size_t n, uint8_t **out, size_t *out_n);
+int zi_zlib_decompress(const uint8_t *src, size_t n, size_t max_out, uint8_t **out, size_t *out_n);
+
+/* PNG writers: 8-bit RGB (or gray c = 1 / RGBA c = 4 for _image). text_kv holds n_kv
+ * key/value pairs (key0, value0, key1, ...), written as tEXt (iTXt when the value is not
+ * ASCII); the generation settings go under the key "parameters". The file is written under
+ * a temporary name, fsync'd and renamed: a failure leaves no output file. */
+int zi_png_write(const char *path, const uint8_t *rgb, int w, int h, const char *const *text_kv, int n_kv);
+int zi_png_write_image(const char *path, const zi_image *im, const char *const *text_kv, int n_kv);
+
+/* Decoders (from memory) and the loader (by content, PNG or JPEG): 0, or -1 with zi_err().
+ * PNG: every colour type and bit depth, Adam7; 16-bit samples keep their high byte, except
+ * 16-bit gray, which PIL clips to 255 (mode "I" to "RGB"): we do too.
+ * JPEG: baseline and progressive Huffman, gray or 3 components, bit-exact with libjpeg's
+ * default decoding (islow IDCT, fancy upsampling). */
+int zi_png_decode(const uint8_t *buf, size_t n, zi_image *out);
+int zi_jpeg_decode(const uint8_t *buf, size_t n, zi_image *out);
+int zi_image_decode(const uint8_t *buf, size_t n, zi_image *out);
+int zi_image_load(const char *path, zi_image *out);
+
+/* [3,H,W] float in [0,1] -> RGB: round-half-even(255·clamp(x, 0, 1)) (NaN -> 0). */
+void zi_image_from_float(const float *chw, int w, int h, uint8_t *rgb);
+/* RGB -> [3,H,W] float in [-1,1]: x·(2/255) − 1 in float32, or with bf16 = 1 each operation
+ * rounded to bfloat16 (DiffSynth's preprocess_image on a bf16 tensor). */
+void zi_image_to_float(const uint8_t *rgb, int w, int h, float *chw, int bf16);
+
+/* DiffSynth's training image size (ImageCropAndResize.get_height_width): height and width
+ * when both are > 0, else the image size scaled down to at most max_pixels (never up) and
+ * floored to multiples of 16. */
+void zi_train_size(int w, int h, int height, int width, int64_t max_pixels, int *tw, int *th);
+/* DiffSynth's crop_and_resize: scale to cover tw x th keeping the aspect ratio (sizes
+ * rounded half-even), resize with PIL's bilinear filter (antialiased when shrinking,
+ * 8-bit intermediate after the horizontal pass, as Image.resize), then centre crop
+ * (torchvision offsets). */
+int zi_image_resize_crop(const zi_image *in, int tw, int th, zi_image *out);
 
 
 /* ================================================================ lora.c */
@@ -231,6 +297,9 @@ typedef struct {
 zi_params zi_params_default(void);  /* the Turbo defaults: 1024², 8 steps, cfg 1, euler */
 /* Runs the pipeline; returns the image [3, H, W] in [0, 1] (malloc'd) or NULL. */
 float *zi_generate(const char *model_dir, const zi_params *p);
+/* MODEL_DIR/transformer with p's LoRAs applied at run time (loras[p->n_lora] receives them;
+ * free them with zi_lora_free, last first, before zi_dit_free). NULL on error. */
+zi_dit *zi_load_dit(const char *model_dir, const zi_params *p, zi_lora **loras);
 /* zi_generate, then a PNG at path with the settings in its "parameters" text chunk. */
 int zi_generate_png(const char *model_dir, const zi_params *p, const char *path);
 
