@@ -9,6 +9,9 @@
  *   U    = layers[i](U, temb)                   (modulated blocks)
  *   out  = unpatchify(final_layer(U[:Ni], temb))
  *
+ * Training (LoRA): zi_dit_set_training makes the forward keep what zi_dit_backward needs;
+ * every x_forward has its x_backward right after it.
+ *
  * A batch of B items of different sizes runs as one *packed* sequence per stage: the items'
  * rows one after another, item b owning the segment [off[b], off[b] + len[b]). Row-wise work
  * (Linear layers, norms) runs once over all rows; attention runs inside each segment. Every
@@ -312,9 +315,9 @@ static void segs_free(segs *s) { free(s->off); free(s->len); }
 static int segs_rows(const segs *s) { return s->n ? s->off[s->n - 1] + s->len[s->n - 1] : 0; }
 
 /* Activations of one block over a packed sequence of S tokens. The forward writes each
- * intermediate to its own buffer, so that a backward can read them (training keeps one set
- * per block; inference reuses one set for every block). The residual stream x is updated in
- * place by block_forward; a backward needs it saved before the block. */
+ * intermediate to its own buffer and reuses one set for every block; training copies what
+ * the backward reads out of it after each block (block_saved). The residual stream x is
+ * updated in place by block_forward; training saves it before the block. */
 typedef struct {
     float *mod;         /* [B, 4D] per item: 1 + scale_msa | tanh(gate_msa) | 1 + scale_mlp | tanh(gate_mlp) */
     float *xn;          /* [S, D] attention_norm1(x) ⊙ (1 + scale_msa): input of to_q, to_k, to_v */
@@ -355,6 +358,24 @@ static void mul_rows(float *y, const segs *sg, int D, const float *vec, int64_t 
             for (int d = 0; d < D; d++) y[(int64_t)r * D + d] *= vec[s * stride + d];
 }
 
+/* Backward of y = u ⊙ v row by row (mul_rows, v_s = vec + s·stride; no vec: y = u):
+ * du = dy ⊙ v_s (du may alias dy), dvec_s += Σ_rows dy ⊙ u, summed over rows in order. */
+static void mul_rows_backward(float *du, float *dvec, const float *dy, const float *u, const segs *sg, int D,
+                              const float *vec, int64_t stride) {
+    int64_t n = (int64_t)segs_rows(sg) * D;
+    if (!vec) {
+        if (du != dy) memcpy(du, dy, n * sizeof(float));
+        return;
+    }
+    for (int s = 0; s < sg->n; s++)
+        for (int r = sg->off[s]; r < sg->off[s] + sg->len[s]; r++)
+            for (int d = 0; d < D; d++) {
+                int64_t i = (int64_t)r * D + d;
+                dvec[s * stride + d] += dy[i] * u[i];
+                du[i] = dy[i] * vec[s * stride + d];
+            }
+}
+
 /* x += g_s ⊙ y row by row (g_s = gate + s·stride), or x += y without a gate. */
 static void add_rows(float *x, const float *y, const segs *sg, int D, const float *gate, int64_t stride) {
     if (!gate) {
@@ -366,168 +387,7 @@ static void add_rows(float *x, const float *y, const segs *sg, int D, const floa
             for (int d = 0; d < D; d++) x[(int64_t)r * D + d] += gate[s * stride + d] * y[(int64_t)r * D + d];
 }
 
-/* ---------------------------------------------------------------- blocks */
-/* q, k [S, H, hd] = RoPE(RMSNorm of each head of q0, k0), or RoPE(q0), RoPE(k0) without
- * qk_norm (cos_, sin_: [S, hd/2]). */
-static void qk_norm_rope(const zi_dit *m, const dit_block *b, int S, const float *cos_, const float *sin_,
-                         const float *q0, const float *k0, float *q, float *k) {
-    int D = m->c.dim, H = m->c.n_heads, hd = m->c.head_dim;
-    if (b->norm_q) {
-        zi_rmsnorm(q, q0, b->norm_q, (int64_t)S * H, hd, QK_NORM_EPS);
-        zi_rmsnorm(k, k0, b->norm_k, (int64_t)S * H, hd, QK_NORM_EPS);
-    } else {
-        memcpy(q, q0, (size_t)S * D * sizeof(float));
-        memcpy(k, k0, (size_t)S * D * sizeof(float));
-    }
-    zi_rope_interleaved(q, D, S, H, hd, cos_, sin_);
-    zi_rope_interleaved(k, D, S, H, hd, cos_, sin_);
-}
-
-/* Attention of a block: xn [S, D] -> a->ao [S, D].
- * q, k, v = to_q/k/v(xn) -> [S, H, hd]; RMSNorm of each head of q and k; interleaved 3-axis
- * RoPE (cos_, sin_: [S, hd/2]); softmax(q kᵀ / sqrt(hd)) v within each segment; to_out.0. */
-static void attention_forward(const zi_dit *m, const dit_block *b, const segs *sg, const float *cos_,
-                              const float *sin_, block_acts *a) {
-    int S = segs_rows(sg), D = m->c.dim, H = m->c.n_heads, hd = m->c.head_dim;
-    zi_lin_forward(&b->to_q, a->xn, S, a->q0);
-    zi_lin_forward(&b->to_k, a->xn, S, a->k0);
-    zi_lin_forward(&b->to_v, a->xn, S, a->v);
-    qk_norm_rope(m, b, S, cos_, sin_, a->q0, a->k0, a->q, a->k);
-    float scale = 1.0f / sqrtf((float)hd);
-    for (int s = 0; s < sg->n; s++) {
-        int64_t o = (int64_t)sg->off[s] * D;
-        int n = sg->len[s];
-        zi_attention(a->o + o, D, a->q + o, D, a->k + o, D, a->v + o, D, n, n, H, H, hd, scale, 0, n,
-                     a->lse + (int64_t)sg->off[s] * H);
-    }
-    zi_lin_forward(&b->to_out, a->o, S, a->ao);
-}
-
-/* SwiGLU feed-forward: fn [S, D] -> a->f = w2(silu(w1 fn) ⊙ w3 fn) [S, D]. */
-static void feed_forward(const dit_block *b, int S, block_acts *a) {
-    zi_lin_forward(&b->w1, a->fn, S, a->h1);
-    zi_lin_forward(&b->w3, a->fn, S, a->h3);
-    zi_silu_mul(a->g, a->h1, a->h3, (int64_t)S * b->ffn);
-    zi_lin_forward(&b->w2, a->g, S, a->f);
-}
-
-/* One ZImageTransformerBlock on the packed sequence x [S, D] (updated in place).
- * Modulated (temb [B, A]: one row per segment):
- *   x += tanh(gate_msa) ⊙ attention_norm2(Attention(attention_norm1(x) ⊙ (1 + scale_msa)))
- *   x += tanh(gate_mlp) ⊙ ffn_norm2(FFN(ffn_norm1(x) ⊙ (1 + scale_mlp)))
- * Not modulated (context refiners): the same without scales and gates.
- * "Sandwich" norms: every branch is normalised on its way in and on its way out. */
-static void block_forward(const zi_dit *m, const dit_block *b, float *x, const segs *sg, const float *temb,
-                          const float *cos_, const float *sin_, block_acts *a) {
-    int S = segs_rows(sg), D = m->c.dim;
-    float eps = m->c.norm_eps;
-    const float *mod = NULL;
-    if (b->modulated) {
-        /* adaLN_modulation.0(temb) = [scale_msa | gate_msa | scale_mlp | gate_mlp]: no shifts */
-        zi_lin_forward(&b->ada, temb, sg->n, a->mod);
-        for (int s = 0; s < sg->n; s++) {
-            float *ms = a->mod + (int64_t)s * 4 * D;
-            for (int d = 0; d < D; d++) {
-                ms[d] = 1.0f + ms[d];
-                ms[D + d] = tanhf(ms[D + d]);
-                ms[2 * D + d] = 1.0f + ms[2 * D + d];
-                ms[3 * D + d] = tanhf(ms[3 * D + d]);
-            }
-        }
-        mod = a->mod;
-    }
-    zi_rmsnorm(a->xn, x, b->attn_norm1, S, D, eps);
-    if (mod) mul_rows(a->xn, sg, D, mod, 4 * D);
-    attention_forward(m, b, sg, cos_, sin_, a);
-    zi_rmsnorm(a->an, a->ao, b->attn_norm2, S, D, eps);
-    add_rows(x, a->an, sg, D, mod ? mod + D : NULL, 4 * D);
-
-    zi_rmsnorm(a->fn, x, b->ffn_norm1, S, D, eps);
-    if (mod) mul_rows(a->fn, sg, D, mod + 2 * D, 4 * D);
-    feed_forward(b, S, a);
-    zi_rmsnorm(a->fo, a->f, b->ffn_norm2, S, D, eps);
-    add_rows(x, a->fo, sg, D, mod ? mod + 3 * D : NULL, 4 * D);
-}
-
-/* --dump: the block's output for the first item ([its rows, D]), as diffusers' block hooks. */
-static void dump_block(const zi_dit *m, const dit_block *b, const float *x, const segs *sg) {
-    if (!zi_dump_active()) return;
-    char name[64];
-    snprintf(name, sizeof name, "dit.block.%s", b->name);
-    zi_dump(name, 2, (const int64_t[]){ sg->len[0], m->c.dim }, x + (int64_t)sg->off[0] * m->c.dim);
-}
-
-/* ---------------------------------------------------------------- embedders */
-/* The timestep sinusoid e [t_freq] = [cos(s·f), sin(s·f)], s = t·t_scale,
- * f_k = exp(−ln(10000)·k / half), all in float32 as torch computes it. */
-static void t_sinusoid(const zi_dit *m, float t, float *e) {
-    int half = m->t_freq / 2;
-    const float neg_log_period = (float)-log(T_MAX_PERIOD);
-    float s = t * m->c.t_scale;
-    for (int k = 0; k < half; k++) {
-        float f = expf(neg_log_period * (float)k / (float)half);
-        e[k] = cosf(s * f);
-        e[half + k] = sinf(s * f);
-    }
-}
-
-/* Timestep embedder: temb[b] = mlp.2(SiLU(mlp.0(sinusoid(t[b])))).  -> temb [B, A] */
-static void t_embed(const zi_dit *m, int B, const float *t, float *temb) {
-    int mid = (int)m->t_mlp0.W.rows;
-    float *e = zi_malloc((size_t)B * m->t_freq * sizeof(float));
-    float *hmid = zi_malloc((size_t)B * mid * sizeof(float));
-    for (int b = 0; b < B; b++) t_sinusoid(m, t[b], e + (int64_t)b * m->t_freq);
-    zi_lin_forward(&m->t_mlp0, e, B, hmid);
-    zi_silu(hmid, hmid, (int64_t)B * mid);
-    zi_lin_forward(&m->t_mlp2, hmid, B, temb);
-    free(e);
-    free(hmid);
-}
-
-/* Patch vector of token (i, j): vec[(ph·p + pw)·C + c] = x[c, 0, i·p + ph, j·p + pw]
- * (channel fastest; the frame patch is 1).  x [C, 1, h, w] -> P [Ht·Wt, p·p·C] */
-static void patchify(float *P, const float *x, int C, int h, int w, int p) {
-    int Ht = h / p, Wt = w / p;
-    for (int i = 0; i < Ht; i++)
-        for (int j = 0; j < Wt; j++)
-            for (int ph = 0; ph < p; ph++)
-                for (int pw = 0; pw < p; pw++)
-                    for (int c = 0; c < C; c++)
-                        P[((int64_t)(i * Wt + j) * p * p + ph * p + pw) * C + c] =
-                            x[((int64_t)c * h + i * p + ph) * w + j * p + pw];
-}
-
-/* The inverse: Y [Ht·Wt, p·p·C] -> out [C, 1, h, w]. */
-static void unpatchify(float *out, const float *Y, int C, int h, int w, int p) {
-    int Ht = h / p, Wt = w / p;
-    for (int i = 0; i < Ht; i++)
-        for (int j = 0; j < Wt; j++)
-            for (int ph = 0; ph < p; ph++)
-                for (int pw = 0; pw < p; pw++)
-                    for (int c = 0; c < C; c++)
-                        out[((int64_t)c * h + i * p + ph) * w + j * p + pw] =
-                            Y[((int64_t)(i * Wt + j) * p * p + ph * p + pw) * C + c];
-}
-
-/* Per-token RoPE rows: cos_/sin_ [S, hd/2] = the three axes' table rows of the token's
- * position ids (pos [S, 3]), concatenated. */
-static void rope_rows(const zi_dit *m, const int *pos, int S, float *cos_, float *sin_) {
-    int hh = m->c.head_dim / 2;
-    for (int r = 0; r < S; r++) {
-        int at = 0;
-        for (int a = 0; a < 3; a++) {
-            int half = m->c.axes_dims[a] / 2;
-            size_t src = (size_t)pos[r * 3 + a] * half;
-            memcpy(cos_ + (size_t)r * hh + at, m->rope_cos[a] + src, half * sizeof(float));
-            memcpy(sin_ + (size_t)r * hh + at, m->rope_sin[a] + src, half * sizeof(float));
-            at += half;
-        }
-    }
-}
-
-static int round_up(int n, int k) { return (n + k - 1) / k * k; }
-
-/* ---------------------------------------------------------------- training: what the forward keeps
+/* ---------------------------------------------------------------- training state
  * With zi_dit_set_training on, the forward (B = 1) keeps what zi_dit_backward reads. Per block
  * that is the compact set below; everything else the backward needs (the norms' outputs, q and
  * k after QK-norm and RoPE, silu(h1)⊙h3, the residual stream between the two halves) is
@@ -536,7 +396,9 @@ static int round_up(int n, int k) { return (n + k - 1) / k * k; }
  * way back. Per block of S tokens (D = dim, F = FFN width, H = heads), in floats:
  *   kept:                   S·(7D + 2F + H) + 4D     (x, q0, k0, v, o, ao, f; h1, h3; lse; mod)
  *   gradient checkpointing: S·D
- * Each block's set is freed as soon as its backward is done. */
+ * Each block's set is freed as soon as its backward is done. The backward of a stage also
+ * needs scratch for one block at a time: block_grads, 14·S·D + 3·S·F + 4D + A, and with
+ * checkpointing the block's recomputed forward, block_acts, 12·S·D + 3·S·F + H·S + 4D. */
 typedef struct {
     float *x;                   /* [S, D] the block's input (the residual stream before it) */
     float *mod;                 /* [4D] as block_acts (modulated blocks), else NULL */
@@ -611,7 +473,310 @@ void zi_dit_set_training(zi_dit *m, int on, int gradient_checkpointing) {
     m->tr->ckpt = gradient_checkpointing;
 }
 
-/* ---------------------------------------------------------------- forward */
+/* The backward, llm.c style: each x_backward sits right after its x_forward and takes
+ * d(output) to d(input), ACCUMULATING into the input's gradient where the forward's input
+ * fed several consumers (the residual stream, temb). Only LoRA adapters get parameter
+ * gradients (through zi_lin_backward); the gradient still flows through every frozen weight.
+ * B = 1: one segment per stage. */
+
+/* Scratch of one block's backward over S rows: recomputed activations and gradients. */
+typedef struct {
+    float *an, *x1, *fn0, *fn, *xn0, *xn, *q, *k;   /* [S, D] recomputed */
+    float *d0, *d1, *d2, *dq, *dk, *dv;             /* [S, D] gradients */
+    float *g, *dg, *dh3;                            /* [S, F] */
+    float *dmod;                                    /* [4D] */
+    float *dtemb;                                   /* [A] */
+} block_grads;
+
+static void grads_alloc(block_grads *w, int S, int D, int F, int A) {
+    size_t sd = (size_t)S * D * sizeof(float), sf = (size_t)S * F * sizeof(float);
+    float **d[] = { &w->an, &w->x1, &w->fn0, &w->fn, &w->xn0, &w->xn, &w->q, &w->k,
+                    &w->d0, &w->d1, &w->d2, &w->dq, &w->dk, &w->dv };
+    for (size_t i = 0; i < sizeof d / sizeof d[0]; i++) *d[i] = zi_malloc(sd);
+    w->g = zi_malloc(sf); w->dg = zi_malloc(sf); w->dh3 = zi_malloc(sf);
+    w->dmod = zi_malloc(4 * (size_t)D * sizeof(float));
+    w->dtemb = zi_malloc((size_t)A * sizeof(float));
+}
+
+static void grads_free(block_grads *w) {
+    float *p[] = { w->an, w->x1, w->fn0, w->fn, w->xn0, w->xn, w->q, w->k, w->d0, w->d1, w->d2,
+                   w->dq, w->dk, w->dv, w->g, w->dg, w->dh3, w->dmod, w->dtemb };
+    for (size_t i = 0; i < sizeof p / sizeof p[0]; i++) free(p[i]);
+}
+
+/* ---------------------------------------------------------------- blocks */
+/* q, k [S, H, hd] = RoPE(RMSNorm of each head of q0, k0), or RoPE(q0), RoPE(k0) without
+ * qk_norm (cos_, sin_: [S, hd/2]). */
+static void qk_norm_rope(const zi_dit *m, const dit_block *b, int S, const float *cos_, const float *sin_,
+                         const float *q0, const float *k0, float *q, float *k) {
+    int D = m->c.dim, H = m->c.n_heads, hd = m->c.head_dim;
+    if (b->norm_q) {
+        zi_rmsnorm(q, q0, b->norm_q, (int64_t)S * H, hd, QK_NORM_EPS);
+        zi_rmsnorm(k, k0, b->norm_k, (int64_t)S * H, hd, QK_NORM_EPS);
+    } else {
+        memcpy(q, q0, (size_t)S * D * sizeof(float));
+        memcpy(k, k0, (size_t)S * D * sizeof(float));
+    }
+    zi_rope_interleaved(q, D, S, H, hd, cos_, sin_);
+    zi_rope_interleaved(k, D, S, H, hd, cos_, sin_);
+}
+
+/* Attention of a block: xn [S, D] -> a->ao [S, D].
+ * q, k, v = to_q/k/v(xn) -> [S, H, hd]; RMSNorm of each head of q and k; interleaved 3-axis
+ * RoPE (cos_, sin_: [S, hd/2]); softmax(q kᵀ / sqrt(hd)) v within each segment; to_out.0. */
+static void attention_forward(const zi_dit *m, const dit_block *b, const segs *sg, const float *cos_,
+                              const float *sin_, block_acts *a) {
+    int S = segs_rows(sg), D = m->c.dim, H = m->c.n_heads, hd = m->c.head_dim;
+    zi_lin_forward(&b->to_q, a->xn, S, a->q0);
+    zi_lin_forward(&b->to_k, a->xn, S, a->k0);
+    zi_lin_forward(&b->to_v, a->xn, S, a->v);
+    qk_norm_rope(m, b, S, cos_, sin_, a->q0, a->k0, a->q, a->k);
+    float scale = 1.0f / sqrtf((float)hd);
+    for (int s = 0; s < sg->n; s++) {
+        int64_t o = (int64_t)sg->off[s] * D;
+        int n = sg->len[s];
+        zi_attention(a->o + o, D, a->q + o, D, a->k + o, D, a->v + o, D, n, n, H, H, hd, scale, 0, n,
+                     a->lse + (int64_t)sg->off[s] * H);
+    }
+    zi_lin_forward(&b->to_out, a->o, S, a->ao);
+}
+
+/* The attention half, x1 = x + g1 ⊙ attention_norm2(to_out(attn(q, k, v))), with q, k, v
+ * from xn = attention_norm1(x) ⊙ ms: dx holds dL/dx1 on entry and dL/dx on return. */
+static void attention_backward(const zi_dit *m, const dit_block *b, const block_saved *v, const segs *sg,
+                               const float *cos_, const float *sin_, const float *mod, float *dx,
+                               block_grads *w) {
+    int S = segs_rows(sg), D = m->c.dim, H = m->c.n_heads, hd = m->c.head_dim;
+    int64_t nd = (int64_t)S * D;
+    float eps = m->c.norm_eps;
+    /* an = attention_norm2(ao) (recomputed by block_backward); dan = dx1 ⊙ g1, dg1 += Σ dx1 ⊙ an */
+    mul_rows_backward(w->d0, w->dmod + D, dx, w->an, sg, D, mod ? mod + D : NULL, 4 * D);
+    memset(w->d1, 0, nd * sizeof(float));
+    zi_rmsnorm_backward(w->d1, w->d0, v->ao, b->attn_norm2, S, D, eps);         /* d1 = dao */
+    zi_lin_backward(&b->to_out, v->o, w->d1, S, w->d0);                          /* d0 = do */
+    /* softmax(q kᵀ / sqrt(hd)) v per segment, with q, k as the attention saw them */
+    qk_norm_rope(m, b, S, cos_, sin_, v->q0, v->k0, w->q, w->k);
+    float scale = 1.0f / sqrtf((float)hd);
+    for (int s = 0; s < sg->n; s++) {
+        int64_t o = (int64_t)sg->off[s] * D;
+        zi_attention_backward(w->dq + o, w->dk + o, w->dv + o, w->q + o, w->k + o, v->v + o, v->o + o,
+                              w->d0 + o, v->lse + (int64_t)sg->off[s] * H, D, sg->len[s], sg->len[s], H, hd, scale);
+    }
+    zi_rope_interleaved_backward(w->dq, D, S, H, hd, cos_, sin_);
+    zi_rope_interleaved_backward(w->dk, D, S, H, hd, cos_, sin_);
+    float *dq0 = w->dq, *dk0 = w->dk;       /* gradients of to_q(xn), to_k(xn) */
+    if (b->norm_q) {
+        memset(w->d1, 0, nd * sizeof(float));
+        memset(w->d2, 0, nd * sizeof(float));
+        zi_rmsnorm_backward(w->d1, w->dq, v->q0, b->norm_q, (int64_t)S * H, hd, QK_NORM_EPS);
+        zi_rmsnorm_backward(w->d2, w->dk, v->k0, b->norm_k, (int64_t)S * H, hd, QK_NORM_EPS);
+        dq0 = w->d1;
+        dk0 = w->d2;
+    }
+    /* q0, k0, v = to_q/k/v(xn), xn = attention_norm1(x) ⊙ ms */
+    zi_rmsnorm(w->xn0, v->x, b->attn_norm1, S, D, eps);
+    memcpy(w->xn, w->xn0, nd * sizeof(float));
+    if (mod) mul_rows(w->xn, sg, D, mod, 4 * D);
+    zi_lin_backward(&b->to_v, w->xn, w->dv, S, w->d0);
+    zi_lin_backward(&b->to_q, w->xn, dq0, S, w->dv);
+    zi_add(w->d0, w->d0, w->dv, nd);
+    zi_lin_backward(&b->to_k, w->xn, dk0, S, w->dv);
+    zi_add(w->d0, w->d0, w->dv, nd);                                             /* d0 = dxn */
+    mul_rows_backward(w->d0, w->dmod, w->d0, w->xn0, sg, D, mod, 4 * D);
+    zi_rmsnorm_backward(dx, w->d0, v->x, b->attn_norm1, S, D, eps);              /* dx += */
+}
+
+/* SwiGLU feed-forward: fn [S, D] -> a->f = w2(silu(w1 fn) ⊙ w3 fn) [S, D]. */
+static void feed_forward(const dit_block *b, int S, block_acts *a) {
+    zi_lin_forward(&b->w1, a->fn, S, a->h1);
+    zi_lin_forward(&b->w3, a->fn, S, a->h3);
+    zi_silu_mul(a->g, a->h1, a->h3, (int64_t)S * b->ffn);
+    zi_lin_forward(&b->w2, a->g, S, a->f);
+}
+
+/* The FFN half, x2 = x1 + g2 ⊙ ffn_norm2(w2(silu(w1 fn) ⊙ w3 fn)), fn = ffn_norm1(x1) ⊙ ms2:
+ * dx [S, D] holds dL/dx2 on entry and dL/dx1 on return. */
+static void feed_forward_backward(const zi_dit *m, const dit_block *b, const block_saved *v, const segs *sg,
+                         const float *mod, float *dx, block_grads *w) {
+    int S = segs_rows(sg), D = m->c.dim;
+    int64_t nd = (int64_t)S * D, nf = (int64_t)S * b->ffn;
+    float eps = m->c.norm_eps;
+    /* fo = ffn_norm2(f); dfo = dx2 ⊙ g2, dg2 += Σ dx2 ⊙ fo */
+    zi_rmsnorm(w->d1, v->f, b->ffn_norm2, S, D, eps);
+    mul_rows_backward(w->d0, w->dmod + 3 * D, dx, w->d1, sg, D, mod ? mod + 3 * D : NULL, 4 * D);
+    memset(w->d1, 0, nd * sizeof(float));
+    zi_rmsnorm_backward(w->d1, w->d0, v->f, b->ffn_norm2, S, D, eps);          /* d1 = df */
+    /* f = w2(g), g = silu(h1) ⊙ h3 */
+    zi_silu_mul(w->g, v->h1, v->h3, nf);
+    zi_lin_backward(&b->w2, w->g, w->d1, S, w->dg);                              /* dg */
+    zi_silu_mul_backward(w->dg, w->dh3, w->dg, v->h1, v->h3, nf);               /* dg = dh1 */
+    /* h1 = w1(fn), h3 = w3(fn), fn = ffn_norm1(x1) ⊙ ms2 */
+    zi_rmsnorm(w->fn0, w->x1, b->ffn_norm1, S, D, eps);
+    memcpy(w->fn, w->fn0, nd * sizeof(float));
+    if (mod) mul_rows(w->fn, sg, D, mod + 2 * D, 4 * D);
+    zi_lin_backward(&b->w1, w->fn, w->dg, S, w->d0);
+    zi_lin_backward(&b->w3, w->fn, w->dh3, S, w->d1);
+    zi_add(w->d0, w->d0, w->d1, nd);                                             /* d0 = dfn */
+    mul_rows_backward(w->d0, w->dmod + 2 * D, w->d0, w->fn0, sg, D, mod ? mod + 2 * D : NULL, 4 * D);
+    zi_rmsnorm_backward(dx, w->d0, w->x1, b->ffn_norm1, S, D, eps);              /* dx += */
+}
+
+/* One ZImageTransformerBlock on the packed sequence x [S, D] (updated in place).
+ * Modulated (temb [B, A]: one row per segment):
+ *   x += tanh(gate_msa) ⊙ attention_norm2(Attention(attention_norm1(x) ⊙ (1 + scale_msa)))
+ *   x += tanh(gate_mlp) ⊙ ffn_norm2(FFN(ffn_norm1(x) ⊙ (1 + scale_mlp)))
+ * Not modulated (context refiners): the same without scales and gates.
+ * "Sandwich" norms: every branch is normalised on its way in and on its way out. */
+static void block_forward(const zi_dit *m, const dit_block *b, float *x, const segs *sg, const float *temb,
+                          const float *cos_, const float *sin_, block_acts *a) {
+    int S = segs_rows(sg), D = m->c.dim;
+    float eps = m->c.norm_eps;
+    const float *mod = NULL;
+    if (b->modulated) {
+        /* adaLN_modulation.0(temb) = [scale_msa | gate_msa | scale_mlp | gate_mlp]: no shifts */
+        zi_lin_forward(&b->ada, temb, sg->n, a->mod);
+        for (int s = 0; s < sg->n; s++) {
+            float *ms = a->mod + (int64_t)s * 4 * D;
+            for (int d = 0; d < D; d++) {
+                ms[d] = 1.0f + ms[d];
+                ms[D + d] = tanhf(ms[D + d]);
+                ms[2 * D + d] = 1.0f + ms[2 * D + d];
+                ms[3 * D + d] = tanhf(ms[3 * D + d]);
+            }
+        }
+        mod = a->mod;
+    }
+    zi_rmsnorm(a->xn, x, b->attn_norm1, S, D, eps);
+    if (mod) mul_rows(a->xn, sg, D, mod, 4 * D);
+    attention_forward(m, b, sg, cos_, sin_, a);
+    zi_rmsnorm(a->an, a->ao, b->attn_norm2, S, D, eps);
+    add_rows(x, a->an, sg, D, mod ? mod + D : NULL, 4 * D);
+
+    zi_rmsnorm(a->fn, x, b->ffn_norm1, S, D, eps);
+    if (mod) mul_rows(a->fn, sg, D, mod + 2 * D, 4 * D);
+    feed_forward(b, S, a);
+    zi_rmsnorm(a->fo, a->f, b->ffn_norm2, S, D, eps);
+    add_rows(x, a->fo, sg, D, mod ? mod + 3 * D : NULL, 4 * D);
+}
+
+/* Backward of block_forward: dx [S, D] holds dL/d(block output) on entry and dL/d(block
+ * input) on return; for modulated blocks dtemb [A] += dL/dtemb through adaLN_modulation. */
+static void block_backward(const zi_dit *m, const dit_block *b, const block_saved *v, const segs *sg,
+                           const float *cos_, const float *sin_, const float *temb, float *dx, float *dtemb,
+                           block_grads *w) {
+    int S = segs_rows(sg), D = m->c.dim, A = m->c.adaln_dim;
+    const float *mod = b->modulated ? v->mod : NULL;
+    memset(w->dmod, 0, 4 * (size_t)D * sizeof(float));
+    /* the residual stream between the halves: x1 = x + g1 ⊙ attention_norm2(ao) */
+    zi_rmsnorm(w->an, v->ao, b->attn_norm2, S, D, m->c.norm_eps);
+    memcpy(w->x1, v->x, (size_t)S * D * sizeof(float));
+    add_rows(w->x1, w->an, sg, D, mod ? mod + D : NULL, 4 * D);
+    feed_forward_backward(m, b, v, sg, mod, dx, w);
+    attention_backward(m, b, v, sg, cos_, sin_, mod, dx, w);
+    if (!mod) return;
+    /* mod = [1 + s_msa | tanh(g_msa) | 1 + s_mlp | tanh(g_mlp)]: tanh' = 1 − tanh² */
+    for (int d = 0; d < D; d++) {
+        w->dmod[D + d] *= 1.0f - mod[D + d] * mod[D + d];
+        w->dmod[3 * D + d] *= 1.0f - mod[3 * D + d] * mod[3 * D + d];
+    }
+    zi_lin_backward(&b->ada, temb, w->dmod, 1, w->dtemb);
+    for (int i = 0; i < A; i++) dtemb[i] += w->dtemb[i];
+}
+
+/* --dump: the block's output for the first item ([its rows, D]), as diffusers' block hooks. */
+static void dump_block(const zi_dit *m, const dit_block *b, const float *x, const segs *sg) {
+    if (!zi_dump_active()) return;
+    char name[64];
+    snprintf(name, sizeof name, "dit.block.%s", b->name);
+    zi_dump(name, 2, (const int64_t[]){ sg->len[0], m->c.dim }, x + (int64_t)sg->off[0] * m->c.dim);
+}
+
+/* ---------------------------------------------------------------- embedders */
+/* The timestep sinusoid e [t_freq] = [cos(s·f), sin(s·f)], s = t·t_scale,
+ * f_k = exp(−ln(10000)·k / half), all in float32 as torch computes it. */
+static void t_sinusoid(const zi_dit *m, float t, float *e) {
+    int half = m->t_freq / 2;
+    const float neg_log_period = (float)-log(T_MAX_PERIOD);
+    float s = t * m->c.t_scale;
+    for (int k = 0; k < half; k++) {
+        float f = expf(neg_log_period * (float)k / (float)half);
+        e[k] = cosf(s * f);
+        e[half + k] = sinf(s * f);
+    }
+}
+
+/* Timestep embedder: temb[b] = mlp.2(SiLU(mlp.0(sinusoid(t[b])))).  -> temb [B, A] */
+static void t_embed(const zi_dit *m, int B, const float *t, float *temb) {
+    int mid = (int)m->t_mlp0.W.rows;
+    float *e = zi_malloc((size_t)B * m->t_freq * sizeof(float));
+    float *hmid = zi_malloc((size_t)B * mid * sizeof(float));
+    for (int b = 0; b < B; b++) t_sinusoid(m, t[b], e + (int64_t)b * m->t_freq);
+    zi_lin_forward(&m->t_mlp0, e, B, hmid);
+    zi_silu(hmid, hmid, (int64_t)B * mid);
+    zi_lin_forward(&m->t_mlp2, hmid, B, temb);
+    free(e);
+    free(hmid);
+}
+
+/* Backward of t_embed (B = 1): dtemb [A] -> the timestep MLP's adapters. */
+static void t_embed_backward(const zi_dit *m, float t, const float *dtemb) {
+    int mid = (int)m->t_mlp0.W.rows;
+    float *e = zi_malloc((size_t)m->t_freq * sizeof(float));
+    float *hmid = zi_malloc((size_t)mid * sizeof(float)), *smid = zi_malloc((size_t)mid * sizeof(float));
+    float *dmid = zi_malloc((size_t)mid * sizeof(float));
+    t_sinusoid(m, t, e);
+    zi_lin_forward(&m->t_mlp0, e, 1, hmid);
+    zi_silu(smid, hmid, mid);
+    zi_lin_backward(&m->t_mlp2, smid, dtemb, 1, dmid);
+    zi_silu_backward(dmid, dmid, hmid, mid);
+    zi_lin_backward(&m->t_mlp0, e, dmid, 1, NULL);
+    free(e); free(hmid); free(smid); free(dmid);
+}
+
+/* Patch vector of token (i, j): vec[(ph·p + pw)·C + c] = x[c, 0, i·p + ph, j·p + pw]
+ * (channel fastest; the frame patch is 1).  x [C, 1, h, w] -> P [Ht·Wt, p·p·C] */
+static void patchify(float *P, const float *x, int C, int h, int w, int p) {
+    int Ht = h / p, Wt = w / p;
+    for (int i = 0; i < Ht; i++)
+        for (int j = 0; j < Wt; j++)
+            for (int ph = 0; ph < p; ph++)
+                for (int pw = 0; pw < p; pw++)
+                    for (int c = 0; c < C; c++)
+                        P[((int64_t)(i * Wt + j) * p * p + ph * p + pw) * C + c] =
+                            x[((int64_t)c * h + i * p + ph) * w + j * p + pw];
+}
+
+/* The inverse: Y [Ht·Wt, p·p·C] -> out [C, 1, h, w]. */
+static void unpatchify(float *out, const float *Y, int C, int h, int w, int p) {
+    int Ht = h / p, Wt = w / p;
+    for (int i = 0; i < Ht; i++)
+        for (int j = 0; j < Wt; j++)
+            for (int ph = 0; ph < p; ph++)
+                for (int pw = 0; pw < p; pw++)
+                    for (int c = 0; c < C; c++)
+                        out[((int64_t)c * h + i * p + ph) * w + j * p + pw] =
+                            Y[((int64_t)(i * Wt + j) * p * p + ph * p + pw) * C + c];
+}
+
+/* Per-token RoPE rows: cos_/sin_ [S, hd/2] = the three axes' table rows of the token's
+ * position ids (pos [S, 3]), concatenated. */
+static void rope_rows(const zi_dit *m, const int *pos, int S, float *cos_, float *sin_) {
+    int hh = m->c.head_dim / 2;
+    for (int r = 0; r < S; r++) {
+        int at = 0;
+        for (int a = 0; a < 3; a++) {
+            int half = m->c.axes_dims[a] / 2;
+            size_t src = (size_t)pos[r * 3 + a] * half;
+            memcpy(cos_ + (size_t)r * hh + at, m->rope_cos[a] + src, half * sizeof(float));
+            memcpy(sin_ + (size_t)r * hh + at, m->rope_sin[a] + src, half * sizeof(float));
+            at += half;
+        }
+    }
+}
+
+static int round_up(int n, int k) { return (n + k - 1) / k * k; }
+
+/* ---------------------------------------------------------------- forward and backward */
 /* Checks the inputs, then fills the three stages' segments: image (Ni rounded up to 32),
  * caption (L rounded up to 32), unified (image then caption). */
 static int plan(const zi_dit *m, int B, const float *const *x, const int *h, const int *w, const float *t,
@@ -687,6 +852,16 @@ static void embed_image(const zi_dit *m, int B, const float *const *x, const int
     free(P);
 }
 
+/* Backward of embed_image (B = 1): dX [Sx, D] -> the x_embedder's adapters. The pad rows hold
+ * x_pad_token, a constant here: only the Ni real rows reach the embedder. */
+static void embed_image_backward(const zi_dit *m, const dit_train *tr, const float *dX) {
+    int p = m->c.patch, Ni = (tr->h / p) * (tr->w / p), pdim = (int)m->x_emb.W.cols;
+    float *P = zi_malloc((size_t)Ni * pdim * sizeof(float));
+    patchify(P, tr->x, m->c.in_channels, tr->h, tr->w, p);
+    zi_lin_backward(&m->x_emb, P, dX, Ni, NULL);
+    free(P);
+}
+
 /* Caption tokens: Cc [Sc, D] = cap_embedder.1(RMSNorm(cap)), pad rows = cap_pad_token;
  * position ids (k + 1, 0, 0) for every row k, pads included. */
 static void embed_caption(const zi_dit *m, int B, const float *const *cap, const int *L, const segs *sc, float *Cc,
@@ -706,6 +881,16 @@ static void embed_caption(const zi_dit *m, int B, const float *const *cap, const
     for (int b = 0; b < B; b++)
         for (int k = L[b]; k < sc->len[b]; k++)
             memcpy(Cc + (int64_t)(sc->off[b] + k) * D, m->cap_pad, D * sizeof(float));
+    free(Cin);
+}
+
+/* Backward of embed_caption (B = 1): dC [Sc, D] -> cap_embedder.1's adapters (the RMSNorm
+ * before it has no trainable part; pad rows are cap_pad_token). */
+static void embed_caption_backward(const zi_dit *m, const dit_train *tr, const float *dC) {
+    int cd = m->c.cap_feat_dim;
+    float *Cin = zi_malloc((size_t)tr->L * cd * sizeof(float));
+    zi_rmsnorm(Cin, tr->cap, m->cap_norm, tr->L, cd, m->c.norm_eps);
+    zi_lin_backward(&m->cap_lin, Cin, dC, tr->L, NULL);
     free(Cin);
 }
 
@@ -730,6 +915,38 @@ static void final_forward(const zi_dit *m, const float *U, const segs *su, const
     free(G); free(Gn); free(st); free(scale);
 }
 
+/* Backward of final_forward (B = 1): dout [C, 1, h, w] -> dU [Su, D] (image rows, added) and
+ * dtemb [A] (added). The layer's forward is recomputed from U and temb. */
+static void final_backward(const zi_dit *m, const dit_train *tr, const float *dout, float *dU, float *dtemb) {
+    const zi_dit_cfg *c = &m->c;
+    int D = c->dim, A = c->adaln_dim, p = c->patch, pdim = (int)m->final_lin.W.rows;
+    int Ni = (tr->h / p) * (tr->w / p);
+    segs sy = segs_new(1);
+    sy.len[0] = Ni;
+    float *Gn = zi_malloc((size_t)Ni * D * sizeof(float)), *Gm = zi_malloc((size_t)Ni * D * sizeof(float));
+    float *dG = zi_malloc((size_t)Ni * D * sizeof(float));
+    float *st = zi_malloc((size_t)A * sizeof(float)), *dst = zi_malloc((size_t)A * sizeof(float));
+    float *scale = zi_malloc((size_t)D * sizeof(float)), *dscale = zi_calloc(D, sizeof(float));
+    float *dY = zi_malloc((size_t)Ni * pdim * sizeof(float));
+    /* recompute: Gm = LayerNorm(U[:Ni]) ⊙ scale, scale = 1 + adaLN_modulation.1(SiLU(temb)) */
+    zi_layernorm(Gn, tr->U, NULL, NULL, Ni, D, FINAL_LN_EPS);
+    zi_silu(st, tr->temb, A);
+    zi_lin_forward(&m->final_ada, st, 1, scale);
+    for (int d = 0; d < D; d++) scale[d] = 1.0f + scale[d];
+    memcpy(Gm, Gn, (size_t)Ni * D * sizeof(float));
+    mul_rows(Gm, &sy, D, scale, D);
+    /* out = unpatchify(Y): the gradient of Y is dout patchified */
+    patchify(dY, dout, c->in_channels, tr->h, tr->w, p);
+    zi_lin_backward(&m->final_lin, Gm, dY, Ni, dG);                /* dG = dGm */
+    mul_rows_backward(dG, dscale, dG, Gn, &sy, D, scale, D);        /* dG = dGn */
+    zi_layernorm_backward(dU, dG, tr->U, NULL, Ni, D, FINAL_LN_EPS);
+    zi_lin_backward(&m->final_ada, st, dscale, 1, dst);
+    zi_silu_backward(dst, dst, tr->temb, A);
+    for (int i = 0; i < A; i++) dtemb[i] += dst[i];
+    free(Gn); free(Gm); free(dG); free(st); free(dst); free(scale); free(dscale); free(dY);
+    segs_free(&sy);
+}
+
 /* A stage: the blocks in order over the packed sequence x, with RoPE rows from pos.
  * keep (training, B = 1): receives the RoPE rows, each block's input and, without gradient
  * checkpointing, its activations. */
@@ -752,6 +969,38 @@ static void run_stage(const zi_dit *m, const dit_block *blocks, int n, float *x,
         free(cos_);
         free(sin_);
     }
+}
+
+/* A stage in reverse: dx [S, D] = dL/d(stage output) -> dL/d(stage input). With gradient
+ * checkpointing each block's forward runs again from its saved input first. Each block's
+ * saved activations are freed after its backward. */
+static void stage_backward(const zi_dit *m, const dit_block *blocks, int n, stage_saved *st, float *dx,
+                           const float *temb, float *dtemb) {
+    int S = st->S, D = m->c.dim;
+    block_grads w;
+    grads_alloc(&w, S, D, m->ffn_max, m->c.adaln_dim);
+    block_acts a;
+    float *xr = NULL;
+    if (m->tr->ckpt) {
+        acts_alloc(&a, 1, S, D, m->ffn_max, m->c.n_heads);
+        xr = zi_malloc((size_t)S * D * sizeof(float));
+    }
+    for (int i = n - 1; i >= 0; i--) {
+        block_saved *v = &st->blk[i], re = *v;
+        if (m->tr->ckpt) {
+            memcpy(xr, v->x, (size_t)S * D * sizeof(float));
+            block_forward(m, &blocks[i], xr, &st->sg, temb, st->cos_, st->sin_, &a);
+            re = (block_saved){ v->x, blocks[i].modulated ? a.mod : NULL, a.q0, a.k0, a.v, a.o, a.ao, a.f,
+                                a.h1, a.h3, a.lse };
+        }
+        block_backward(m, &blocks[i], &re, &st->sg, st->cos_, st->sin_, temb, dx, dtemb, &w);
+        saved_free(v);
+    }
+    if (m->tr->ckpt) {
+        acts_free(&a);
+        free(xr);
+    }
+    grads_free(&w);
 }
 
 int zi_dit_forward(const zi_dit *m, int B, const float *const *x, const int *h, const int *w, const float *t,
@@ -814,251 +1063,6 @@ int zi_dit_forward(const zi_dit *m, int B, const float *const *x, const int *h, 
     else { free(U); free(temb); }
     segs_free(&sx); segs_free(&sc); segs_free(&su); segs_free(&sy);
     return 0;
-}
-
-/* ---------------------------------------------------------------- backward
- * zi_dit_backward walks the forward in reverse, llm.c style: each x_backward below sits
- * beside what it inverts in spirit and takes d(output) to d(input), ACCUMULATING into the
- * input's gradient where the forward's input fed several consumers (the residual stream,
- * temb). Only LoRA adapters get parameter gradients (through zi_lin_backward); the gradient
- * still flows through every frozen weight. B = 1: one segment per stage. */
-
-/* Backward of y = u ⊙ v row by row (mul_rows, v_s = vec + s·stride; no vec: y = u):
- * du = dy ⊙ v_s (du may alias dy), dvec_s += Σ_rows dy ⊙ u, summed over rows in order. */
-static void mul_rows_backward(float *du, float *dvec, const float *dy, const float *u, const segs *sg, int D,
-                              const float *vec, int64_t stride) {
-    int64_t n = (int64_t)segs_rows(sg) * D;
-    if (!vec) {
-        if (du != dy) memcpy(du, dy, n * sizeof(float));
-        return;
-    }
-    for (int s = 0; s < sg->n; s++)
-        for (int r = sg->off[s]; r < sg->off[s] + sg->len[s]; r++)
-            for (int d = 0; d < D; d++) {
-                int64_t i = (int64_t)r * D + d;
-                dvec[s * stride + d] += dy[i] * u[i];
-                du[i] = dy[i] * vec[s * stride + d];
-            }
-}
-
-/* Scratch of one block's backward over S rows: recomputed activations and gradients. */
-typedef struct {
-    float *an, *x1, *fn0, *fn, *xn0, *xn, *q, *k;   /* [S, D] recomputed */
-    float *d0, *d1, *d2, *dq, *dk, *dv;             /* [S, D] gradients */
-    float *g, *dg, *dh3;                            /* [S, F] */
-    float *dmod;                                    /* [4D] */
-    float *dtemb;                                   /* [A] */
-} block_grads;
-
-static void grads_alloc(block_grads *w, int S, int D, int F, int A) {
-    size_t sd = (size_t)S * D * sizeof(float), sf = (size_t)S * F * sizeof(float);
-    float **d[] = { &w->an, &w->x1, &w->fn0, &w->fn, &w->xn0, &w->xn, &w->q, &w->k,
-                    &w->d0, &w->d1, &w->d2, &w->dq, &w->dk, &w->dv };
-    for (size_t i = 0; i < sizeof d / sizeof d[0]; i++) *d[i] = zi_malloc(sd);
-    w->g = zi_malloc(sf); w->dg = zi_malloc(sf); w->dh3 = zi_malloc(sf);
-    w->dmod = zi_malloc(4 * (size_t)D * sizeof(float));
-    w->dtemb = zi_malloc((size_t)A * sizeof(float));
-}
-
-static void grads_free(block_grads *w) {
-    float *p[] = { w->an, w->x1, w->fn0, w->fn, w->xn0, w->xn, w->q, w->k, w->d0, w->d1, w->d2,
-                   w->dq, w->dk, w->dv, w->g, w->dg, w->dh3, w->dmod, w->dtemb };
-    for (size_t i = 0; i < sizeof p / sizeof p[0]; i++) free(p[i]);
-}
-
-/* The FFN half, x2 = x1 + g2 ⊙ ffn_norm2(w2(silu(w1 fn) ⊙ w3 fn)), fn = ffn_norm1(x1) ⊙ ms2:
- * dx [S, D] holds dL/dx2 on entry and dL/dx1 on return. */
-static void ffn_backward(const zi_dit *m, const dit_block *b, const block_saved *v, const segs *sg,
-                         const float *mod, float *dx, block_grads *w) {
-    int S = segs_rows(sg), D = m->c.dim;
-    int64_t nd = (int64_t)S * D, nf = (int64_t)S * b->ffn;
-    float eps = m->c.norm_eps;
-    /* fo = ffn_norm2(f); dfo = dx2 ⊙ g2, dg2 += Σ dx2 ⊙ fo */
-    zi_rmsnorm(w->d1, v->f, b->ffn_norm2, S, D, eps);
-    mul_rows_backward(w->d0, w->dmod + 3 * D, dx, w->d1, sg, D, mod ? mod + 3 * D : NULL, 4 * D);
-    memset(w->d1, 0, nd * sizeof(float));
-    zi_rmsnorm_backward(w->d1, w->d0, v->f, b->ffn_norm2, S, D, eps);          /* d1 = df */
-    /* f = w2(g), g = silu(h1) ⊙ h3 */
-    zi_silu_mul(w->g, v->h1, v->h3, nf);
-    zi_lin_backward(&b->w2, w->g, w->d1, S, w->dg);                              /* dg */
-    zi_silu_mul_backward(w->dg, w->dh3, w->dg, v->h1, v->h3, nf);               /* dg = dh1 */
-    /* h1 = w1(fn), h3 = w3(fn), fn = ffn_norm1(x1) ⊙ ms2 */
-    zi_rmsnorm(w->fn0, w->x1, b->ffn_norm1, S, D, eps);
-    memcpy(w->fn, w->fn0, nd * sizeof(float));
-    if (mod) mul_rows(w->fn, sg, D, mod + 2 * D, 4 * D);
-    zi_lin_backward(&b->w1, w->fn, w->dg, S, w->d0);
-    zi_lin_backward(&b->w3, w->fn, w->dh3, S, w->d1);
-    zi_add(w->d0, w->d0, w->d1, nd);                                             /* d0 = dfn */
-    mul_rows_backward(w->d0, w->dmod + 2 * D, w->d0, w->fn0, sg, D, mod ? mod + 2 * D : NULL, 4 * D);
-    zi_rmsnorm_backward(dx, w->d0, w->x1, b->ffn_norm1, S, D, eps);              /* dx += */
-}
-
-/* The attention half, x1 = x + g1 ⊙ attention_norm2(to_out(attn(q, k, v))), with q, k, v
- * from xn = attention_norm1(x) ⊙ ms: dx holds dL/dx1 on entry and dL/dx on return. */
-static void attention_backward(const zi_dit *m, const dit_block *b, const block_saved *v, const segs *sg,
-                               const float *cos_, const float *sin_, const float *mod, float *dx,
-                               block_grads *w) {
-    int S = segs_rows(sg), D = m->c.dim, H = m->c.n_heads, hd = m->c.head_dim;
-    int64_t nd = (int64_t)S * D;
-    float eps = m->c.norm_eps;
-    /* an = attention_norm2(ao) (recomputed by block_backward); dan = dx1 ⊙ g1, dg1 += Σ dx1 ⊙ an */
-    mul_rows_backward(w->d0, w->dmod + D, dx, w->an, sg, D, mod ? mod + D : NULL, 4 * D);
-    memset(w->d1, 0, nd * sizeof(float));
-    zi_rmsnorm_backward(w->d1, w->d0, v->ao, b->attn_norm2, S, D, eps);         /* d1 = dao */
-    zi_lin_backward(&b->to_out, v->o, w->d1, S, w->d0);                          /* d0 = do */
-    /* softmax(q kᵀ / sqrt(hd)) v per segment, with q, k as the attention saw them */
-    qk_norm_rope(m, b, S, cos_, sin_, v->q0, v->k0, w->q, w->k);
-    float scale = 1.0f / sqrtf((float)hd);
-    for (int s = 0; s < sg->n; s++) {
-        int64_t o = (int64_t)sg->off[s] * D;
-        zi_attention_backward(w->dq + o, w->dk + o, w->dv + o, w->q + o, w->k + o, v->v + o, v->o + o,
-                              w->d0 + o, v->lse + (int64_t)sg->off[s] * H, D, sg->len[s], sg->len[s], H, hd, scale);
-    }
-    zi_rope_interleaved_backward(w->dq, D, S, H, hd, cos_, sin_);
-    zi_rope_interleaved_backward(w->dk, D, S, H, hd, cos_, sin_);
-    float *dq0 = w->dq, *dk0 = w->dk;       /* gradients of to_q(xn), to_k(xn) */
-    if (b->norm_q) {
-        memset(w->d1, 0, nd * sizeof(float));
-        memset(w->d2, 0, nd * sizeof(float));
-        zi_rmsnorm_backward(w->d1, w->dq, v->q0, b->norm_q, (int64_t)S * H, hd, QK_NORM_EPS);
-        zi_rmsnorm_backward(w->d2, w->dk, v->k0, b->norm_k, (int64_t)S * H, hd, QK_NORM_EPS);
-        dq0 = w->d1;
-        dk0 = w->d2;
-    }
-    /* q0, k0, v = to_q/k/v(xn), xn = attention_norm1(x) ⊙ ms */
-    zi_rmsnorm(w->xn0, v->x, b->attn_norm1, S, D, eps);
-    memcpy(w->xn, w->xn0, nd * sizeof(float));
-    if (mod) mul_rows(w->xn, sg, D, mod, 4 * D);
-    zi_lin_backward(&b->to_v, w->xn, w->dv, S, w->d0);
-    zi_lin_backward(&b->to_q, w->xn, dq0, S, w->dv);
-    zi_add(w->d0, w->d0, w->dv, nd);
-    zi_lin_backward(&b->to_k, w->xn, dk0, S, w->dv);
-    zi_add(w->d0, w->d0, w->dv, nd);                                             /* d0 = dxn */
-    mul_rows_backward(w->d0, w->dmod, w->d0, w->xn0, sg, D, mod, 4 * D);
-    zi_rmsnorm_backward(dx, w->d0, v->x, b->attn_norm1, S, D, eps);              /* dx += */
-}
-
-/* Backward of block_forward: dx [S, D] holds dL/d(block output) on entry and dL/d(block
- * input) on return; for modulated blocks dtemb [A] += dL/dtemb through adaLN_modulation. */
-static void block_backward(const zi_dit *m, const dit_block *b, const block_saved *v, const segs *sg,
-                           const float *cos_, const float *sin_, const float *temb, float *dx, float *dtemb,
-                           block_grads *w) {
-    int S = segs_rows(sg), D = m->c.dim, A = m->c.adaln_dim;
-    const float *mod = b->modulated ? v->mod : NULL;
-    memset(w->dmod, 0, 4 * (size_t)D * sizeof(float));
-    /* the residual stream between the halves: x1 = x + g1 ⊙ attention_norm2(ao) */
-    zi_rmsnorm(w->an, v->ao, b->attn_norm2, S, D, m->c.norm_eps);
-    memcpy(w->x1, v->x, (size_t)S * D * sizeof(float));
-    add_rows(w->x1, w->an, sg, D, mod ? mod + D : NULL, 4 * D);
-    ffn_backward(m, b, v, sg, mod, dx, w);
-    attention_backward(m, b, v, sg, cos_, sin_, mod, dx, w);
-    if (!mod) return;
-    /* mod = [1 + s_msa | tanh(g_msa) | 1 + s_mlp | tanh(g_mlp)]: tanh' = 1 − tanh² */
-    for (int d = 0; d < D; d++) {
-        w->dmod[D + d] *= 1.0f - mod[D + d] * mod[D + d];
-        w->dmod[3 * D + d] *= 1.0f - mod[3 * D + d] * mod[3 * D + d];
-    }
-    zi_lin_backward(&b->ada, temb, w->dmod, 1, w->dtemb);
-    for (int i = 0; i < A; i++) dtemb[i] += w->dtemb[i];
-}
-
-/* A stage in reverse: dx [S, D] = dL/d(stage output) -> dL/d(stage input). With gradient
- * checkpointing each block's forward runs again from its saved input first. Each block's
- * saved activations are freed after its backward. */
-static void stage_backward(const zi_dit *m, const dit_block *blocks, int n, stage_saved *st, float *dx,
-                           const float *temb, float *dtemb) {
-    int S = st->S, D = m->c.dim;
-    block_grads w;
-    grads_alloc(&w, S, D, m->ffn_max, m->c.adaln_dim);
-    block_acts a;
-    float *xr = NULL;
-    if (m->tr->ckpt) {
-        acts_alloc(&a, 1, S, D, m->ffn_max, m->c.n_heads);
-        xr = zi_malloc((size_t)S * D * sizeof(float));
-    }
-    for (int i = n - 1; i >= 0; i--) {
-        block_saved *v = &st->blk[i], re = *v;
-        if (m->tr->ckpt) {
-            memcpy(xr, v->x, (size_t)S * D * sizeof(float));
-            block_forward(m, &blocks[i], xr, &st->sg, temb, st->cos_, st->sin_, &a);
-            re = (block_saved){ v->x, blocks[i].modulated ? a.mod : NULL, a.q0, a.k0, a.v, a.o, a.ao, a.f,
-                                a.h1, a.h3, a.lse };
-        }
-        block_backward(m, &blocks[i], &re, &st->sg, st->cos_, st->sin_, temb, dx, dtemb, &w);
-        saved_free(v);
-    }
-    if (m->tr->ckpt) {
-        acts_free(&a);
-        free(xr);
-    }
-    grads_free(&w);
-}
-
-/* Backward of final_forward (B = 1): dout [C, 1, h, w] -> dU [Su, D] (image rows, added) and
- * dtemb [A] (added). The layer's forward is recomputed from U and temb. */
-static void final_backward(const zi_dit *m, const dit_train *tr, const float *dout, float *dU, float *dtemb) {
-    const zi_dit_cfg *c = &m->c;
-    int D = c->dim, A = c->adaln_dim, p = c->patch, pdim = (int)m->final_lin.W.rows;
-    int Ni = (tr->h / p) * (tr->w / p);
-    segs sy = segs_new(1);
-    sy.len[0] = Ni;
-    float *Gn = zi_malloc((size_t)Ni * D * sizeof(float)), *Gm = zi_malloc((size_t)Ni * D * sizeof(float));
-    float *dG = zi_malloc((size_t)Ni * D * sizeof(float));
-    float *st = zi_malloc((size_t)A * sizeof(float)), *dst = zi_malloc((size_t)A * sizeof(float));
-    float *scale = zi_malloc((size_t)D * sizeof(float)), *dscale = zi_calloc(D, sizeof(float));
-    float *dY = zi_malloc((size_t)Ni * pdim * sizeof(float));
-    /* recompute: Gm = LayerNorm(U[:Ni]) ⊙ scale, scale = 1 + adaLN_modulation.1(SiLU(temb)) */
-    zi_layernorm(Gn, tr->U, NULL, NULL, Ni, D, FINAL_LN_EPS);
-    zi_silu(st, tr->temb, A);
-    zi_lin_forward(&m->final_ada, st, 1, scale);
-    for (int d = 0; d < D; d++) scale[d] = 1.0f + scale[d];
-    memcpy(Gm, Gn, (size_t)Ni * D * sizeof(float));
-    mul_rows(Gm, &sy, D, scale, D);
-    /* out = unpatchify(Y): the gradient of Y is dout patchified */
-    patchify(dY, dout, c->in_channels, tr->h, tr->w, p);
-    zi_lin_backward(&m->final_lin, Gm, dY, Ni, dG);                /* dG = dGm */
-    mul_rows_backward(dG, dscale, dG, Gn, &sy, D, scale, D);        /* dG = dGn */
-    zi_layernorm_backward(dU, dG, tr->U, NULL, Ni, D, FINAL_LN_EPS);
-    zi_lin_backward(&m->final_ada, st, dscale, 1, dst);
-    zi_silu_backward(dst, dst, tr->temb, A);
-    for (int i = 0; i < A; i++) dtemb[i] += dst[i];
-    free(Gn); free(Gm); free(dG); free(st); free(dst); free(scale); free(dscale); free(dY);
-    segs_free(&sy);
-}
-
-/* Backward of embed_image (B = 1): dX [Sx, D] -> the x_embedder's adapters. The pad rows hold
- * x_pad_token, a constant here: only the Ni real rows reach the embedder. */
-static void embed_image_backward(const zi_dit *m, const dit_train *tr, const float *dX) {
-    int p = m->c.patch, Ni = (tr->h / p) * (tr->w / p), pdim = (int)m->x_emb.W.cols;
-    float *P = zi_malloc((size_t)Ni * pdim * sizeof(float));
-    patchify(P, tr->x, m->c.in_channels, tr->h, tr->w, p);
-    zi_lin_backward(&m->x_emb, P, dX, Ni, NULL);
-    free(P);
-}
-
-/* Backward of embed_caption (B = 1): dC [Sc, D] -> cap_embedder.1's adapters (the RMSNorm
- * before it has no trainable part; pad rows are cap_pad_token). */
-static void embed_caption_backward(const zi_dit *m, const dit_train *tr, const float *dC) {
-    int cd = m->c.cap_feat_dim;
-    float *Cin = zi_malloc((size_t)tr->L * cd * sizeof(float));
-    zi_rmsnorm(Cin, tr->cap, m->cap_norm, tr->L, cd, m->c.norm_eps);
-    zi_lin_backward(&m->cap_lin, Cin, dC, tr->L, NULL);
-    free(Cin);
-}
-
-/* Backward of t_embed (B = 1): dtemb [A] -> the timestep MLP's adapters. */
-static void t_embed_backward(const zi_dit *m, float t, const float *dtemb) {
-    int mid = (int)m->t_mlp0.W.rows;
-    float *e = zi_malloc((size_t)m->t_freq * sizeof(float));
-    float *hmid = zi_malloc((size_t)mid * sizeof(float)), *smid = zi_malloc((size_t)mid * sizeof(float));
-    float *dmid = zi_malloc((size_t)mid * sizeof(float));
-    t_sinusoid(m, t, e);
-    zi_lin_forward(&m->t_mlp0, e, 1, hmid);
-    zi_silu(smid, hmid, mid);
-    zi_lin_backward(&m->t_mlp2, smid, dtemb, 1, dmid);
-    zi_silu_backward(dmid, dmid, hmid, mid);
-    zi_lin_backward(&m->t_mlp0, e, dmid, 1, NULL);
-    free(e); free(hmid); free(smid); free(dmid);
 }
 
 int zi_dit_backward(zi_dit *m, const float *dout) {
