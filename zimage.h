@@ -61,7 +61,21 @@ char *zi_tok_decode(const zi_tokenizer *t, const int32_t *ids, int n, size_t *le
 int zi_tok_n_ids(const zi_tokenizer *t);        /* 1 + the largest id */
 
 
-/* ================================================================ qwen3.c */
+/* ================================================================ qwen3.c
+ * The Qwen3 text encoder as Z-Image uses it: token embeddings, then the first
+ * num_hidden_layers - 1 decoder layers; the result is HF's hidden_states[-2] (no final norm).
+ * te_dir: the text_encoder directory (config.json + safetensors, sharded or not). Weights stay
+ * in the mmap'd checkpoint; zi_te_free() unmaps them so the DiT can use the memory. */
+typedef struct zi_te zi_te;
+zi_te *zi_te_load(const char *te_dir);
+/* ids [L] -> malloc'd [L, zi_te_dim(te)] float32; NULL (error set) on an id out of range.
+ * While a dump is active, records te.hidden.K (K = 0: embeddings, K = layers run). */
+float *zi_te_encode(zi_te *te, const int32_t *ids, int L);
+int zi_te_dim(const zi_te *te);
+/* The Linear layers, for LoRA: i = 0 .. count-1 (names as "layers.N.self_attn.q_proj"),
+ * NULL past the end. */
+zi_lin *zi_te_lin(zi_te *te, int i);
+void zi_te_free(zi_te *te);
 
 
 /* ================================================================ dit.c
