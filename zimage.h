@@ -304,6 +304,7 @@ typedef struct {
     int n_lora;
     const char *const *lora_files;
     const float *lora_strengths;
+    int lora_merge;         /* merge LoRAs into (copies of) the weights instead of run-time adapters */
     const char *dump;       /* write every intermediate here, or NULL */
     int quiet;              /* no progress on stderr */
 } zi_params;
@@ -311,7 +312,7 @@ typedef struct {
 zi_params zi_params_default(void);  /* the Turbo defaults: 1024², 8 steps, cfg 1, euler */
 /* Runs the pipeline; returns the image [3, H, W] in [0, 1] (malloc'd) or NULL. */
 float *zi_generate(const char *model_dir, const zi_params *p);
-/* MODEL_DIR/transformer with p's LoRAs applied at run time (loras[p->n_lora] receives them;
+/* MODEL_DIR/transformer with p's LoRAs applied (loras[p->n_lora] receives them;
  * free them with zi_lora_free, last first, before zi_dit_free). NULL on error. */
 zi_dit *zi_load_dit(const char *model_dir, const zi_params *p, zi_lora **loras);
 /* zi_generate, then a PNG at path with the settings in its "parameters" text chunk. */
