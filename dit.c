@@ -56,7 +56,7 @@ struct zi_dit {
     zi_lin final_ada;               /* all_final_layer.{p}-{pf}.adaLN_modulation.1: [D, A] */
     zi_lin final_lin;               /* all_final_layer.{p}-{pf}.linear: [pf·p·p·C, D] */
     float *rope_cos[3], *rope_sin[3];   /* axis a: [axes_lens[a], axes_dims[a] / 2] */
-    zi_lin **lins;                  /* every Linear, in checkpoint order of modules */
+    zi_lin **lins;                  /* every Linear, in load order */
     int nlin;
 };
 
@@ -166,7 +166,8 @@ static int read_config(zi_dit *m, const char *dir) {
     c->qk_norm = zj_bool(cfg, "qk_norm", 1);
     if (c->patch < 1 || c->patch > 64 || c->f_patch != 1 || c->in_channels < 1 || c->in_channels > 1 << 16 ||
         c->dim < 1 || c->n_heads < 1 ||
-        c->dim % c->n_heads || c->n_layers < 0 || c->n_refiner_layers < 0 || c->cap_feat_dim < 1 ||
+        c->dim % c->n_heads || c->n_layers < 0 || c->n_layers > 4096 || c->n_refiner_layers < 0 ||
+        c->n_refiner_layers > 4096 || c->cap_feat_dim < 1 ||
         !(c->norm_eps > 0) || !(c->rope_theta > 0)) {
         zi_seterr("%s: bad sizes (patch %d, f_patch %d (must be 1), in_channels %d, dim %d, n_heads %d)", path,
                   c->patch, c->f_patch, c->in_channels, c->dim, c->n_heads);
