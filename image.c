@@ -949,8 +949,8 @@ int zi_png_decode(const uint8_t *buf, size_t n, zi_image *out) {
 }
 
 /* ================================================================ JPEG
- * Baseline and progressive Huffman JPEG (ITU T.81), 8-bit, gray or three components, any
- * integral sampling factors. Reproduces libjpeg(-turbo) with its default settings (PIL's
+ * Baseline and progressive Huffman JPEG (ITU T.81), 8-bit, gray, three components (YCbCr or
+ * RGB) or Adobe CMYK, any integral sampling factors. Reproduces libjpeg(-turbo) with its default settings (PIL's
  * decoder): the "islow" integer IDCT (jidctint.c), "fancy" triangular upsampling for 2x1,
  * 1x2 and 2x2 subsampled chroma (jdsample.c, box replication otherwise), its fixed-point
  * YCbCr->RGB tables (jdcolor.c) and its colour-space guess. All coefficients are decoded
@@ -992,7 +992,7 @@ typedef struct {
     /* frame */
     int w, h, ncomp, progressive, hmax, vmax, mcux, mcuy, restart;
     int jfif, adobe, adobe_transform;
-    jcomp comp[3];
+    jcomp comp[4];
     uint16_t qt[4][64];
     int qt_defined[4];
     jhuff huff[8];              /* 0-3: DC tables, 4-7: AC tables */
@@ -1100,7 +1100,7 @@ static void jpeg_sof(jdec *d, const uint8_t *s, size_t len, int marker) {
     d->progressive = marker == 0xC2;
     if (d->w == 0 || d->h == 0) { d->err = "zero image size (DNL is not supported)"; return; }
     if ((uint64_t)d->w * d->h > (1ull << 28)) { d->err = "image too large"; return; }
-    if (nc != 1 && nc != 3) { d->err = "only gray and 3-component JPEG are supported"; return; }
+    if (nc != 1 && nc != 3 && nc != 4) { d->err = "only 1, 3 or 4-component JPEG is supported"; return; }
     if (len < 6 + 3 * (size_t)nc) { d->err = "bad SOF"; return; }
     d->hmax = d->vmax = 1;
     for (int i = 0; i < nc; i++) {
@@ -1227,7 +1227,7 @@ static void jpeg_sos(jdec *d, const uint8_t *s, size_t len) {
     if (!d->ncomp) { d->err = "scan before frame header"; return; }
     int ns = len ? s[0] : 0;
     if (ns < 1 || ns > d->ncomp || len != 4 + 2 * (size_t)ns) { d->err = "bad SOS"; return; }
-    jcomp *sc[3];
+    jcomp *sc[4];
     for (int i = 0; i < ns; i++) {
         int id = s[1 + 2 * i], tables = s[2 + 2 * i];
         sc[i] = NULL;
@@ -1400,6 +1400,20 @@ static int jpeg_is_rgb(const jdec *d) {
     return d->comp[0].id == 'R' && d->comp[1].id == 'G' && d->comp[2].id == 'B';
 }
 
+/* CMYK planes (c, m, y, k rows of n samples) -> RGB as PIL does it: its JPEG reader assumes
+ * Adobe's inverted CMYK ("CMYK;I": 255 - v) and convert("RGB") computes
+ * r = nk - nk·c/255 with nk = 255 - k (Convert.c cmyk2rgb, MULDIV255 rounding). With the
+ * inversion folded in, nk is the stored k and c is 255 - the stored c. */
+static void jpeg_cmyk_to_rgb(const uint8_t *rows, int n, uint8_t *rgb) {
+    for (int i = 0; i < n; i++) {
+        int nk = rows[3 * (size_t)n + i];
+        for (int k = 0; k < 3; k++) {
+            int t = (255 - rows[(size_t)k * n + i]) * nk + 128;
+            rgb[3 * i + k] = clamp255(nk - (((t >> 8) + t) >> 8));
+        }
+    }
+}
+
 static void jpeg_output(jdec *d, zi_image *out) {
     for (int i = 0; i < d->ncomp; i++) {
         jcomp *c = &d->comp[i];
@@ -1415,13 +1429,15 @@ static void jpeg_output(jdec *d, zi_image *out) {
     out->px = zi_malloc((size_t)d->w * d->h * 3);
     int maxcw = 0;
     for (int i = 0; i < d->ncomp; i++) if (d->comp[i].cw > maxcw) maxcw = d->comp[i].cw;
-    uint8_t *tmp = zi_malloc(2 * (size_t)maxcw + 2), *rows = zi_malloc((size_t)d->w * 3);
+    uint8_t *tmp = zi_malloc(2 * (size_t)maxcw + 2), *rows = zi_malloc((size_t)d->w * 4);
     int rgb = d->ncomp == 3 && jpeg_is_rgb(d);
     for (int y = 0; y < d->h; y++) {
         uint8_t *o = out->px + (size_t)y * d->w * 3;
         for (int i = 0; i < d->ncomp; i++) upsample_row(d, &d->comp[i], y, tmp, rows + (size_t)i * d->w);
         if (d->ncomp == 1)
             for (int x = 0; x < d->w; x++) o[3 * x] = o[3 * x + 1] = o[3 * x + 2] = rows[x];
+        else if (d->ncomp == 4)
+            jpeg_cmyk_to_rgb(rows, d->w, o);
         else if (rgb)
             for (int x = 0; x < d->w; x++)
                 for (int k = 0; k < 3; k++) o[3 * x + k] = rows[(size_t)k * d->w + x];
@@ -1470,8 +1486,9 @@ int zi_jpeg_decode(const uint8_t *buf, size_t n, zi_image *out) {
         /* other APPn, COM, DNL...: skipped */
     }
     if (!d->err && !seen_scan) d->err = "no image data";
+    if (!d->err && d->ncomp == 4 && d->adobe && d->adobe_transform == 2) d->err = "YCCK JPEG is not supported";
     if (!d->err) jpeg_output(d, out);
-    for (int i = 0; i < 3; i++) {
+    for (int i = 0; i < 4; i++) {
         free(d->comp[i].coef);
         free(d->comp[i].plane);
     }
