@@ -224,8 +224,8 @@ int zi_png_write_image(const char *path, const zi_image *im, const char *const *
 /* Decoders (from memory) and the loader (by content, PNG or JPEG): 0, or -1 with zi_err().
  * PNG: every colour type and bit depth, Adam7; 16-bit samples keep their high byte, except
  * 16-bit gray, which PIL clips to 255 (mode "I" to "RGB"): we do too.
- * JPEG: baseline and progressive Huffman, gray or 3 components, bit-exact with libjpeg's
- * default decoding (islow IDCT, fancy upsampling). */
+ * JPEG: baseline and progressive Huffman, gray, YCbCr/RGB or Adobe CMYK, bit-exact with
+ * PIL (libjpeg's default decoding: islow IDCT, fancy upsampling; PIL's CMYK to RGB). */
 int zi_png_decode(const uint8_t *buf, size_t n, zi_image *out);
 int zi_jpeg_decode(const uint8_t *buf, size_t n, zi_image *out);
 int zi_image_decode(const uint8_t *buf, size_t n, zi_image *out);
