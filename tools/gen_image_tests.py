@@ -14,6 +14,8 @@ JPEG (test/data/jpeg/): a synthetic picture encoded with libjpeg-turbo's cjpeg i
 modes; NAME.ppm is djpeg's decoding with its defaults (islow IDCT, fancy upsampling), i.e.
 what PIL returns. Needs cjpeg/djpeg (Debian: libjpeg-turbo-progs).
 
+CMYK JPEG (test/data/jpeg/cmyk*.jpg, needs PIL): written by PIL, expected = PIL's decoding.
+
 Resize (test/data/resize/, needs PIL): src.png and, per target TWxTH, DiffSynth's
 crop_and_resize of it made with PIL.
 
@@ -196,6 +198,23 @@ def gen_jpeg():
     os.remove(src)
 
 
+def gen_cmyk():
+    """Adobe CMYK JPEGs written by PIL (libjpeg, inverted CMYK, transform 0); expected: PIL's
+    convert("RGB") (cjpeg cannot write CMYK)"""
+    d = os.path.join(ROOT, "jpeg")
+    w, h = 61, 45
+    rng = random.Random(5)
+    px = bytearray(Image.frombytes("RGB", (w, h), bytes(picture(w, h))).convert("CMYK").tobytes())
+    for i in range(3, len(px), 4):               # PIL's RGB->CMYK leaves K = 0: add some black
+        px[i] = rng.randrange(120)
+    img = Image.frombytes("CMYK", (w, h), bytes(px))
+    for name, kw in (("cmyk", {}), ("cmykprog", {"progressive": True})):
+        path = os.path.join(d, name + ".jpg")
+        img.save(path, quality=90, **kw)
+        rgb = Image.open(path).convert("RGB")
+        open(os.path.join(d, name + ".ppm"), "wb").write(ppm(w, h, rgb.tobytes()))
+
+
 def gen_resize():
     """DiffSynth's ImageCropAndResize.crop_and_resize with PIL (torchvision's resize on a PIL
     image is Image.resize; its center_crop offsets are int(round((size - crop) / 2)))"""
@@ -216,6 +235,7 @@ if __name__ == "__main__":
     gen_png()
     gen_jpeg()
     if Image is not None:
+        gen_cmyk()
         gen_resize()
     else:
-        print("PIL not found: test/data/resize left as it is")
+        print("PIL not found: test/data/resize and the CMYK JPEGs left as they are")
