@@ -307,7 +307,8 @@ void zi_parallel_for(int64_t n, int64_t grain, zi_range_fn fn, void *ctx) {
 #endif
 
 /* Per-thread scratch buffers (64-byte aligned, grown on demand, freed at thread exit).
- * Slots: 0, 1 = the GEMM's packed panels, 2 = attention tiles, 3 = conv. */
+ * Slots: 0 = the GEMM's packed B panel, 1 = a packed A panel, 2 = attention tiles,
+ * 3 = zi_gemm's packed op(A) (of the calling thread). */
 enum { SCRATCH_SLOTS = 4 };
 typedef struct { float *p[SCRATCH_SLOTS]; size_t n[SCRATCH_SLOTS]; } scratch_set;
 static pthread_key_t scratch_key;
@@ -345,16 +346,18 @@ static float *scratch(int slot, size_t n) {
  * Determinism: every C element is summed over k in the same order (k = 0..K-1 within fixed
  * KC slices, slice results added to C in order) wherever its tile lands, so the result does
  * not depend on how M and N are split among threads. K is never split. */
+/* MR x NR: the register tile (MR·NR/lanes accumulators + NR/lanes B vectors + 1 A broadcast
+ * fit the register file). KC x NR of B stays in L1, MC x KC of A in L2 (BLIS's choices). */
 #if defined(__AVX512F__)
-enum { MR = 12, NR = 32 };
+enum { MR = 12, NR = 32, KC = 384, MC = 20 * MR };
 #elif defined(__AVX2__) && defined(__FMA__)
-enum { MR = 6, NR = 16 };
+enum { MR = 6, NR = 16, KC = 256, MC = 24 * MR };
 #elif defined(__ARM_NEON) && defined(__aarch64__)
-enum { MR = 8, NR = 12 };
+enum { MR = 8, NR = 12, KC = 256, MC = 16 * MR };
 #else
-enum { MR = 4, NR = 8 };
+enum { MR = 4, NR = 8, KC = 256, MC = 32 * MR };
 #endif
-enum { KC = 256, MC = 40 * MR, NC = 16 * NR };
+enum { NC = 256 / NR * NR };               /* widest column block (B panel: KC x NC floats) */
 
 typedef struct {
     int transA, transB, M, N, K;
@@ -476,45 +479,95 @@ static void micro(int kc, const float *a, const float *b, float *C, int64_t ldc,
 static void pack_A(float *ap, const gemm_args *g, int i0, int mc, int p0, int kc) {
     for (int ir = 0; ir < mc; ir += MR, ap += (size_t)MR * kc) {
         int mr = mc - ir < MR ? mc - ir : MR;
-        if (g->transA) {                       /* A stored [K, M]: rows of the strip are contiguous */
+        if (g->transA) {                       /* A stored [K, M]: the strip's rows are contiguous */
             for (int p = 0; p < kc; p++) {
                 const float *s = g->A + (int64_t)(p0 + p) * g->lda + i0 + ir;
                 for (int i = 0; i < MR; i++) ap[p * MR + i] = i < mr ? s[i] : 0;
             }
-        } else {
-            for (int i = 0; i < MR; i++) {
-                const float *s = g->A + (int64_t)(i0 + ir + i) * g->lda + p0;
-                for (int p = 0; p < kc; p++) ap[p * MR + i] = i < mr ? s[p] : 0;
-            }
+        } else {                               /* A stored [M, K]: interleave MR rows */
+            const float *s[MR];
+            for (int i = 0; i < MR; i++) s[i] = g->A + (int64_t)(i0 + ir + (i < mr ? i : 0)) * g->lda + p0;
+            for (int p = 0; p < kc; p++)
+                for (int i = 0; i < MR; i++) ap[p * MR + i] = s[i][p];
+            for (int p = 0; p < kc && mr < MR; p++)
+                for (int i = mr; i < MR; i++) ap[p * MR + i] = 0;
         }
     }
 }
+
+#if defined(__AVX2__) && defined(__F16C__)
+/* 8 consecutive values of dtype bt (F32, BF16, F16) as fp32 */
+static inline __m256 load8(const char *src, zi_dtype bt) {
+    __m128i h = _mm_loadu_si128((const __m128i *)src);
+    if (bt == ZI_BF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    if (bt == ZI_F16) return _mm256_cvtph_ps(h);
+    return _mm256_loadu_ps((const float *)src);
+}
+
+static inline void transpose8(__m256 r[8]) {
+    __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+    __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+    __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+    __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+    __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xee);
+    __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xee);
+    __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xee);
+    __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xee);
+    r[0] = _mm256_permute2f128_ps(s0, s4, 0x20); r[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
+    r[2] = _mm256_permute2f128_ps(s2, s6, 0x20); r[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
+    r[4] = _mm256_permute2f128_ps(s0, s4, 0x31); r[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
+    r[6] = _mm256_permute2f128_ps(s2, s6, 0x31); r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
+}
+#endif
 
 /* op(B)[p0 .. p0+kc, j0 .. j0+nc] -> fp32 strips of NR columns: bp[strip][p][NR], zero padded.
  * This is where bf16/f16 weights become fp32, one KC x NC panel at a time. */
 static void pack_B(float *bp, const gemm_args *g, int p0, int kc, int j0, int nc) {
     size_t es = zi_dtype_size(g->bt);
     const char *B = g->B;
-    float row[KC];
+    float col[KC];
     for (int jr = 0; jr < nc; jr += NR, bp += (size_t)NR * kc) {
         int nr = nc - jr < NR ? nc - jr : NR;
-        if (g->transB) {                       /* B stored [N, K]: a column of op(B) is contiguous */
-            for (int j = 0; j < NR; j++) {
-                if (j < nr) zi_to_f32(row, B + ((int64_t)(j0 + jr + j) * g->ldb + p0) * es, g->bt, (size_t)kc);
-                for (int p = 0; p < kc; p++) bp[p * NR + j] = j < nr ? row[p] : 0;
-            }
-        } else {
+        if (!g->transB) {                      /* B stored [K, N]: rows of the strip are contiguous */
             for (int p = 0; p < kc; p++) {
                 zi_to_f32(bp + p * NR, B + ((int64_t)(p0 + p) * g->ldb + j0 + jr) * es, g->bt, (size_t)nr);
                 for (int j = nr; j < NR; j++) bp[p * NR + j] = 0;
             }
+            continue;
+        }
+        /* B stored [N, K] (a Linear weight): columns of op(B) are contiguous, so transpose */
+        int j = 0;
+#if defined(__AVX2__) && defined(__F16C__)
+        for (; j + 8 <= nr && kc >= 8; j += 8) {   /* 8 x 8 blocks: convert, transpose in registers */
+            const char *src = B + ((int64_t)(j0 + jr + j) * g->ldb + p0) * es;
+            int p = 0;
+            for (; p + 8 <= kc; p += 8) {
+                __m256 r[8];
+                for (int t = 0; t < 8; t++) r[t] = load8(src + ((int64_t)t * g->ldb + p) * es, g->bt);
+                transpose8(r);
+                for (int t = 0; t < 8; t++) _mm256_storeu_ps(bp + (p + t) * NR + j, r[t]);
+            }
+            for (int t = 0; p < kc && t < 8; t++) {
+                zi_to_f32(col, src + ((int64_t)t * g->ldb + p) * es, g->bt, (size_t)(kc - p));
+                for (int q = p; q < kc; q++) bp[q * NR + j + t] = col[q - p];
+            }
+        }
+#endif
+        for (; j < NR; j++) {
+            if (j < nr) zi_to_f32(col, B + ((int64_t)(j0 + jr + j) * g->ldb + p0) * es, g->bt, (size_t)kc);
+            for (int p = 0; p < kc; p++) bp[p * NR + j] = j < nr ? col[p] : 0;
         }
     }
 }
 
-/* C[i0 .. i0+m, j0 .. j0+n] of the product, serially (one thread's share). */
-static void gemm_tile(const gemm_args *g, int i0, int m, int j0, int n) {
-    float *bp = scratch(0, (size_t)KC * NC), *ap = scratch(1, (size_t)KC * MC);
+/* op(A) packed for a block of rows [r0, r0 + Mp) and every KC slice: the slice starting at pc
+ * is at p + pc·Mp, row strip i (relative to r0) at + i·kc. */
+typedef struct { const float *p; int r0, Mp; } packed_A;
+
+/* C[i0 .. i0+m, j0 .. j0+n] of the product, serially (one task). pa: op(A) already packed
+ * (i0 - pa->r0 a multiple of MR), or NULL to pack it here. */
+static void gemm_tile(const gemm_args *g, int i0, int m, int j0, int n, const packed_A *pa) {
+    float *bp = scratch(0, (size_t)KC * NC), *ap = pa ? NULL : scratch(1, (size_t)KC * MC);
     for (int jc = 0; jc < n; jc += NC) {
         int nc = n - jc < NC ? n - jc : NC;
         for (int pc = 0; pc < g->K; pc += KC) {
@@ -523,10 +576,12 @@ static void gemm_tile(const gemm_args *g, int i0, int m, int j0, int n) {
             pack_B(bp, g, pc, kc, j0 + jc, nc);
             for (int ic = 0; ic < m; ic += MC) {
                 int mc = m - ic < MC ? m - ic : MC;
-                pack_A(ap, g, i0 + ic, mc, pc, kc);
+                const float *a = ap;
+                if (pa) a = pa->p + (size_t)pc * pa->Mp + (size_t)(i0 + ic - pa->r0) * kc;
+                else pack_A(ap, g, i0 + ic, mc, pc, kc);
                 for (int jr = 0; jr < nc; jr += NR)
                     for (int ir = 0; ir < mc; ir += MR)
-                        micro(kc, ap + (size_t)ir * kc, bp + (size_t)jr * kc,
+                        micro(kc, a + (size_t)ir * kc, bp + (size_t)jr * kc,
                               g->C + (int64_t)(i0 + ic + ir) * g->ldc + j0 + jc + jr, g->ldc,
                               mc - ir < MR ? mc - ir : MR, nc - jr < NR ? nc - jr : NR, g->alpha, beta);
             }
@@ -534,21 +589,43 @@ static void gemm_tile(const gemm_args *g, int i0, int m, int j0, int n) {
     }
 }
 
-/* Tasks are rectangles of C: row blocks of mb (a multiple of MR) x column blocks of NC. */
-typedef struct { const gemm_args *g; int mb, nmb; } gemm_job;
+/* One call's rows [r0, r0 + ms): op(A) packed once into `pa` (shared by all tasks), then tasks
+ * = rectangles of C of mb rows x nb columns (multiples of MR, NR), each packing its own B panels. */
+typedef struct { const gemm_args *g; packed_A pa; int ms, mb, nmb, nb; } gemm_job;
+
+static void pack_A_strips(void *ctx, int64_t begin, int64_t end) {
+    const gemm_job *jb = ctx;
+    const gemm_args *g = jb->g;
+    for (int64_t s = begin; s < end; s++) {
+        int i = jb->pa.r0 + (int)s * MR, mr = jb->pa.r0 + jb->ms - i < MR ? jb->pa.r0 + jb->ms - i : MR;
+        for (int pc = 0; pc < g->K; pc += KC) {
+            int kc = g->K - pc < KC ? g->K - pc : KC;
+            pack_A((float *)jb->pa.p + (size_t)pc * jb->pa.Mp + (size_t)s * MR * kc, g, i, mr, pc, kc);
+        }
+    }
+}
 
 static void gemm_task(void *ctx, int64_t begin, int64_t end) {
     const gemm_job *jb = ctx;
+    int r1 = jb->pa.r0 + jb->ms;
     for (int64_t t = begin; t < end; t++) {
-        int i0 = (int)(t % jb->nmb) * jb->mb, j0 = (int)(t / jb->nmb) * NC;
-        int m = jb->g->M - i0 < jb->mb ? jb->g->M - i0 : jb->mb;
-        int n = jb->g->N - j0 < NC ? jb->g->N - j0 : NC;
-        gemm_tile(jb->g, i0, m, j0, n);
+        int i0 = jb->pa.r0 + (int)(t % jb->nmb) * jb->mb, j0 = (int)(t / jb->nmb) * jb->nb;
+        int m = r1 - i0 < jb->mb ? r1 - i0 : jb->mb;
+        int n = jb->g->N - j0 < jb->nb ? jb->g->N - j0 : jb->nb;
+        gemm_tile(jb->g, i0, m, j0, n, &jb->pa);
     }
 }
 
 static void check_gemm_dtype(zi_dtype bt) {
     if (bt != ZI_F32 && bt != ZI_BF16 && bt != ZI_F16) zi_die("zi_gemm: unsupported B dtype %s", zi_dtype_name(bt));
+}
+
+/* Packed op(A) is kept per calling thread up to this size; larger M is done in row blocks. */
+enum { A_PACK_FLOATS = 1 << 23 };
+
+static void run_tasks(int T, int64_t n, zi_range_fn fn, void *ctx) {
+    if (T == 1) fn(ctx, 0, n);
+    else zi_parallel_for(n, 1, fn, ctx);
 }
 
 void zi_gemm(int transA, int transB, int M, int N, int K, float alpha,
@@ -562,15 +639,25 @@ void zi_gemm(int transA, int transB, int M, int N, int K, float alpha,
         return;
     }
     gemm_args g = { transA, transB, M, N, K, alpha, beta, A, lda, B, bt, ldb, C, ldc };
-    /* Split M only as far as needed to give every thread about three tasks. */
-    int T = zi_nthreads(), ncb = (N + NC - 1) / NC, nmb = 1;
+    int T = zi_nthreads();
     if ((double)M * N * K < 1e6) T = 1;        /* too small to be worth waking the pool */
-    while (ncb * nmb < 3 * T && (M + nmb) / (nmb + 1) >= 4 * MR) nmb++;
-    int mb = ((M + nmb - 1) / nmb + MR - 1) / MR * MR;
-    nmb = (M + mb - 1) / mb;
-    gemm_job jb = { &g, mb, nmb };
-    if (T == 1) gemm_task(&jb, 0, (int64_t)ncb * nmb);
-    else zi_parallel_for((int64_t)ncb * nmb, 1, gemm_task, &jb);
+    /* Tasks: about three per thread. Columns are split first (down to single NR strips), so
+     * that each B panel is converted once; rows only when there are too few strips. */
+    int want = 3 * T, strips = (N + NR - 1) / NR, spb = (strips + want - 1) / want;
+    spb = spb > NC / NR ? NC / NR : spb;
+    int nb = spb * NR, ncb = (N + nb - 1) / nb;
+    int ms_max = A_PACK_FLOATS / K / MR * MR;
+    if (ms_max < MR) ms_max = MR;
+    if (ms_max > (M + MR - 1) / MR * MR) ms_max = (M + MR - 1) / MR * MR;
+    float *ap = scratch(3, (size_t)ms_max * K);
+    for (int r0 = 0; r0 < M; r0 += ms_max) {
+        int ms = M - r0 < ms_max ? M - r0 : ms_max, nmb = 1;
+        while (ncb * nmb < want && (ms + nmb) / (nmb + 1) >= 4 * MR) nmb++;
+        int mb = ((ms + nmb - 1) / nmb + MR - 1) / MR * MR;
+        gemm_job jb = { &g, { ap, r0, (ms + MR - 1) / MR * MR }, ms, mb, (ms + mb - 1) / mb, nb };
+        run_tasks(T, jb.pa.Mp / MR, pack_A_strips, &jb);
+        run_tasks(T, (int64_t)ncb * jb.nmb, gemm_task, &jb);
+    }
 }
 
 void zi_gemm_ref(int transA, int transB, int M, int N, int K, float alpha,
@@ -657,7 +744,7 @@ static void att_block(const att_args *a, int h, int q0) {
         int bk = kend - j0 < ATT_BK ? kend - j0 : ATT_BK;
         gemm_args qk = { 0, 1, bq, bk, D, a->scale, 0.0f, a->q + (int64_t)q0 * a->ldq + (int64_t)h * D, a->ldq,
                          a->k + (int64_t)j0 * a->ldk + (int64_t)g * D, ZI_F32, a->ldk, S, ATT_BK };
-        gemm_tile(&qk, 0, bq, 0, bk);
+        gemm_tile(&qk, 0, bq, 0, bk, NULL);
         for (int i = 0; i < bq; i++) {
             int lim = a->causal && q0 + i + 1 - j0 < bk ? q0 + i + 1 - j0 : bk;
             float corr = softmax_update(S + i * ATT_BK, bk, lim, &m[i], &l[i]);
@@ -666,7 +753,7 @@ static void att_block(const att_args *a, int h, int q0) {
         }
         gemm_args pv = { 0, 0, bq, D, bk, 1.0f, 1.0f, S, ATT_BK,
                          a->v + (int64_t)j0 * a->ldv + (int64_t)g * D, ZI_F32, a->ldv, O, D };
-        gemm_tile(&pv, 0, bq, 0, D);
+        gemm_tile(&pv, 0, bq, 0, D, NULL);
     }
     for (int i = 0; i < bq; i++) {
         float *o = a->out + (int64_t)(q0 + i) * a->ldo + (int64_t)h * D;
