@@ -1123,9 +1123,9 @@ typedef struct {
 static void att_bw_tile(const att_bw_args *a, int h, int q0, int bq, int j0, int bk, float *P, float *dS) {
     int64_t hq = (int64_t)q0 * a->ld + (int64_t)h * a->D, hk = (int64_t)j0 * a->ld + (int64_t)h * a->D;
     gemm_args qk = { 0, 1, bq, bk, a->D, a->scale, 0.0f, a->q + hq, a->ld, a->k + hk, ZI_F32, a->ld, P, ATT_BK };
-    gemm_tile(&qk, 0, bq, 0, bk);
+    gemm_tile(&qk, 0, bq, 0, bk, NULL);
     gemm_args dp = { 0, 1, bq, bk, a->D, 1.0f, 0.0f, a->dout + hq, a->ld, a->v + hk, ZI_F32, a->ld, dS, ATT_BK };
-    gemm_tile(&dp, 0, bq, 0, bk);
+    gemm_tile(&dp, 0, bq, 0, bk, NULL);
     for (int i = 0; i < bq; i++) {
         float lse = a->lse[(int64_t)h * a->Sq + q0 + i], di = a->Di[(int64_t)h * a->Sq + q0 + i];
         for (int j = 0; j < bk; j++) {
@@ -1151,9 +1151,9 @@ static void att_bw_keys(void *ctx, int64_t begin, int64_t end) {
             int64_t hq = (int64_t)q0 * a->ld + (int64_t)h * D;
             att_bw_tile(a, h, q0, bq, j0, bk, P, dS);
             gemm_args pv = { 1, 0, bk, D, bq, 1.0f, 1.0f, P, ATT_BK, a->dout + hq, ZI_F32, a->ld, dV, D };
-            gemm_tile(&pv, 0, bk, 0, D);
+            gemm_tile(&pv, 0, bk, 0, D, NULL);
             gemm_args sq = { 1, 0, bk, D, bq, a->scale, 1.0f, dS, ATT_BK, a->q + hq, ZI_F32, a->ld, dK, D };
-            gemm_tile(&sq, 0, bk, 0, D);
+            gemm_tile(&sq, 0, bk, 0, D, NULL);
         }
         for (int j = 0; j < bk; j++) {
             int64_t at = (int64_t)(j0 + j) * a->ld + (int64_t)h * D;
@@ -1178,7 +1178,7 @@ static void att_bw_queries(void *ctx, int64_t begin, int64_t end) {
             att_bw_tile(a, h, q0, bq, j0, bk, P, dS);
             gemm_args sk = { 0, 0, bq, D, bk, a->scale, 1.0f, dS, ATT_BK,
                              a->k + (int64_t)j0 * a->ld + (int64_t)h * D, ZI_F32, a->ld, dQ, D };
-            gemm_tile(&sk, 0, bq, 0, D);
+            gemm_tile(&sk, 0, bq, 0, D, NULL);
         }
         for (int i = 0; i < bq; i++)
             memcpy(a->dq + (int64_t)(q0 + i) * a->ld + (int64_t)h * D, dQ + (size_t)i * D, D * sizeof(float));
