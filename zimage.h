@@ -37,7 +37,28 @@ typedef struct {
 /* y[M, out] = x[M, in] · Wᵀ + bias + Σ adapters */
 void zi_lin_forward(const zi_lin *l, const float *x, int M, float *y);
 
-/* ================================================================ tokenizer.c */
+/* ================================================================ tokenizer.c
+ * The Qwen2 byte-level BPE tokenizer, read from a Hugging Face tokenizer.json; ids are exactly
+ * those of HF `tokenizers` (AutoTokenizer(...)(text).input_ids: no BOS/EOS added).
+ * Text is UTF-8; invalid UTF-8 is an error (-1), never replaced. Ids come back in a malloc'd
+ * array (*ids; NULL when there are none) that the caller frees. */
+typedef struct zi_tokenizer zi_tokenizer;
+/* path: tokenizer.json, or a directory holding it directly or in tokenizer/ (a model dir). */
+zi_tokenizer *zi_tok_load(const char *path);
+void zi_tok_free(zi_tokenizer *t);
+/* Encodes text[0..len): returns the number of ids or -1 (invalid UTF-8). */
+int zi_tok_encode(const zi_tokenizer *t, const char *text, size_t len, int32_t **ids);
+/* The Z-Image prompt: the Qwen3 chat template for one user message with the generation prompt
+ * (thinking enabled, so no empty <think> block), malloc'd:
+ * "<|im_start|>user\n" PROMPT "<|im_end|>\n<|im_start|>assistant\n". */
+char *zi_tok_chat_text(const char *prompt);
+/* Its ids, truncated to at most max_len (the pipeline uses 512); the count or -1. */
+int zi_tok_chat(const zi_tokenizer *t, const char *prompt, int max_len, int32_t **ids);
+/* Text of ids (added tokens as their text; invalid UTF-8 becomes U+FFFD, as HF does), malloc'd
+ * and NUL-terminated, its length in *len (may be NULL; the text may hold U+0000); NULL for an
+ * id that is not in the vocabulary. */
+char *zi_tok_decode(const zi_tokenizer *t, const int32_t *ids, int n, size_t *len);
+int zi_tok_n_ids(const zi_tokenizer *t);        /* 1 + the largest id */
 
 
 /* ================================================================ qwen3.c */
