@@ -64,7 +64,45 @@ int zi_tok_n_ids(const zi_tokenizer *t);        /* 1 + the largest id */
 /* ================================================================ qwen3.c */
 
 
-/* ================================================================ dit.c */
+/* ================================================================ dit.c
+ * The diffusion transformer (diffusers' ZImageTransformer2DModel, single-stream S3-DiT):
+ * patchify -> x / caption embedders -> noise refiners (image tokens, modulated) and context
+ * refiners (caption tokens, not modulated) -> main layers over [image ; caption] -> final
+ * layer -> unpatchify. Every dimension comes from transformer/config.json and the tensor
+ * shapes; weights stay in the mmap. */
+typedef struct {
+    int in_channels;        /* latent channels C */
+    int patch, f_patch;     /* spatial / temporal patch (2, 1) */
+    int dim, n_heads, head_dim;
+    int n_layers, n_refiner_layers;
+    int cap_feat_dim;       /* width of the text features */
+    int adaln_dim;          /* width of the timestep embedding (min(dim, 256)) */
+    int axes_dims[3], axes_lens[3];
+    int qk_norm;            /* RMSNorm of each head of q and k */
+    float norm_eps, t_scale;
+    double rope_theta;
+} zi_dit_cfg;
+
+typedef struct zi_dit zi_dit;
+/* Loads transformer_dir/config.json and its safetensors (one file, an index, or a
+ * directory holding one of them). NULL on error. */
+zi_dit *zi_dit_load(const char *transformer_dir);
+void zi_dit_free(zi_dit *m);
+const zi_dit_cfg *zi_dit_config(const zi_dit *m);
+/* One forward of B items, each with its own size (a CFG pair is one call with B = 2):
+ *   x[b]:   latent [C, 1, h[b], w[b]] (h, w multiples of the patch)
+ *   t[b]:   model time 1 − σ (0 = noise, 1 = clean)
+ *   cap[b]: text features [L[b], cap_feat_dim], L[b] >= 1
+ *   out[b]: [C, 1, h[b], w[b]], the velocity x0 − ε.
+ * Each item's result equals its single-item run bit for bit. Returns 0, or -1 (error set)
+ * on bad sizes or position ids past axes_lens. */
+int zi_dit_forward(const zi_dit *m, int B, const float *const *x, const int *h, const int *w,
+                   const float *t, const float *const *cap, const int *L, float *const *out);
+/* The model's Linear layers by diffusers module name ("layers.0.attention.to_q",
+ * "noise_refiner.1.adaLN_modulation.0", "all_x_embedder.2-1", ...), for LoRA. */
+int zi_dit_nlin(const zi_dit *m);
+zi_lin *zi_dit_lin_at(zi_dit *m, int i);
+zi_lin *zi_dit_linear(zi_dit *m, const char *name);    /* NULL when absent */
 
 
 /* ================================================================ vae.c

@@ -1,0 +1,690 @@
+/* dit.c: the Z-Image diffusion transformer, diffusers' ZImageTransformer2DModel (S3-DiT).
+ *
+ *   temb = t_embedder(t · t_scale)                                   [B, A]
+ *   X    = pad32(x_embedder(patchify(x)); x_pad_token)               image tokens
+ *   X    = noise_refiner[i](X, temb)            (modulated blocks)
+ *   Cc   = pad32(cap_embedder(cap); cap_pad_token)                   caption tokens
+ *   Cc   = context_refiner[i](Cc)               (blocks without modulation)
+ *   U    = [X ; Cc]                                                  image first
+ *   U    = layers[i](U, temb)                   (modulated blocks)
+ *   out  = unpatchify(final_layer(U[:Ni], temb))
+ *
+ * A batch of B items of different sizes runs as one *packed* sequence per stage: the items'
+ * rows one after another, item b owning the segment [off[b], off[b] + len[b]). Row-wise work
+ * (Linear layers, norms) runs once over all rows; attention runs inside each segment. Every
+ * result therefore depends only on its own item, and equals the single-item run bit for bit.
+ * (diffusers right-pads the items and masks the padded keys: the same numbers.)
+ *
+ * Pad tokens: each item's image and caption rows are padded to a multiple of 32 with learned
+ * vectors. They are not masked: they attend and are attended to, so they change the result.
+ */
+#include "zimage.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define SEQ_MULTI_OF 32     /* image and caption rows are padded to multiples of this */
+#define QK_NORM_EPS 1e-5f   /* diffusers builds the QK RMSNorms with eps 1e-5, whatever norm_eps */
+#define FINAL_LN_EPS 1e-6f  /* the final LayerNorm (no affine) */
+#define T_MAX_PERIOD 10000.0
+
+/* ---------------------------------------------------------------- model */
+typedef struct {
+    char name[48];                          /* "layers.3", "noise_refiner.0", ... */
+    zi_lin to_q, to_k, to_v, to_out;        /* attention.to_q ... attention.to_out.0: [D, D] */
+    float *norm_q, *norm_k;                 /* [head_dim], NULL without qk_norm */
+    zi_lin w1, w2, w3;                      /* feed_forward: w1, w3 [F, D], w2 [D, F] */
+    int ffn;                                /* F */
+    float *attn_norm1, *attn_norm2, *ffn_norm1, *ffn_norm2;     /* [D] */
+    int modulated;                          /* noise refiners and main layers */
+    zi_lin ada;                             /* adaLN_modulation.0: [4D, A], modulated blocks only */
+} dit_block;
+
+struct zi_dit {
+    zi_dit_cfg c;
+    zi_st *st;
+    int t_freq;                     /* width of the timestep sinusoid (256) */
+    int ffn_max;                    /* largest F over the blocks */
+    zi_lin x_emb;                   /* all_x_embedder.{p}-{pf}: [D, pf·p·p·C] */
+    zi_lin t_mlp0, t_mlp2;          /* t_embedder.mlp.0 [Tmid, t_freq], mlp.2 [A, Tmid] */
+    float *cap_norm;                /* cap_embedder.0 (RMSNorm): [cap_feat_dim] */
+    zi_lin cap_lin;                 /* cap_embedder.1: [D, cap_feat_dim] */
+    float *x_pad, *cap_pad;         /* x_pad_token, cap_pad_token: [D] */
+    dit_block *noise_ref, *ctx_ref, *layers;
+    zi_lin final_ada;               /* all_final_layer.{p}-{pf}.adaLN_modulation.1: [D, A] */
+    zi_lin final_lin;               /* all_final_layer.{p}-{pf}.linear: [pf·p·p·C, D] */
+    float *rope_cos[3], *rope_sin[3];   /* axis a: [axes_lens[a], axes_dims[a] / 2] */
+    zi_lin **lins;                  /* every Linear, in checkpoint order of modules */
+    int nlin;
+};
+
+/* ---------------------------------------------------------------- loading */
+/* Size of dimension d of the ndim-dimensional tensor NAME; -1 (error set) when it is missing
+ * or has another rank. The caller then checks the full shape with zi_st_need. */
+static int64_t dim_of(const zi_st *st, const char *name, int ndim, int d) {
+    const zi_tensor *t = zi_st_get(st, name);
+    if (!t || t->ndim != ndim) {
+        zi_seterr("%s: %s %s", zi_st_path(st), name, t ? "has the wrong number of dimensions" : "is missing");
+        return -1;
+    }
+    return t->shape[d];
+}
+
+/* A float32 copy of the float tensor NAME of shape [n] (or [1, n] when row is set). */
+static float *load_vec(const zi_dit *m, const char *name, int64_t n, int row) {
+    int64_t shape[2] = { row ? 1 : n, n };
+    const zi_tensor *t = zi_st_need(m->st, name, row ? 2 : 1, row ? shape : shape + 1);
+    if (!t) return NULL;
+    float *v = zi_tensor_f32(t);
+    if (!v) zi_seterr("%s: %s is not a float tensor", zi_st_path(m->st), name);
+    return v;
+}
+
+/* The Linear module NAME: weight [out, in] (a view into the mmap), optional bias [out]. */
+static int load_lin(zi_dit *m, zi_lin *l, const char *name, int64_t out, int64_t in, int bias) {
+    char key[160];
+    snprintf(key, sizeof key, "%s.weight", name);
+    const zi_tensor *w = zi_st_need(m->st, key, 2, (const int64_t[]){ out, in });
+    if (!w) return -1;
+    if (w->dtype != ZI_F32 && w->dtype != ZI_BF16 && w->dtype != ZI_F16) {
+        zi_seterr("%s: %s has dtype %s (expected F32, BF16 or F16)", zi_st_path(m->st), key, zi_dtype_name(w->dtype));
+        return -1;
+    }
+    *l = (zi_lin){ .name = zi_strdup(name), .W = zi_tensor_mat(w) };
+    m->lins = zi_realloc(m->lins, (m->nlin + 1) * sizeof *m->lins);
+    m->lins[m->nlin++] = l;
+    if (bias) {
+        snprintf(key, sizeof key, "%s.bias", name);
+        if (!(l->bias = load_vec(m, key, out, 0))) return -1;
+    }
+    return 0;
+}
+
+static int load_block(zi_dit *m, dit_block *b, const char *prefix, int i, int modulated) {
+    int64_t D = m->c.dim, hd = m->c.head_dim;
+    char k[160];
+    snprintf(b->name, sizeof b->name, "%s.%d", prefix, i);
+#define NAME(s) (snprintf(k, sizeof k, "%s.%s", b->name, s), k)
+    if (load_lin(m, &b->to_q, NAME("attention.to_q"), D, D, 0) ||
+        load_lin(m, &b->to_k, NAME("attention.to_k"), D, D, 0) ||
+        load_lin(m, &b->to_v, NAME("attention.to_v"), D, D, 0) ||
+        load_lin(m, &b->to_out, NAME("attention.to_out.0"), D, D, 0))
+        return -1;
+    if (m->c.qk_norm && (!(b->norm_q = load_vec(m, NAME("attention.norm_q.weight"), hd, 0)) ||
+                         !(b->norm_k = load_vec(m, NAME("attention.norm_k.weight"), hd, 0))))
+        return -1;
+    int64_t F = dim_of(m->st, NAME("feed_forward.w1.weight"), 2, 0);
+    if (F < 0) return -1;
+    if (F == 0 || F > 1 << 24) {
+        zi_seterr("%s: %s has %lld rows", zi_st_path(m->st), k, (long long)F);
+        return -1;
+    }
+    b->ffn = (int)F;
+    if (b->ffn > m->ffn_max) m->ffn_max = b->ffn;
+    if (load_lin(m, &b->w1, NAME("feed_forward.w1"), F, D, 0) ||
+        load_lin(m, &b->w2, NAME("feed_forward.w2"), D, F, 0) ||
+        load_lin(m, &b->w3, NAME("feed_forward.w3"), F, D, 0))
+        return -1;
+    if (!(b->attn_norm1 = load_vec(m, NAME("attention_norm1.weight"), D, 0)) ||
+        !(b->attn_norm2 = load_vec(m, NAME("attention_norm2.weight"), D, 0)) ||
+        !(b->ffn_norm1 = load_vec(m, NAME("ffn_norm1.weight"), D, 0)) ||
+        !(b->ffn_norm2 = load_vec(m, NAME("ffn_norm2.weight"), D, 0)))
+        return -1;
+    b->modulated = modulated;
+    if (modulated && load_lin(m, &b->ada, NAME("adaLN_modulation.0"), 4 * D, m->c.adaln_dim, 1)) return -1;
+#undef NAME
+    return 0;
+}
+
+/* Reads and checks config.json. The constraints are the ones diffusers asserts, plus those
+ * of this implementation (latents have one frame, so the frame patch must be 1).
+ * n_kv_heads is not read: diffusers ignores it too (its attention has n_heads key heads). */
+static int read_config(zi_dit *m, const char *dir) {
+    zj *cfg = zi_config_load(dir, "");
+    if (!cfg) return -1;
+    char *path = zi_path("%s/config.json", dir);
+    zi_dit_cfg *c = &m->c;
+    int patch[8], fpatch[8], np, nf, na, nl, rc = -1;
+    if (zi_cfg_need_int(cfg, "in_channels", &c->in_channels) || zi_cfg_need_int(cfg, "dim", &c->dim) ||
+        zi_cfg_need_int(cfg, "n_layers", &c->n_layers) || zi_cfg_need_int(cfg, "n_refiner_layers", &c->n_refiner_layers) ||
+        zi_cfg_need_int(cfg, "n_heads", &c->n_heads) || zi_cfg_need_int(cfg, "cap_feat_dim", &c->cap_feat_dim) ||
+        (np = zi_cfg_ints(cfg, "all_patch_size", patch, 8)) < 0 || (nf = zi_cfg_ints(cfg, "all_f_patch_size", fpatch, 8)) < 0 ||
+        (na = zi_cfg_ints(cfg, "axes_dims", c->axes_dims, 3)) < 0 || (nl = zi_cfg_ints(cfg, "axes_lens", c->axes_lens, 3)) < 0)
+        goto done;
+    if (np < 1 || nf != np || na != 3 || nl != 3) {
+        zi_seterr("%s: all_patch_size and all_f_patch_size must be lists of one length, axes_dims and axes_lens of 3", path);
+        goto done;
+    }
+    /* the forward uses the first patch size, diffusers' default ("2-1") */
+    c->patch = patch[0];
+    c->f_patch = fpatch[0];
+    c->norm_eps = (float)zi_cfg_num(cfg, "norm_eps", 1e-5);
+    c->t_scale = (float)zi_cfg_num(cfg, "t_scale", 1000.0);
+    c->rope_theta = zi_cfg_num(cfg, "rope_theta", 256.0);
+    c->qk_norm = zj_bool(cfg, "qk_norm", 1);
+    if (c->patch < 1 || c->patch > 64 || c->f_patch != 1 || c->in_channels < 1 || c->in_channels > 1 << 16 ||
+        c->dim < 1 || c->n_heads < 1 ||
+        c->dim % c->n_heads || c->n_layers < 0 || c->n_refiner_layers < 0 || c->cap_feat_dim < 1 ||
+        !(c->norm_eps > 0) || !(c->rope_theta > 0)) {
+        zi_seterr("%s: bad sizes (patch %d, f_patch %d (must be 1), in_channels %d, dim %d, n_heads %d)", path,
+                  c->patch, c->f_patch, c->in_channels, c->dim, c->n_heads);
+        goto done;
+    }
+    c->head_dim = c->dim / c->n_heads;
+    int sum = 0;
+    for (int a = 0; a < 3; a++) {
+        if (c->axes_dims[a] < 0 || c->axes_dims[a] % 2 || c->axes_lens[a] < 1 || c->axes_lens[a] > 1 << 20) {
+            zi_seterr("%s: axes_dims must be even and axes_lens in 1..2^20", path);
+            goto done;
+        }
+        sum += c->axes_dims[a];
+    }
+    if (sum != c->head_dim) {
+        zi_seterr("%s: axes_dims sum to %d but dim / n_heads is %d", path, sum, c->head_dim);
+        goto done;
+    }
+    rc = 0;
+done:
+    free(path);
+    zj_free(cfg);
+    return rc;
+}
+
+/* Sizes that only the tensors tell: adaLN width A, timestep MLP widths. Then every weight. */
+static int load_weights(zi_dit *m) {
+    zi_dit_cfg *c = &m->c;
+    int64_t D = c->dim, pdim = (int64_t)c->f_patch * c->patch * c->patch * c->in_channels;
+    int64_t tmid = dim_of(m->st, "t_embedder.mlp.0.weight", 2, 0);
+    int64_t tfreq = dim_of(m->st, "t_embedder.mlp.0.weight", 2, 1);
+    int64_t A = dim_of(m->st, "t_embedder.mlp.2.weight", 2, 0);
+    if (tmid < 0 || tfreq < 0 || A < 0) return -1;
+    if (tmid < 1 || tfreq < 2 || tfreq % 2 || A < 1 || tmid > 1 << 24 || tfreq > 1 << 24 || A > 1 << 24) {
+        zi_seterr("%s: t_embedder has bad shapes", zi_st_path(m->st));
+        return -1;
+    }
+    m->t_freq = (int)tfreq;
+    c->adaln_dim = (int)A;
+    char key[64];
+    snprintf(key, sizeof key, "all_x_embedder.%d-%d", c->patch, c->f_patch);
+    if (load_lin(m, &m->x_emb, key, D, pdim, 1)) return -1;
+    if (load_lin(m, &m->t_mlp0, "t_embedder.mlp.0", tmid, tfreq, 1) ||
+        load_lin(m, &m->t_mlp2, "t_embedder.mlp.2", A, tmid, 1))
+        return -1;
+    if (!(m->cap_norm = load_vec(m, "cap_embedder.0.weight", c->cap_feat_dim, 0)) ||
+        load_lin(m, &m->cap_lin, "cap_embedder.1", D, c->cap_feat_dim, 1))
+        return -1;
+    if (!(m->x_pad = load_vec(m, "x_pad_token", D, 1)) || !(m->cap_pad = load_vec(m, "cap_pad_token", D, 1)))
+        return -1;
+    m->noise_ref = zi_calloc(c->n_refiner_layers, sizeof(dit_block));
+    m->ctx_ref = zi_calloc(c->n_refiner_layers, sizeof(dit_block));
+    m->layers = zi_calloc(c->n_layers, sizeof(dit_block));
+    for (int i = 0; i < c->n_refiner_layers; i++)
+        if (load_block(m, &m->noise_ref[i], "noise_refiner", i, 1)) return -1;
+    for (int i = 0; i < c->n_refiner_layers; i++)
+        if (load_block(m, &m->ctx_ref[i], "context_refiner", i, 0)) return -1;
+    for (int i = 0; i < c->n_layers; i++)
+        if (load_block(m, &m->layers[i], "layers", i, 1)) return -1;
+    char k2[96];
+    snprintf(key, sizeof key, "all_final_layer.%d-%d", c->patch, c->f_patch);
+    snprintf(k2, sizeof k2, "%s.adaLN_modulation.1", key);
+    if (load_lin(m, &m->final_ada, k2, D, A, 1)) return -1;
+    snprintf(k2, sizeof k2, "%s.linear", key);
+    return load_lin(m, &m->final_lin, k2, pdim, D, 1);
+}
+
+/* RoPE tables as diffusers builds them: per axis a of width d, frequencies
+ * ω_k = 1 / θ^(2k/d) and angles pos·ω_k in float64, rounded to float32, then cos and sin in
+ * float32 (torch.polar on the rounded angles). */
+static void rope_tables(zi_dit *m) {
+    for (int a = 0; a < 3; a++) {
+        int half = m->c.axes_dims[a] / 2, n = m->c.axes_lens[a];
+        m->rope_cos[a] = zi_malloc((size_t)n * half * sizeof(float));
+        m->rope_sin[a] = zi_malloc((size_t)n * half * sizeof(float));
+        for (int k = 0; k < half; k++) {
+            double w = 1.0 / pow(m->c.rope_theta, (double)(2 * k) / m->c.axes_dims[a]);
+            for (int p = 0; p < n; p++) {
+                float phi = (float)(p * w);
+                m->rope_cos[a][(size_t)p * half + k] = cosf(phi);
+                m->rope_sin[a][(size_t)p * half + k] = sinf(phi);
+            }
+        }
+    }
+}
+
+zi_dit *zi_dit_load(const char *dir) {
+    zi_dit *m = zi_calloc(1, sizeof *m);
+    if (read_config(m, dir) || !(m->st = zi_st_open(dir)) || load_weights(m)) {
+        zi_dit_free(m);
+        return NULL;
+    }
+    rope_tables(m);
+    return m;
+}
+
+static void free_block(dit_block *b) {
+    free(b->norm_q); free(b->norm_k);
+    free(b->attn_norm1); free(b->attn_norm2); free(b->ffn_norm1); free(b->ffn_norm2);
+}
+
+void zi_dit_free(zi_dit *m) {
+    if (!m) return;
+    for (int i = 0; i < m->nlin; i++) {
+        free((char *)m->lins[i]->name);
+        free((float *)m->lins[i]->bias);
+    }
+    free(m->lins);
+    for (int i = 0; m->noise_ref && i < m->c.n_refiner_layers; i++) free_block(&m->noise_ref[i]);
+    for (int i = 0; m->ctx_ref && i < m->c.n_refiner_layers; i++) free_block(&m->ctx_ref[i]);
+    for (int i = 0; m->layers && i < m->c.n_layers; i++) free_block(&m->layers[i]);
+    free(m->noise_ref); free(m->ctx_ref); free(m->layers);
+    free(m->cap_norm); free(m->x_pad); free(m->cap_pad);
+    for (int a = 0; a < 3; a++) { free(m->rope_cos[a]); free(m->rope_sin[a]); }
+    zi_st_close(m->st);
+    free(m);
+}
+
+const zi_dit_cfg *zi_dit_config(const zi_dit *m) { return &m->c; }
+int zi_dit_nlin(const zi_dit *m) { return m->nlin; }
+zi_lin *zi_dit_lin_at(zi_dit *m, int i) { return i >= 0 && i < m->nlin ? m->lins[i] : NULL; }
+
+zi_lin *zi_dit_linear(zi_dit *m, const char *name) {
+    for (int i = 0; i < m->nlin; i++)
+        if (!strcmp(m->lins[i]->name, name)) return m->lins[i];
+    return NULL;
+}
+
+/* ---------------------------------------------------------------- packed sequences */
+/* Segment s of a packed sequence: rows [off[s], off[s] + len[s]). */
+typedef struct {
+    int n;
+    int *off, *len;
+} segs;
+
+static segs segs_new(int n) {
+    return (segs){ n, zi_calloc(n, sizeof(int)), zi_calloc(n, sizeof(int)) };
+}
+static void segs_free(segs *s) { free(s->off); free(s->len); }
+static int segs_rows(const segs *s) { return s->n ? s->off[s->n - 1] + s->len[s->n - 1] : 0; }
+
+/* Activations of one block over a packed sequence of S tokens. The forward writes each
+ * intermediate to its own buffer, so that a backward can read them (training keeps one set
+ * per block; inference reuses one set for every block). The residual stream x is updated in
+ * place by block_forward; a backward needs it saved before the block. */
+typedef struct {
+    float *mod;         /* [B, 4D] per item: 1 + scale_msa | tanh(gate_msa) | 1 + scale_mlp | tanh(gate_mlp) */
+    float *xn;          /* [S, D] attention_norm1(x) ⊙ (1 + scale_msa): input of to_q, to_k, to_v */
+    float *q0, *k0;     /* [S, D] to_q(xn), to_k(xn) before the QK RMSNorm */
+    float *q, *k, *v;   /* [S, H, hd] q, k after QK-norm and RoPE; v = to_v(xn) */
+    float *lse;         /* [H, S] per segment [H, len] at H·off: log-sum-exp of the attention */
+    float *o;           /* [S, D] attention output, heads concatenated: input of to_out.0 */
+    float *ao;          /* [S, D] to_out.0(o) */
+    float *an;          /* [S, D] attention_norm2(ao) */
+    float *fn;          /* [S, D] ffn_norm1(x) ⊙ (1 + scale_mlp) */
+    float *h1, *h3;     /* [S, F] w1(fn), w3(fn) */
+    float *g;           /* [S, F] silu(h1) ⊙ h3: input of w2 */
+    float *f;           /* [S, D] w2(g) */
+    float *fo;          /* [S, D] ffn_norm2(f) */
+} block_acts;
+
+static void acts_alloc(block_acts *a, int B, int64_t S, int D, int F, int H) {
+    size_t sd = (size_t)S * D * sizeof(float), sf = (size_t)S * F * sizeof(float);
+    a->mod = zi_malloc((size_t)B * 4 * D * sizeof(float));
+    a->xn = zi_malloc(sd); a->q0 = zi_malloc(sd); a->k0 = zi_malloc(sd);
+    a->q = zi_malloc(sd); a->k = zi_malloc(sd); a->v = zi_malloc(sd);
+    a->lse = zi_malloc((size_t)S * H * sizeof(float));
+    a->o = zi_malloc(sd); a->ao = zi_malloc(sd); a->an = zi_malloc(sd); a->fn = zi_malloc(sd);
+    a->h1 = zi_malloc(sf); a->h3 = zi_malloc(sf); a->g = zi_malloc(sf);
+    a->f = zi_malloc(sd); a->fo = zi_malloc(sd);
+}
+
+static void acts_free(block_acts *a) {
+    float *p[] = { a->mod, a->xn, a->q0, a->k0, a->q, a->k, a->v, a->lse, a->o, a->ao, a->an, a->fn,
+                   a->h1, a->h3, a->g, a->f, a->fo };
+    for (size_t i = 0; i < sizeof p / sizeof p[0]; i++) free(p[i]);
+}
+
+/* y[r, :] ⊙= v_s for every row r of segment s, with v_s = vec + s·stride. */
+static void mul_rows(float *y, const segs *sg, int D, const float *vec, int64_t stride) {
+    for (int s = 0; s < sg->n; s++)
+        for (int r = sg->off[s]; r < sg->off[s] + sg->len[s]; r++)
+            for (int d = 0; d < D; d++) y[(int64_t)r * D + d] *= vec[s * stride + d];
+}
+
+/* x += g_s ⊙ y row by row (g_s = gate + s·stride), or x += y without a gate. */
+static void add_rows(float *x, const float *y, const segs *sg, int D, const float *gate, int64_t stride) {
+    if (!gate) {
+        zi_add(x, x, y, (int64_t)segs_rows(sg) * D);
+        return;
+    }
+    for (int s = 0; s < sg->n; s++)
+        for (int r = sg->off[s]; r < sg->off[s] + sg->len[s]; r++)
+            for (int d = 0; d < D; d++) x[(int64_t)r * D + d] += gate[s * stride + d] * y[(int64_t)r * D + d];
+}
+
+/* ---------------------------------------------------------------- blocks */
+/* Attention of a block: xn [S, D] -> a->ao [S, D].
+ * q, k, v = to_q/k/v(xn) -> [S, H, hd]; RMSNorm of each head of q and k; interleaved 3-axis
+ * RoPE (cos_, sin_: [S, hd/2]); softmax(q kᵀ / sqrt(hd)) v within each segment; to_out.0. */
+static void attention_forward(const zi_dit *m, const dit_block *b, const segs *sg, const float *cos_,
+                              const float *sin_, block_acts *a) {
+    int S = segs_rows(sg), D = m->c.dim, H = m->c.n_heads, hd = m->c.head_dim;
+    zi_lin_forward(&b->to_q, a->xn, S, b->norm_q ? a->q0 : a->q);
+    zi_lin_forward(&b->to_k, a->xn, S, b->norm_k ? a->k0 : a->k);
+    zi_lin_forward(&b->to_v, a->xn, S, a->v);
+    if (b->norm_q) zi_rmsnorm(a->q, a->q0, b->norm_q, (int64_t)S * H, hd, QK_NORM_EPS);
+    if (b->norm_k) zi_rmsnorm(a->k, a->k0, b->norm_k, (int64_t)S * H, hd, QK_NORM_EPS);
+    zi_rope_interleaved(a->q, D, S, H, hd, cos_, sin_);
+    zi_rope_interleaved(a->k, D, S, H, hd, cos_, sin_);
+    float scale = 1.0f / sqrtf((float)hd);
+    for (int s = 0; s < sg->n; s++) {
+        int64_t o = (int64_t)sg->off[s] * D;
+        int n = sg->len[s];
+        zi_attention(a->o + o, D, a->q + o, D, a->k + o, D, a->v + o, D, n, n, H, H, hd, scale, 0, n,
+                     a->lse + (int64_t)sg->off[s] * H);
+    }
+    zi_lin_forward(&b->to_out, a->o, S, a->ao);
+}
+
+/* SwiGLU feed-forward: fn [S, D] -> a->f = w2(silu(w1 fn) ⊙ w3 fn) [S, D]. */
+static void feed_forward(const dit_block *b, int S, block_acts *a) {
+    zi_lin_forward(&b->w1, a->fn, S, a->h1);
+    zi_lin_forward(&b->w3, a->fn, S, a->h3);
+    zi_silu_mul(a->g, a->h1, a->h3, (int64_t)S * b->ffn);
+    zi_lin_forward(&b->w2, a->g, S, a->f);
+}
+
+/* One ZImageTransformerBlock on the packed sequence x [S, D] (updated in place).
+ * Modulated (temb [B, A]: one row per segment):
+ *   x += tanh(gate_msa) ⊙ attention_norm2(Attention(attention_norm1(x) ⊙ (1 + scale_msa)))
+ *   x += tanh(gate_mlp) ⊙ ffn_norm2(FFN(ffn_norm1(x) ⊙ (1 + scale_mlp)))
+ * Not modulated (context refiners): the same without scales and gates.
+ * "Sandwich" norms: every branch is normalised on its way in and on its way out. */
+static void block_forward(const zi_dit *m, const dit_block *b, float *x, const segs *sg, const float *temb,
+                          const float *cos_, const float *sin_, block_acts *a) {
+    int S = segs_rows(sg), D = m->c.dim;
+    float eps = m->c.norm_eps;
+    const float *mod = NULL;
+    if (b->modulated) {
+        /* adaLN_modulation.0(temb) = [scale_msa | gate_msa | scale_mlp | gate_mlp]: no shifts */
+        zi_lin_forward(&b->ada, temb, sg->n, a->mod);
+        for (int s = 0; s < sg->n; s++) {
+            float *ms = a->mod + (int64_t)s * 4 * D;
+            for (int d = 0; d < D; d++) {
+                ms[d] = 1.0f + ms[d];
+                ms[D + d] = tanhf(ms[D + d]);
+                ms[2 * D + d] = 1.0f + ms[2 * D + d];
+                ms[3 * D + d] = tanhf(ms[3 * D + d]);
+            }
+        }
+        mod = a->mod;
+    }
+    zi_rmsnorm(a->xn, x, b->attn_norm1, S, D, eps);
+    if (mod) mul_rows(a->xn, sg, D, mod, 4 * D);
+    attention_forward(m, b, sg, cos_, sin_, a);
+    zi_rmsnorm(a->an, a->ao, b->attn_norm2, S, D, eps);
+    add_rows(x, a->an, sg, D, mod ? mod + D : NULL, 4 * D);
+
+    zi_rmsnorm(a->fn, x, b->ffn_norm1, S, D, eps);
+    if (mod) mul_rows(a->fn, sg, D, mod + 2 * D, 4 * D);
+    feed_forward(b, S, a);
+    zi_rmsnorm(a->fo, a->f, b->ffn_norm2, S, D, eps);
+    add_rows(x, a->fo, sg, D, mod ? mod + 3 * D : NULL, 4 * D);
+}
+
+/* --dump: the block's output for the first item ([its rows, D]), as diffusers' block hooks. */
+static void dump_block(const zi_dit *m, const dit_block *b, const float *x, const segs *sg) {
+    if (!zi_dump_active()) return;
+    char name[64];
+    snprintf(name, sizeof name, "dit.block.%s", b->name);
+    zi_dump(name, 2, (const int64_t[]){ sg->len[0], m->c.dim }, x + (int64_t)sg->off[0] * m->c.dim);
+}
+
+/* ---------------------------------------------------------------- embedders */
+/* Timestep embedder: temb[b] = mlp.2(SiLU(mlp.0([cos(s·f), sin(s·f)]))), s = t·t_scale,
+ * f_k = exp(−ln(10000)·k / half), all in float32 as torch computes it.  -> temb [B, A] */
+static void t_embed(const zi_dit *m, int B, const float *t, float *temb) {
+    int half = m->t_freq / 2, mid = (int)m->t_mlp0.W.rows;
+    float *e = zi_malloc((size_t)B * m->t_freq * sizeof(float));
+    float *hmid = zi_malloc((size_t)B * mid * sizeof(float));
+    const float neg_log_period = (float)-log(T_MAX_PERIOD);
+    for (int b = 0; b < B; b++) {
+        float s = t[b] * m->c.t_scale;
+        for (int k = 0; k < half; k++) {
+            float f = expf(neg_log_period * (float)k / (float)half);
+            e[(int64_t)b * m->t_freq + k] = cosf(s * f);
+            e[(int64_t)b * m->t_freq + half + k] = sinf(s * f);
+        }
+    }
+    zi_lin_forward(&m->t_mlp0, e, B, hmid);
+    zi_silu(hmid, hmid, (int64_t)B * mid);
+    zi_lin_forward(&m->t_mlp2, hmid, B, temb);
+    free(e);
+    free(hmid);
+}
+
+/* Patch vector of token (i, j): vec[(ph·p + pw)·C + c] = x[c, 0, i·p + ph, j·p + pw]
+ * (channel fastest; the frame patch is 1).  x [C, 1, h, w] -> P [Ht·Wt, p·p·C] */
+static void patchify(float *P, const float *x, int C, int h, int w, int p) {
+    int Ht = h / p, Wt = w / p;
+    for (int i = 0; i < Ht; i++)
+        for (int j = 0; j < Wt; j++)
+            for (int ph = 0; ph < p; ph++)
+                for (int pw = 0; pw < p; pw++)
+                    for (int c = 0; c < C; c++)
+                        P[((int64_t)(i * Wt + j) * p * p + ph * p + pw) * C + c] =
+                            x[((int64_t)c * h + i * p + ph) * w + j * p + pw];
+}
+
+/* The inverse: Y [Ht·Wt, p·p·C] -> out [C, 1, h, w]. */
+static void unpatchify(float *out, const float *Y, int C, int h, int w, int p) {
+    int Ht = h / p, Wt = w / p;
+    for (int i = 0; i < Ht; i++)
+        for (int j = 0; j < Wt; j++)
+            for (int ph = 0; ph < p; ph++)
+                for (int pw = 0; pw < p; pw++)
+                    for (int c = 0; c < C; c++)
+                        out[((int64_t)c * h + i * p + ph) * w + j * p + pw] =
+                            Y[((int64_t)(i * Wt + j) * p * p + ph * p + pw) * C + c];
+}
+
+/* Per-token RoPE rows: cos_/sin_ [S, hd/2] = the three axes' table rows of the token's
+ * position ids (pos [S, 3]), concatenated. */
+static void rope_rows(const zi_dit *m, const int *pos, int S, float *cos_, float *sin_) {
+    int hh = m->c.head_dim / 2;
+    for (int r = 0; r < S; r++) {
+        int at = 0;
+        for (int a = 0; a < 3; a++) {
+            int half = m->c.axes_dims[a] / 2;
+            size_t src = (size_t)pos[r * 3 + a] * half;
+            memcpy(cos_ + (size_t)r * hh + at, m->rope_cos[a] + src, half * sizeof(float));
+            memcpy(sin_ + (size_t)r * hh + at, m->rope_sin[a] + src, half * sizeof(float));
+            at += half;
+        }
+    }
+}
+
+static int round_up(int n, int k) { return (n + k - 1) / k * k; }
+
+/* ---------------------------------------------------------------- forward */
+/* Checks the inputs, then fills the three stages' segments: image (Ni rounded up to 32),
+ * caption (L rounded up to 32), unified (image then caption). */
+static int plan(const zi_dit *m, int B, const float *const *x, const int *h, const int *w, const float *t,
+                const float *const *cap, const int *L, float *const *out, segs *sx, segs *sc, segs *su) {
+    const zi_dit_cfg *c = &m->c;
+    if (B < 1 || !x || !h || !w || !t || !cap || !L || !out) {
+        zi_seterr("dit: bad batch (B = %d)", B);
+        return -1;
+    }
+    int64_t rows = 0;
+    for (int b = 0; b < B; b++) {
+        if (!x[b] || !cap[b] || !out[b]) {
+            zi_seterr("dit: item %d: missing latent, caption or output", b);
+            return -1;
+        }
+        if (h[b] < c->patch || w[b] < c->patch || h[b] % c->patch || w[b] % c->patch) {
+            zi_seterr("dit: item %d: latent %dx%d is not a positive multiple of the patch size %d", b, h[b], w[b],
+                      c->patch);
+            return -1;
+        }
+        if (L[b] < 1 || L[b] > 1 << 24) {
+            zi_seterr("dit: item %d: caption length %d (must be at least 1)", b, L[b]);
+            return -1;
+        }
+        /* position ids index the RoPE tables: caption 1..Lc, image (Lc + 1, i, j) */
+        int Ht = h[b] / c->patch, Wt = w[b] / c->patch, Lc = round_up(L[b], SEQ_MULTI_OF);
+        if (Lc + 1 >= c->axes_lens[0] || Ht > c->axes_lens[1] || Wt > c->axes_lens[2]) {
+            zi_seterr("dit: item %d: positions past axes_lens [%d, %d, %d] (padded caption %d + 1, token grid %dx%d)",
+                      b, c->axes_lens[0], c->axes_lens[1], c->axes_lens[2], Lc, Ht, Wt);
+            return -1;
+        }
+        rows += round_up(Ht * Wt, SEQ_MULTI_OF) + Lc;
+        if (rows > 1 << 28) {
+            zi_seterr("dit: batch too large (%lld tokens)", (long long)rows);
+            return -1;
+        }
+    }
+    *sx = segs_new(B); *sc = segs_new(B); *su = segs_new(B);
+    for (int b = 0; b < B; b++) {
+        sx->len[b] = round_up((h[b] / c->patch) * (w[b] / c->patch), SEQ_MULTI_OF);
+        sc->len[b] = round_up(L[b], SEQ_MULTI_OF);
+        su->len[b] = sx->len[b] + sc->len[b];
+        if (b) {
+            sx->off[b] = sx->off[b - 1] + sx->len[b - 1];
+            sc->off[b] = sc->off[b - 1] + sc->len[b - 1];
+            su->off[b] = su->off[b - 1] + su->len[b - 1];
+        }
+    }
+    return 0;
+}
+
+/* Image tokens: X [Sx, D] = x_embedder(patches), pad rows = x_pad_token;
+ * position ids (Lc + 1, i, j), pads (0, 0, 0). */
+static void embed_image(const zi_dit *m, int B, const float *const *x, const int *h, const int *w, const segs *sx,
+                        const segs *sc, float *X, int *pos) {
+    int p = m->c.patch, C = m->c.in_channels, D = m->c.dim, pdim = (int)m->x_emb.W.cols, S = segs_rows(sx);
+    float *P = zi_calloc((size_t)S * pdim, sizeof(float));
+    memset(pos, 0, (size_t)S * 3 * sizeof(int));
+    for (int b = 0; b < B; b++) {
+        int Wt = w[b] / p, Ni = (h[b] / p) * Wt;
+        patchify(P + (int64_t)sx->off[b] * pdim, x[b], C, h[b], w[b], p);
+        for (int n = 0; n < Ni; n++) {
+            int *id = pos + (int64_t)(sx->off[b] + n) * 3;
+            id[0] = sc->len[b] + 1;
+            id[1] = n / Wt;
+            id[2] = n % Wt;
+        }
+    }
+    zi_lin_forward(&m->x_emb, P, S, X);
+    for (int b = 0; b < B; b++)
+        for (int n = (h[b] / p) * (w[b] / p); n < sx->len[b]; n++)
+            memcpy(X + (int64_t)(sx->off[b] + n) * D, m->x_pad, D * sizeof(float));
+    free(P);
+}
+
+/* Caption tokens: Cc [Sc, D] = cap_embedder.1(RMSNorm(cap)), pad rows = cap_pad_token;
+ * position ids (k + 1, 0, 0) for every row k, pads included. */
+static void embed_caption(const zi_dit *m, int B, const float *const *cap, const int *L, const segs *sc, float *Cc,
+                          int *pos) {
+    int cd = m->c.cap_feat_dim, D = m->c.dim, S = segs_rows(sc);
+    float *Cin = zi_calloc((size_t)S * cd, sizeof(float));
+    for (int b = 0; b < B; b++) {
+        memcpy(Cin + (int64_t)sc->off[b] * cd, cap[b], (size_t)L[b] * cd * sizeof(float));
+        for (int k = 0; k < sc->len[b]; k++) {
+            int *id = pos + (int64_t)(sc->off[b] + k) * 3;
+            id[0] = k + 1;
+            id[1] = id[2] = 0;
+        }
+    }
+    zi_rmsnorm(Cin, Cin, m->cap_norm, S, cd, m->c.norm_eps);
+    zi_lin_forward(&m->cap_lin, Cin, S, Cc);
+    for (int b = 0; b < B; b++)
+        for (int k = L[b]; k < sc->len[b]; k++)
+            memcpy(Cc + (int64_t)(sc->off[b] + k) * D, m->cap_pad, D * sizeof(float));
+    free(Cin);
+}
+
+/* Final layer on the real image rows of each item (pads dropped):
+ * Y = linear(LayerNorm(U) ⊙ (1 + adaLN_modulation.1(SiLU(temb)))), LayerNorm without affine.
+ * sy: the items' Ni rows packed.  -> Y [ΣNi, p·p·C] */
+static void final_forward(const zi_dit *m, const float *U, const segs *su, const segs *sy, const float *temb,
+                          float *Y) {
+    int B = su->n, D = m->c.dim, A = m->c.adaln_dim, S = segs_rows(sy);
+    float *G = zi_malloc((size_t)S * D * sizeof(float));
+    float *Gn = zi_malloc((size_t)S * D * sizeof(float));
+    float *st = zi_malloc((size_t)B * A * sizeof(float));
+    float *scale = zi_malloc((size_t)B * D * sizeof(float));
+    for (int b = 0; b < B; b++)
+        memcpy(G + (int64_t)sy->off[b] * D, U + (int64_t)su->off[b] * D, (size_t)sy->len[b] * D * sizeof(float));
+    zi_layernorm(Gn, G, NULL, NULL, S, D, FINAL_LN_EPS);
+    zi_silu(st, temb, (int64_t)B * A);
+    zi_lin_forward(&m->final_ada, st, B, scale);
+    for (int64_t i = 0; i < (int64_t)B * D; i++) scale[i] = 1.0f + scale[i];
+    mul_rows(Gn, sy, D, scale, D);
+    zi_lin_forward(&m->final_lin, Gn, S, Y);
+    free(G); free(Gn); free(st); free(scale);
+}
+
+/* A stage: the blocks in order over the packed sequence x, with RoPE rows from pos. */
+static void run_stage(const zi_dit *m, const dit_block *blocks, int n, float *x, const segs *sg, const int *pos,
+                      const float *temb, block_acts *a) {
+    int S = segs_rows(sg), hh = m->c.head_dim / 2;
+    float *cos_ = zi_malloc((size_t)S * hh * sizeof(float)), *sin_ = zi_malloc((size_t)S * hh * sizeof(float));
+    rope_rows(m, pos, S, cos_, sin_);
+    for (int i = 0; i < n; i++) {
+        block_forward(m, &blocks[i], x, sg, temb, cos_, sin_, a);
+        dump_block(m, &blocks[i], x, sg);
+    }
+    free(cos_);
+    free(sin_);
+}
+
+int zi_dit_forward(const zi_dit *m, int B, const float *const *x, const int *h, const int *w, const float *t,
+                   const float *const *cap, const int *L, float *const *out) {
+    segs sx, sc, su;
+    if (plan(m, B, x, h, w, t, cap, L, out, &sx, &sc, &su)) return -1;
+    const zi_dit_cfg *c = &m->c;
+    int D = c->dim, p = c->patch, Sx = segs_rows(&sx), Sc = segs_rows(&sc), Su = segs_rows(&su);
+    float *temb = zi_malloc((size_t)B * c->adaln_dim * sizeof(float));
+    t_embed(m, B, t, temb);
+    block_acts a;
+    acts_alloc(&a, B, Su, D, m->ffn_max, c->n_heads);
+
+    float *X = zi_malloc((size_t)Sx * D * sizeof(float));
+    int *posx = zi_malloc((size_t)Sx * 3 * sizeof(int));
+    embed_image(m, B, x, h, w, &sx, &sc, X, posx);
+    run_stage(m, m->noise_ref, c->n_refiner_layers, X, &sx, posx, temb, &a);
+
+    float *Cc = zi_malloc((size_t)Sc * D * sizeof(float));
+    int *posc = zi_malloc((size_t)Sc * 3 * sizeof(int));
+    embed_caption(m, B, cap, L, &sc, Cc, posc);
+    run_stage(m, m->ctx_ref, c->n_refiner_layers, Cc, &sc, posc, NULL, &a);
+
+    /* unified sequence: per item its image rows, then its caption rows */
+    float *U = zi_malloc((size_t)Su * D * sizeof(float));
+    int *posu = zi_malloc((size_t)Su * 3 * sizeof(int));
+    for (int b = 0; b < B; b++) {
+        int64_t u = su.off[b], nx = sx.len[b], nc = sc.len[b];
+        memcpy(U + u * D, X + (int64_t)sx.off[b] * D, nx * D * sizeof(float));
+        memcpy(U + (u + nx) * D, Cc + (int64_t)sc.off[b] * D, nc * D * sizeof(float));
+        memcpy(posu + u * 3, posx + (int64_t)sx.off[b] * 3, nx * 3 * sizeof(int));
+        memcpy(posu + (u + nx) * 3, posc + (int64_t)sc.off[b] * 3, nc * 3 * sizeof(int));
+    }
+    free(X); free(posx); free(Cc); free(posc);
+    run_stage(m, m->layers, c->n_layers, U, &su, posu, temb, &a);
+    acts_free(&a);
+
+    segs sy = segs_new(B);
+    for (int b = 0; b < B; b++) {
+        sy.len[b] = (h[b] / p) * (w[b] / p);
+        if (b) sy.off[b] = sy.off[b - 1] + sy.len[b - 1];
+    }
+    int pdim = (int)m->final_lin.W.rows;
+    float *Y = zi_malloc((size_t)segs_rows(&sy) * pdim * sizeof(float));
+    final_forward(m, U, &su, &sy, temb, Y);
+    for (int b = 0; b < B; b++) unpatchify(out[b], Y + (int64_t)sy.off[b] * pdim, c->in_channels, h[b], w[b], p);
+    free(Y); free(U); free(posu); free(temb);
+    segs_free(&sx); segs_free(&sc); segs_free(&su); segs_free(&sy);
+    return 0;
+}
