@@ -677,15 +677,25 @@ static int check_pipeline(const zj *root, const char *file) {
     return 0;
 }
 
-/* Vocab look-up while loading: open addressing of member indices of model.vocab. */
-typedef struct { const zj *vocab; int32_t *slot; uint64_t mask; } vocab_map;
+/* Vocab look-up while loading: open addressing of model.vocab members. A slot keeps the high
+ * half of the hash beside the member index, so that probing rarely touches the strings. */
+typedef struct { uint32_t tag; int32_t k; } vocab_slot;
+typedef struct { const zj *vocab; vocab_slot *slot; uint64_t mask; } vocab_map;
+
+/* The slot of s[0..n): where it is, or the empty slot where it would go (k < 0). */
+static vocab_slot *vocab_slot_of(const vocab_map *v, const char *s, size_t n) {
+    uint64_t h = hash_bytes(s, n);
+    uint32_t tag = (uint32_t)(h >> 32);
+    for (uint64_t i = h & v->mask;; i = (i + 1) & v->mask) {
+        vocab_slot *e = &v->slot[i];
+        if (e->k < 0) { e->tag = tag; return e; }
+        if (e->tag == tag && v->vocab->keylens[e->k] == n && !memcmp(v->vocab->keys[e->k], s, n)) return e;
+    }
+}
 
 static int32_t vocab_get(const vocab_map *v, const char *s, size_t n) {
-    for (uint64_t i = hash_bytes(s, n) & v->mask;; i = (i + 1) & v->mask) {
-        int32_t k = v->slot[i];
-        if (k < 0) return -1;
-        if (v->vocab->keylens[k] == n && !memcmp(v->vocab->keys[k], s, n)) return (int32_t)v->vocab->kids[k].num;
-    }
+    const vocab_slot *e = vocab_slot_of(v, s, n);
+    return e->k < 0 ? -1 : (int32_t)v->vocab->kids[e->k].num;
 }
 
 static int load_merges(zi_tokenizer *t, const vocab_map *v, const zj *merges, const char *file) {
@@ -732,20 +742,32 @@ static int load_merges(zi_tokenizer *t, const vocab_map *v, const zj *merges, co
     return rc;
 }
 
-static int load_added(zi_tokenizer *t, const zj *list, const char *file) {
-    int n = list ? list->n : 0;
+/* Added tokens get their ids as HF assigns them (the "id" field is not used): the vocab id of
+ * their text when it is in the vocab, else the next id after the vocab (its entry count). A text
+ * listed twice is one token; its last flags win. */
+static int load_added(zi_tokenizer *t, const vocab_map *v, const zj *list, const char *file) {
+    int n = list ? list->n : 0, next = v->vocab->n;
+    const zj **text = zi_calloc((size_t)n + 1, sizeof *text);      /* the text of added[k] */
     t->added = zi_calloc((size_t)n + 1, sizeof *t->added);
+    int rc = 0;
     for (int i = 0; i < n; i++) {
-        const zj *o = &list->kids[i];
-        const zj *content = zj_get(o, "content");
-        double id = zj_num(o, "id", -1);
-        if (!content || content->type != ZJ_STR || id < 0 || id > INT32_MAX - 1 || id != (int32_t)id) {
-            zi_seterr("%s: added_tokens[%d] needs an \"id\" and a \"content\"", file, i);
-            return -1;
+        const zj *o = &list->kids[i], *content = zj_get(o, "content");
+        if (!content || content->type != ZJ_STR) {
+            zi_seterr("%s: added_tokens[%d] has no \"content\"", file, i);
+            rc = -1;
+            break;
         }
         if (!content->len) continue;            /* HF ignores empty added tokens */
-        added_token *a = &t->added[t->n_added++];
-        a->id = (int32_t)id;
+        int k = 0;
+        while (k < t->n_added && !(text[k]->len == content->len && !memcmp(text[k]->str, content->str, content->len))) k++;
+        added_token *a = &t->added[k];
+        if (k == t->n_added) {                  /* a new text */
+            int32_t id = vocab_get(v, content->str, content->len);
+            a->id = id >= 0 ? id : next++;
+            text[t->n_added++] = content;
+        } else {
+            free(a->content);
+        }
         a->single_word = zj_bool(o, "single_word", 0);
         a->lstrip = zj_bool(o, "lstrip", 0);
         a->rstrip = zj_bool(o, "rstrip", 0);
@@ -758,7 +780,8 @@ static int load_added(zi_tokenizer *t, const zj *list, const char *file) {
         a->len = c.n;
         if (a->id >= t->n_ids) t->n_ids = a->id + 1;
     }
-    return 0;
+    free(text);
+    return rc;
 }
 
 /* Decoding table: the bytes of every id (added tokens: their matched text). */
@@ -803,7 +826,7 @@ static int load_json(zi_tokenizer *t, const zj *root, const char *file) {
     uint64_t cap = 16;
     while (cap < 2 * (uint64_t)vocab->n) cap *= 2;
     v.slot = zi_malloc(cap * sizeof *v.slot);
-    memset(v.slot, -1, cap * sizeof *v.slot);
+    for (uint64_t i = 0; i < cap; i++) v.slot[i].k = -1;
     v.mask = cap - 1;
     int rc = 0;
     for (int k = 0; k < vocab->n && !rc; k++) {
@@ -813,14 +836,13 @@ static int load_json(zi_tokenizer *t, const zj *root, const char *file) {
             rc = -1;
             break;
         }
-        if (vocab_get(&v, vocab->keys[k], vocab->keylens[k]) >= 0) {
+        vocab_slot *e = vocab_slot_of(&v, vocab->keys[k], vocab->keylens[k]);
+        if (e->k >= 0) {
             zi_seterr("%s: vocab entry \"%s\" is repeated", file, vocab->keys[k]);
             rc = -1;
             break;
         }
-        uint64_t i = hash_bytes(vocab->keys[k], vocab->keylens[k]) & v.mask;
-        while (v.slot[i] >= 0) i = (i + 1) & v.mask;
-        v.slot[i] = k;
+        e->k = k;
         if ((int32_t)id >= t->n_ids) t->n_ids = (int32_t)id + 1;
     }
     if (!rc) rc = load_merges(t, &v, merges, file);
@@ -828,8 +850,8 @@ static int load_json(zi_tokenizer *t, const zj *root, const char *file) {
         uint8_t buf[4];
         t->byte_id[b] = vocab_get(&v, (char *)buf, (size_t)utf8_put(buf, byte_char(b)));
     }
+    if (!rc) rc = load_added(t, &v, zj_get(root, "added_tokens"), file);
     free(v.slot);
-    if (!rc) rc = load_added(t, zj_get(root, "added_tokens"), file);
     if (!rc) build_decoder(t, vocab);
     return rc;
 }

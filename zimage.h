@@ -61,7 +61,21 @@ char *zi_tok_decode(const zi_tokenizer *t, const int32_t *ids, int n, size_t *le
 int zi_tok_n_ids(const zi_tokenizer *t);        /* 1 + the largest id */
 
 
-/* ================================================================ qwen3.c */
+/* ================================================================ qwen3.c
+ * The Qwen3 text encoder as Z-Image uses it: token embeddings, then the first
+ * num_hidden_layers - 1 decoder layers; the result is HF's hidden_states[-2] (no final norm).
+ * te_dir: the text_encoder directory (config.json + safetensors, sharded or not). Weights stay
+ * in the mmap'd checkpoint; zi_te_free() unmaps them so the DiT can use the memory. */
+typedef struct zi_te zi_te;
+zi_te *zi_te_load(const char *te_dir);
+/* ids [L] -> malloc'd [L, zi_te_dim(te)] float32; NULL (error set) on an id out of range.
+ * While a dump is active, records te.hidden.K (K = 0: embeddings, K = layers run). */
+float *zi_te_encode(zi_te *te, const int32_t *ids, int L);
+int zi_te_dim(const zi_te *te);
+/* The Linear layers, for LoRA: i = 0 .. count-1 (names as "layers.N.self_attn.q_proj"),
+ * NULL past the end. */
+zi_lin *zi_te_lin(zi_te *te, int i);
+void zi_te_free(zi_te *te);
 
 
 /* ================================================================ dit.c
@@ -378,6 +392,9 @@ typedef struct {
 zi_params zi_params_default(void);  /* the Turbo defaults: 1024², 8 steps, cfg 1, euler */
 /* Runs the pipeline; returns the image [3, H, W] in [0, 1] (malloc'd) or NULL. */
 float *zi_generate(const char *model_dir, const zi_params *p);
+/* MODEL_DIR/transformer with p's LoRAs applied at run time (loras[p->n_lora] receives them;
+ * free them with zi_lora_free, last first, before zi_dit_free). NULL on error. */
+zi_dit *zi_load_dit(const char *model_dir, const zi_params *p, zi_lora **loras);
 /* zi_generate, then a PNG at path with the settings in its "parameters" text chunk. */
 int zi_generate_png(const char *model_dir, const zi_params *p, const char *path);
 
