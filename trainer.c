@@ -337,7 +337,6 @@ static void lora_finish(zi_train_lora *t) {
         a->dA = t->g + off;
         a->dB = t->g + off + na;
         a->rank = m->rank;
-        if (!a->scale) a->scale = 1.0f;
         zi_lora_adapter **tail = &t->lin[i]->lora;
         while (*tail) tail = &(*tail)->next;
         *tail = a;
@@ -356,6 +355,7 @@ zi_train_lora *zi_train_lora_new(zi_lin *const *lins, int nlins, const char *tar
         t->lin[k] = lins[i];
         t->lora.m[k] = (zi_lora_module){ .name = zi_strdup(lins[i]->name), .rank = rank, .in = (int)lins[i]->W.cols,
                                          .out = (int)lins[i]->W.rows, .alpha = (float)rank };
+        t->ad[k].scale = 1.0f;
         k++;
     }
     lora_finish(t);
@@ -489,9 +489,9 @@ void zi_adamw(float *w, const float *g, float *m, float *v, int64_t n, int64_t s
     zi_parallel_for(n, 65536, adamw_range, &c);
 }
 
-void zi_train_lora_step(zi_train_lora *t, double lr) {
+void zi_train_lora_step(zi_train_lora *t, double lr, double weight_decay) {
     t->step++;
-    zi_adamw(t->w, t->g, t->m, t->v, t->n_params, t->step, zi_train_lr(lr, t->step), 0.9, 0.999, 1e-8, 0.01);
+    zi_adamw(t->w, t->g, t->m, t->v, t->n_params, t->step, zi_train_lr(lr, t->step), 0.9, 0.999, 1e-8, weight_decay);
 }
 
 /* ================================================================ loss */
