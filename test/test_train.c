@@ -217,7 +217,7 @@ TEST(train_state_round_trip) {
     CHECK(t, "%s", zi_err());
     for (int s = 0; s < 3; s++) {
         for (int64_t i = 0; i < t->n_params; i++) t->g[i] = sinf((float)(i + 7 * s));
-        zi_train_lora_step(t, 1e-3);
+        zi_train_lora_step(t, 1e-3, 0.01);
     }
     for (int64_t i = 0; i < t->n_params; i++) t->g[i] = cosf((float)i);   /* a partial accumulation */
     zi_train_pos pos = {.sample = 11, .loss_sum = 1.25, .partial = 1}, back;
