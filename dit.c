@@ -58,6 +58,8 @@ struct zi_dit {
     float *rope_cos[3], *rope_sin[3];   /* axis a: [axes_lens[a], axes_dims[a] / 2] */
     zi_lin **lins;                  /* every Linear, in checkpoint order of modules */
     int nlin;
+    struct dit_train *tr;           /* training state (zi_dit_set_training); NULL for inference.
+                                       Not const through a const zi_dit: the forward fills it */
 };
 
 /* ---------------------------------------------------------------- loading */
@@ -281,6 +283,7 @@ void zi_dit_free(zi_dit *m) {
     free(m->noise_ref); free(m->ctx_ref); free(m->layers);
     free(m->cap_norm); free(m->x_pad); free(m->cap_pad);
     for (int a = 0; a < 3; a++) { free(m->rope_cos[a]); free(m->rope_sin[a]); }
+    zi_dit_set_training(m, 0, 0);
     zi_st_close(m->st);
     free(m);
 }
@@ -364,19 +367,32 @@ static void add_rows(float *x, const float *y, const segs *sg, int D, const floa
 }
 
 /* ---------------------------------------------------------------- blocks */
+/* q, k [S, H, hd] = RoPE(RMSNorm of each head of q0, k0), or RoPE(q0), RoPE(k0) without
+ * qk_norm (cos_, sin_: [S, hd/2]). */
+static void qk_norm_rope(const zi_dit *m, const dit_block *b, int S, const float *cos_, const float *sin_,
+                         const float *q0, const float *k0, float *q, float *k) {
+    int D = m->c.dim, H = m->c.n_heads, hd = m->c.head_dim;
+    if (b->norm_q) {
+        zi_rmsnorm(q, q0, b->norm_q, (int64_t)S * H, hd, QK_NORM_EPS);
+        zi_rmsnorm(k, k0, b->norm_k, (int64_t)S * H, hd, QK_NORM_EPS);
+    } else {
+        memcpy(q, q0, (size_t)S * D * sizeof(float));
+        memcpy(k, k0, (size_t)S * D * sizeof(float));
+    }
+    zi_rope_interleaved(q, D, S, H, hd, cos_, sin_);
+    zi_rope_interleaved(k, D, S, H, hd, cos_, sin_);
+}
+
 /* Attention of a block: xn [S, D] -> a->ao [S, D].
  * q, k, v = to_q/k/v(xn) -> [S, H, hd]; RMSNorm of each head of q and k; interleaved 3-axis
  * RoPE (cos_, sin_: [S, hd/2]); softmax(q kᵀ / sqrt(hd)) v within each segment; to_out.0. */
 static void attention_forward(const zi_dit *m, const dit_block *b, const segs *sg, const float *cos_,
                               const float *sin_, block_acts *a) {
     int S = segs_rows(sg), D = m->c.dim, H = m->c.n_heads, hd = m->c.head_dim;
-    zi_lin_forward(&b->to_q, a->xn, S, b->norm_q ? a->q0 : a->q);
-    zi_lin_forward(&b->to_k, a->xn, S, b->norm_k ? a->k0 : a->k);
+    zi_lin_forward(&b->to_q, a->xn, S, a->q0);
+    zi_lin_forward(&b->to_k, a->xn, S, a->k0);
     zi_lin_forward(&b->to_v, a->xn, S, a->v);
-    if (b->norm_q) zi_rmsnorm(a->q, a->q0, b->norm_q, (int64_t)S * H, hd, QK_NORM_EPS);
-    if (b->norm_k) zi_rmsnorm(a->k, a->k0, b->norm_k, (int64_t)S * H, hd, QK_NORM_EPS);
-    zi_rope_interleaved(a->q, D, S, H, hd, cos_, sin_);
-    zi_rope_interleaved(a->k, D, S, H, hd, cos_, sin_);
+    qk_norm_rope(m, b, S, cos_, sin_, a->q0, a->k0, a->q, a->k);
     float scale = 1.0f / sqrtf((float)hd);
     for (int s = 0; s < sg->n; s++) {
         int64_t o = (int64_t)sg->off[s] * D;
@@ -442,21 +458,25 @@ static void dump_block(const zi_dit *m, const dit_block *b, const float *x, cons
 }
 
 /* ---------------------------------------------------------------- embedders */
-/* Timestep embedder: temb[b] = mlp.2(SiLU(mlp.0([cos(s·f), sin(s·f)]))), s = t·t_scale,
- * f_k = exp(−ln(10000)·k / half), all in float32 as torch computes it.  -> temb [B, A] */
+/* The timestep sinusoid e [t_freq] = [cos(s·f), sin(s·f)], s = t·t_scale,
+ * f_k = exp(−ln(10000)·k / half), all in float32 as torch computes it. */
+static void t_sinusoid(const zi_dit *m, float t, float *e) {
+    int half = m->t_freq / 2;
+    const float neg_log_period = (float)-log(T_MAX_PERIOD);
+    float s = t * m->c.t_scale;
+    for (int k = 0; k < half; k++) {
+        float f = expf(neg_log_period * (float)k / (float)half);
+        e[k] = cosf(s * f);
+        e[half + k] = sinf(s * f);
+    }
+}
+
+/* Timestep embedder: temb[b] = mlp.2(SiLU(mlp.0(sinusoid(t[b])))).  -> temb [B, A] */
 static void t_embed(const zi_dit *m, int B, const float *t, float *temb) {
-    int half = m->t_freq / 2, mid = (int)m->t_mlp0.W.rows;
+    int mid = (int)m->t_mlp0.W.rows;
     float *e = zi_malloc((size_t)B * m->t_freq * sizeof(float));
     float *hmid = zi_malloc((size_t)B * mid * sizeof(float));
-    const float neg_log_period = (float)-log(T_MAX_PERIOD);
-    for (int b = 0; b < B; b++) {
-        float s = t[b] * m->c.t_scale;
-        for (int k = 0; k < half; k++) {
-            float f = expf(neg_log_period * (float)k / (float)half);
-            e[(int64_t)b * m->t_freq + k] = cosf(s * f);
-            e[(int64_t)b * m->t_freq + half + k] = sinf(s * f);
-        }
-    }
+    for (int b = 0; b < B; b++) t_sinusoid(m, t[b], e + (int64_t)b * m->t_freq);
     zi_lin_forward(&m->t_mlp0, e, B, hmid);
     zi_silu(hmid, hmid, (int64_t)B * mid);
     zi_lin_forward(&m->t_mlp2, hmid, B, temb);
@@ -506,6 +526,90 @@ static void rope_rows(const zi_dit *m, const int *pos, int S, float *cos_, float
 }
 
 static int round_up(int n, int k) { return (n + k - 1) / k * k; }
+
+/* ---------------------------------------------------------------- training: what the forward keeps
+ * With zi_dit_set_training on, the forward (B = 1) keeps what zi_dit_backward reads. Per block
+ * that is the compact set below; everything else the backward needs (the norms' outputs, q and
+ * k after QK-norm and RoPE, silu(h1)⊙h3, the residual stream between the two halves) is
+ * recomputed from it with row-wise operations, cheap next to the GEMMs. With gradient
+ * checkpointing only each block's input x is kept and the block's forward is run again on the
+ * way back. Per block of S tokens (D = dim, F = FFN width, H = heads), in floats:
+ *   kept:                   S·(7D + 2F + H) + 4D     (x, q0, k0, v, o, ao, f; h1, h3; lse; mod)
+ *   gradient checkpointing: S·D
+ * Each block's set is freed as soon as its backward is done. */
+typedef struct {
+    float *x;                   /* [S, D] the block's input (the residual stream before it) */
+    float *mod;                 /* [4D] as block_acts (modulated blocks), else NULL */
+    float *q0, *k0, *v;         /* [S, D] to_q(xn), to_k(xn), to_v(xn) */
+    float *o, *ao, *f;          /* [S, D] attention output, to_out.0(o), w2(g) */
+    float *h1, *h3;             /* [S, F] w1(fn), w3(fn) */
+    float *lse;                 /* [H, S] log-sum-exp of the attention */
+} block_saved;
+
+/* One stage (noise refiners, context refiners or main layers) of a B = 1 training forward. */
+typedef struct {
+    int S;                      /* rows of the stage's sequence */
+    segs sg;                    /* its one segment */
+    float *cos_, *sin_;         /* [S, hd/2] RoPE rows */
+    block_saved *blk;           /* one per block */
+} stage_saved;
+
+typedef struct dit_train {
+    int ckpt;                   /* gradient checkpointing */
+    int ready;                  /* a training forward's activations are held */
+    float t;                    /* the forward's inputs: time, */
+    int h, w, L;                /* latent size, caption length, */
+    float *x, *cap;             /* latent [C, 1, h, w], caption [L, cap_feat_dim] (copies) */
+    float *temb;                /* [A] timestep embedding */
+    stage_saved st[3];          /* noise refiners, context refiners, main layers */
+    float *U;                   /* [Su, D] output of the last layer: input of the final layer */
+} dit_train;
+
+static float *dup_floats(const float *x, size_t n) {
+    return memcpy(zi_malloc(n * sizeof(float)), x, n * sizeof(float));
+}
+
+static void saved_free(block_saved *v) {
+    float *p[] = { v->x, v->mod, v->q0, v->k0, v->v, v->o, v->ao, v->f, v->h1, v->h3, v->lse };
+    for (size_t i = 0; i < sizeof p / sizeof p[0]; i++) free(p[i]);
+    memset(v, 0, sizeof *v);
+}
+
+/* After block_forward: copy what the backward reads out of the shared activations. */
+static void keep_acts(const zi_dit *m, const dit_block *b, block_saved *v, const block_acts *a, int S) {
+    size_t sd = (size_t)S * m->c.dim, sf = (size_t)S * b->ffn;
+    if (b->modulated) v->mod = dup_floats(a->mod, 4 * (size_t)m->c.dim);
+    v->q0 = dup_floats(a->q0, sd); v->k0 = dup_floats(a->k0, sd); v->v = dup_floats(a->v, sd);
+    v->o = dup_floats(a->o, sd); v->ao = dup_floats(a->ao, sd); v->f = dup_floats(a->f, sd);
+    v->h1 = dup_floats(a->h1, sf); v->h3 = dup_floats(a->h3, sf);
+    v->lse = dup_floats(a->lse, (size_t)S * m->c.n_heads);
+}
+
+/* Drops a training forward's activations (the state stays on). */
+static void train_release(const zi_dit *m, dit_train *tr) {
+    int nb[3] = { m->c.n_refiner_layers, m->c.n_refiner_layers, m->c.n_layers };
+    for (int s = 0; s < 3; s++) {
+        stage_saved *st = &tr->st[s];
+        for (int i = 0; st->blk && i < nb[s]; i++) saved_free(&st->blk[i]);
+        free(st->blk); free(st->cos_); free(st->sin_);
+        if (st->sg.off) segs_free(&st->sg);
+        memset(st, 0, sizeof *st);
+    }
+    free(tr->x); free(tr->cap); free(tr->temb); free(tr->U);
+    tr->x = tr->cap = tr->temb = tr->U = NULL;
+    tr->ready = 0;
+}
+
+void zi_dit_set_training(zi_dit *m, int on, int gradient_checkpointing) {
+    if (m->tr) train_release(m, m->tr);
+    if (!on) {
+        free(m->tr);
+        m->tr = NULL;
+        return;
+    }
+    if (!m->tr) m->tr = zi_calloc(1, sizeof *m->tr);
+    m->tr->ckpt = gradient_checkpointing;
+}
 
 /* ---------------------------------------------------------------- forward */
 /* Checks the inputs, then fills the three stages' segments: image (Ni rounded up to 32),
@@ -626,40 +730,61 @@ static void final_forward(const zi_dit *m, const float *U, const segs *su, const
     free(G); free(Gn); free(st); free(scale);
 }
 
-/* A stage: the blocks in order over the packed sequence x, with RoPE rows from pos. */
+/* A stage: the blocks in order over the packed sequence x, with RoPE rows from pos.
+ * keep (training, B = 1): receives the RoPE rows, each block's input and, without gradient
+ * checkpointing, its activations. */
 static void run_stage(const zi_dit *m, const dit_block *blocks, int n, float *x, const segs *sg, const int *pos,
-                      const float *temb, block_acts *a) {
+                      const float *temb, block_acts *a, stage_saved *keep) {
     int S = segs_rows(sg), hh = m->c.head_dim / 2;
     float *cos_ = zi_malloc((size_t)S * hh * sizeof(float)), *sin_ = zi_malloc((size_t)S * hh * sizeof(float));
     rope_rows(m, pos, S, cos_, sin_);
+    if (keep) {
+        *keep = (stage_saved){ S, segs_new(1), cos_, sin_, zi_calloc(n, sizeof(block_saved)) };
+        keep->sg.len[0] = S;
+    }
     for (int i = 0; i < n; i++) {
+        if (keep) keep->blk[i].x = dup_floats(x, (size_t)S * m->c.dim);
         block_forward(m, &blocks[i], x, sg, temb, cos_, sin_, a);
+        if (keep && !m->tr->ckpt) keep_acts(m, &blocks[i], &keep->blk[i], a, S);
         dump_block(m, &blocks[i], x, sg);
     }
-    free(cos_);
-    free(sin_);
+    if (!keep) {
+        free(cos_);
+        free(sin_);
+    }
 }
 
 int zi_dit_forward(const zi_dit *m, int B, const float *const *x, const int *h, const int *w, const float *t,
                    const float *const *cap, const int *L, float *const *out) {
     segs sx, sc, su;
+    dit_train *tr = m->tr;
+    if (tr && B != 1) {
+        zi_seterr("dit: training runs one item at a time (B = %d)", B);
+        return -1;
+    }
     if (plan(m, B, x, h, w, t, cap, L, out, &sx, &sc, &su)) return -1;
     const zi_dit_cfg *c = &m->c;
     int D = c->dim, p = c->patch, Sx = segs_rows(&sx), Sc = segs_rows(&sc), Su = segs_rows(&su);
     float *temb = zi_malloc((size_t)B * c->adaln_dim * sizeof(float));
     t_embed(m, B, t, temb);
+    if (tr) {
+        train_release(m, tr);
+        *tr = (dit_train){ .ckpt = tr->ckpt, .ready = 1, .t = t[0], .h = h[0], .w = w[0], .L = L[0],
+                           .x = dup_floats(x[0], (size_t)c->in_channels * h[0] * w[0]),
+                           .cap = dup_floats(cap[0], (size_t)L[0] * c->cap_feat_dim), .temb = temb };
+    }
     block_acts a;
     acts_alloc(&a, B, Su, D, m->ffn_max, c->n_heads);
 
     float *X = zi_malloc((size_t)Sx * D * sizeof(float));
     int *posx = zi_malloc((size_t)Sx * 3 * sizeof(int));
     embed_image(m, B, x, h, w, &sx, &sc, X, posx);
-    run_stage(m, m->noise_ref, c->n_refiner_layers, X, &sx, posx, temb, &a);
+    run_stage(m, m->noise_ref, c->n_refiner_layers, X, &sx, posx, temb, &a, tr ? &tr->st[0] : NULL);
 
     float *Cc = zi_malloc((size_t)Sc * D * sizeof(float));
     int *posc = zi_malloc((size_t)Sc * 3 * sizeof(int));
     embed_caption(m, B, cap, L, &sc, Cc, posc);
-    run_stage(m, m->ctx_ref, c->n_refiner_layers, Cc, &sc, posc, NULL, &a);
+    run_stage(m, m->ctx_ref, c->n_refiner_layers, Cc, &sc, posc, NULL, &a, tr ? &tr->st[1] : NULL);
 
     /* unified sequence: per item its image rows, then its caption rows */
     float *U = zi_malloc((size_t)Su * D * sizeof(float));
@@ -672,7 +797,7 @@ int zi_dit_forward(const zi_dit *m, int B, const float *const *x, const int *h, 
         memcpy(posu + (u + nx) * 3, posc + (int64_t)sc.off[b] * 3, nc * 3 * sizeof(int));
     }
     free(X); free(posx); free(Cc); free(posc);
-    run_stage(m, m->layers, c->n_layers, U, &su, posu, temb, &a);
+    run_stage(m, m->layers, c->n_layers, U, &su, posu, temb, &a, tr ? &tr->st[2] : NULL);
     acts_free(&a);
 
     segs sy = segs_new(B);
@@ -684,7 +809,280 @@ int zi_dit_forward(const zi_dit *m, int B, const float *const *x, const int *h, 
     float *Y = zi_malloc((size_t)segs_rows(&sy) * pdim * sizeof(float));
     final_forward(m, U, &su, &sy, temb, Y);
     for (int b = 0; b < B; b++) unpatchify(out[b], Y + (int64_t)sy.off[b] * pdim, c->in_channels, h[b], w[b], p);
-    free(Y); free(U); free(posu); free(temb);
+    free(Y); free(posu);
+    if (tr) tr->U = U;              /* the training state owns U and temb now */
+    else { free(U); free(temb); }
     segs_free(&sx); segs_free(&sc); segs_free(&su); segs_free(&sy);
+    return 0;
+}
+
+/* ---------------------------------------------------------------- backward
+ * zi_dit_backward walks the forward in reverse, llm.c style: each x_backward below sits
+ * beside what it inverts in spirit and takes d(output) to d(input), ACCUMULATING into the
+ * input's gradient where the forward's input fed several consumers (the residual stream,
+ * temb). Only LoRA adapters get parameter gradients (through zi_lin_backward); the gradient
+ * still flows through every frozen weight. B = 1: one segment per stage. */
+
+/* Backward of y = u ⊙ v row by row (mul_rows, v_s = vec + s·stride; no vec: y = u):
+ * du = dy ⊙ v_s (du may alias dy), dvec_s += Σ_rows dy ⊙ u, summed over rows in order. */
+static void mul_rows_backward(float *du, float *dvec, const float *dy, const float *u, const segs *sg, int D,
+                              const float *vec, int64_t stride) {
+    int64_t n = (int64_t)segs_rows(sg) * D;
+    if (!vec) {
+        if (du != dy) memcpy(du, dy, n * sizeof(float));
+        return;
+    }
+    for (int s = 0; s < sg->n; s++)
+        for (int r = sg->off[s]; r < sg->off[s] + sg->len[s]; r++)
+            for (int d = 0; d < D; d++) {
+                int64_t i = (int64_t)r * D + d;
+                dvec[s * stride + d] += dy[i] * u[i];
+                du[i] = dy[i] * vec[s * stride + d];
+            }
+}
+
+/* Scratch of one block's backward over S rows: recomputed activations and gradients. */
+typedef struct {
+    float *an, *x1, *fn0, *fn, *xn0, *xn, *q, *k;   /* [S, D] recomputed */
+    float *d0, *d1, *d2, *dq, *dk, *dv;             /* [S, D] gradients */
+    float *g, *dg, *dh3;                            /* [S, F] */
+    float *dmod;                                    /* [4D] */
+    float *dtemb;                                   /* [A] */
+} block_grads;
+
+static void grads_alloc(block_grads *w, int S, int D, int F, int A) {
+    size_t sd = (size_t)S * D * sizeof(float), sf = (size_t)S * F * sizeof(float);
+    float **d[] = { &w->an, &w->x1, &w->fn0, &w->fn, &w->xn0, &w->xn, &w->q, &w->k,
+                    &w->d0, &w->d1, &w->d2, &w->dq, &w->dk, &w->dv };
+    for (size_t i = 0; i < sizeof d / sizeof d[0]; i++) *d[i] = zi_malloc(sd);
+    w->g = zi_malloc(sf); w->dg = zi_malloc(sf); w->dh3 = zi_malloc(sf);
+    w->dmod = zi_malloc(4 * (size_t)D * sizeof(float));
+    w->dtemb = zi_malloc((size_t)A * sizeof(float));
+}
+
+static void grads_free(block_grads *w) {
+    float *p[] = { w->an, w->x1, w->fn0, w->fn, w->xn0, w->xn, w->q, w->k, w->d0, w->d1, w->d2,
+                   w->dq, w->dk, w->dv, w->g, w->dg, w->dh3, w->dmod, w->dtemb };
+    for (size_t i = 0; i < sizeof p / sizeof p[0]; i++) free(p[i]);
+}
+
+/* The FFN half, x2 = x1 + g2 ⊙ ffn_norm2(w2(silu(w1 fn) ⊙ w3 fn)), fn = ffn_norm1(x1) ⊙ ms2:
+ * dx [S, D] holds dL/dx2 on entry and dL/dx1 on return. */
+static void ffn_backward(const zi_dit *m, const dit_block *b, const block_saved *v, const segs *sg,
+                         const float *mod, float *dx, block_grads *w) {
+    int S = segs_rows(sg), D = m->c.dim;
+    int64_t nd = (int64_t)S * D, nf = (int64_t)S * b->ffn;
+    float eps = m->c.norm_eps;
+    /* fo = ffn_norm2(f); dfo = dx2 ⊙ g2, dg2 += Σ dx2 ⊙ fo */
+    zi_rmsnorm(w->d1, v->f, b->ffn_norm2, S, D, eps);
+    mul_rows_backward(w->d0, w->dmod + 3 * D, dx, w->d1, sg, D, mod ? mod + 3 * D : NULL, 4 * D);
+    memset(w->d1, 0, nd * sizeof(float));
+    zi_rmsnorm_backward(w->d1, w->d0, v->f, b->ffn_norm2, S, D, eps);          /* d1 = df */
+    /* f = w2(g), g = silu(h1) ⊙ h3 */
+    zi_silu_mul(w->g, v->h1, v->h3, nf);
+    zi_lin_backward(&b->w2, w->g, w->d1, S, w->dg);                              /* dg */
+    zi_silu_mul_backward(w->dg, w->dh3, w->dg, v->h1, v->h3, nf);               /* dg = dh1 */
+    /* h1 = w1(fn), h3 = w3(fn), fn = ffn_norm1(x1) ⊙ ms2 */
+    zi_rmsnorm(w->fn0, w->x1, b->ffn_norm1, S, D, eps);
+    memcpy(w->fn, w->fn0, nd * sizeof(float));
+    if (mod) mul_rows(w->fn, sg, D, mod + 2 * D, 4 * D);
+    zi_lin_backward(&b->w1, w->fn, w->dg, S, w->d0);
+    zi_lin_backward(&b->w3, w->fn, w->dh3, S, w->d1);
+    zi_add(w->d0, w->d0, w->d1, nd);                                             /* d0 = dfn */
+    mul_rows_backward(w->d0, w->dmod + 2 * D, w->d0, w->fn0, sg, D, mod ? mod + 2 * D : NULL, 4 * D);
+    zi_rmsnorm_backward(dx, w->d0, w->x1, b->ffn_norm1, S, D, eps);              /* dx += */
+}
+
+/* The attention half, x1 = x + g1 ⊙ attention_norm2(to_out(attn(q, k, v))), with q, k, v
+ * from xn = attention_norm1(x) ⊙ ms: dx holds dL/dx1 on entry and dL/dx on return. */
+static void attention_backward(const zi_dit *m, const dit_block *b, const block_saved *v, const segs *sg,
+                               const float *cos_, const float *sin_, const float *mod, float *dx,
+                               block_grads *w) {
+    int S = segs_rows(sg), D = m->c.dim, H = m->c.n_heads, hd = m->c.head_dim;
+    int64_t nd = (int64_t)S * D;
+    float eps = m->c.norm_eps;
+    /* an = attention_norm2(ao) (recomputed by block_backward); dan = dx1 ⊙ g1, dg1 += Σ dx1 ⊙ an */
+    mul_rows_backward(w->d0, w->dmod + D, dx, w->an, sg, D, mod ? mod + D : NULL, 4 * D);
+    memset(w->d1, 0, nd * sizeof(float));
+    zi_rmsnorm_backward(w->d1, w->d0, v->ao, b->attn_norm2, S, D, eps);         /* d1 = dao */
+    zi_lin_backward(&b->to_out, v->o, w->d1, S, w->d0);                          /* d0 = do */
+    /* softmax(q kᵀ / sqrt(hd)) v per segment, with q, k as the attention saw them */
+    qk_norm_rope(m, b, S, cos_, sin_, v->q0, v->k0, w->q, w->k);
+    float scale = 1.0f / sqrtf((float)hd);
+    for (int s = 0; s < sg->n; s++) {
+        int64_t o = (int64_t)sg->off[s] * D;
+        zi_attention_backward(w->dq + o, w->dk + o, w->dv + o, w->q + o, w->k + o, v->v + o, v->o + o,
+                              w->d0 + o, v->lse + (int64_t)sg->off[s] * H, D, sg->len[s], sg->len[s], H, hd, scale);
+    }
+    zi_rope_interleaved_backward(w->dq, D, S, H, hd, cos_, sin_);
+    zi_rope_interleaved_backward(w->dk, D, S, H, hd, cos_, sin_);
+    float *dq0 = w->dq, *dk0 = w->dk;       /* gradients of to_q(xn), to_k(xn) */
+    if (b->norm_q) {
+        memset(w->d1, 0, nd * sizeof(float));
+        memset(w->d2, 0, nd * sizeof(float));
+        zi_rmsnorm_backward(w->d1, w->dq, v->q0, b->norm_q, (int64_t)S * H, hd, QK_NORM_EPS);
+        zi_rmsnorm_backward(w->d2, w->dk, v->k0, b->norm_k, (int64_t)S * H, hd, QK_NORM_EPS);
+        dq0 = w->d1;
+        dk0 = w->d2;
+    }
+    /* q0, k0, v = to_q/k/v(xn), xn = attention_norm1(x) ⊙ ms */
+    zi_rmsnorm(w->xn0, v->x, b->attn_norm1, S, D, eps);
+    memcpy(w->xn, w->xn0, nd * sizeof(float));
+    if (mod) mul_rows(w->xn, sg, D, mod, 4 * D);
+    zi_lin_backward(&b->to_v, w->xn, w->dv, S, w->d0);
+    zi_lin_backward(&b->to_q, w->xn, dq0, S, w->dv);
+    zi_add(w->d0, w->d0, w->dv, nd);
+    zi_lin_backward(&b->to_k, w->xn, dk0, S, w->dv);
+    zi_add(w->d0, w->d0, w->dv, nd);                                             /* d0 = dxn */
+    mul_rows_backward(w->d0, w->dmod, w->d0, w->xn0, sg, D, mod, 4 * D);
+    zi_rmsnorm_backward(dx, w->d0, v->x, b->attn_norm1, S, D, eps);              /* dx += */
+}
+
+/* Backward of block_forward: dx [S, D] holds dL/d(block output) on entry and dL/d(block
+ * input) on return; for modulated blocks dtemb [A] += dL/dtemb through adaLN_modulation. */
+static void block_backward(const zi_dit *m, const dit_block *b, const block_saved *v, const segs *sg,
+                           const float *cos_, const float *sin_, const float *temb, float *dx, float *dtemb,
+                           block_grads *w) {
+    int S = segs_rows(sg), D = m->c.dim, A = m->c.adaln_dim;
+    const float *mod = b->modulated ? v->mod : NULL;
+    memset(w->dmod, 0, 4 * (size_t)D * sizeof(float));
+    /* the residual stream between the halves: x1 = x + g1 ⊙ attention_norm2(ao) */
+    zi_rmsnorm(w->an, v->ao, b->attn_norm2, S, D, m->c.norm_eps);
+    memcpy(w->x1, v->x, (size_t)S * D * sizeof(float));
+    add_rows(w->x1, w->an, sg, D, mod ? mod + D : NULL, 4 * D);
+    ffn_backward(m, b, v, sg, mod, dx, w);
+    attention_backward(m, b, v, sg, cos_, sin_, mod, dx, w);
+    if (!mod) return;
+    /* mod = [1 + s_msa | tanh(g_msa) | 1 + s_mlp | tanh(g_mlp)]: tanh' = 1 − tanh² */
+    for (int d = 0; d < D; d++) {
+        w->dmod[D + d] *= 1.0f - mod[D + d] * mod[D + d];
+        w->dmod[3 * D + d] *= 1.0f - mod[3 * D + d] * mod[3 * D + d];
+    }
+    zi_lin_backward(&b->ada, temb, w->dmod, 1, w->dtemb);
+    for (int i = 0; i < A; i++) dtemb[i] += w->dtemb[i];
+}
+
+/* A stage in reverse: dx [S, D] = dL/d(stage output) -> dL/d(stage input). With gradient
+ * checkpointing each block's forward runs again from its saved input first. Each block's
+ * saved activations are freed after its backward. */
+static void stage_backward(const zi_dit *m, const dit_block *blocks, int n, stage_saved *st, float *dx,
+                           const float *temb, float *dtemb) {
+    int S = st->S, D = m->c.dim;
+    block_grads w;
+    grads_alloc(&w, S, D, m->ffn_max, m->c.adaln_dim);
+    block_acts a;
+    float *xr = NULL;
+    if (m->tr->ckpt) {
+        acts_alloc(&a, 1, S, D, m->ffn_max, m->c.n_heads);
+        xr = zi_malloc((size_t)S * D * sizeof(float));
+    }
+    for (int i = n - 1; i >= 0; i--) {
+        block_saved *v = &st->blk[i], re = *v;
+        if (m->tr->ckpt) {
+            memcpy(xr, v->x, (size_t)S * D * sizeof(float));
+            block_forward(m, &blocks[i], xr, &st->sg, temb, st->cos_, st->sin_, &a);
+            re = (block_saved){ v->x, blocks[i].modulated ? a.mod : NULL, a.q0, a.k0, a.v, a.o, a.ao, a.f,
+                                a.h1, a.h3, a.lse };
+        }
+        block_backward(m, &blocks[i], &re, &st->sg, st->cos_, st->sin_, temb, dx, dtemb, &w);
+        saved_free(v);
+    }
+    if (m->tr->ckpt) {
+        acts_free(&a);
+        free(xr);
+    }
+    grads_free(&w);
+}
+
+/* Backward of final_forward (B = 1): dout [C, 1, h, w] -> dU [Su, D] (image rows, added) and
+ * dtemb [A] (added). The layer's forward is recomputed from U and temb. */
+static void final_backward(const zi_dit *m, const dit_train *tr, const float *dout, float *dU, float *dtemb) {
+    const zi_dit_cfg *c = &m->c;
+    int D = c->dim, A = c->adaln_dim, p = c->patch, pdim = (int)m->final_lin.W.rows;
+    int Ni = (tr->h / p) * (tr->w / p);
+    segs sy = segs_new(1);
+    sy.len[0] = Ni;
+    float *Gn = zi_malloc((size_t)Ni * D * sizeof(float)), *Gm = zi_malloc((size_t)Ni * D * sizeof(float));
+    float *dG = zi_malloc((size_t)Ni * D * sizeof(float));
+    float *st = zi_malloc((size_t)A * sizeof(float)), *dst = zi_malloc((size_t)A * sizeof(float));
+    float *scale = zi_malloc((size_t)D * sizeof(float)), *dscale = zi_calloc(D, sizeof(float));
+    float *dY = zi_malloc((size_t)Ni * pdim * sizeof(float));
+    /* recompute: Gm = LayerNorm(U[:Ni]) ⊙ scale, scale = 1 + adaLN_modulation.1(SiLU(temb)) */
+    zi_layernorm(Gn, tr->U, NULL, NULL, Ni, D, FINAL_LN_EPS);
+    zi_silu(st, tr->temb, A);
+    zi_lin_forward(&m->final_ada, st, 1, scale);
+    for (int d = 0; d < D; d++) scale[d] = 1.0f + scale[d];
+    memcpy(Gm, Gn, (size_t)Ni * D * sizeof(float));
+    mul_rows(Gm, &sy, D, scale, D);
+    /* out = unpatchify(Y): the gradient of Y is dout patchified */
+    patchify(dY, dout, c->in_channels, tr->h, tr->w, p);
+    zi_lin_backward(&m->final_lin, Gm, dY, Ni, dG);                /* dG = dGm */
+    mul_rows_backward(dG, dscale, dG, Gn, &sy, D, scale, D);        /* dG = dGn */
+    zi_layernorm_backward(dU, dG, tr->U, NULL, Ni, D, FINAL_LN_EPS);
+    zi_lin_backward(&m->final_ada, st, dscale, 1, dst);
+    zi_silu_backward(dst, dst, tr->temb, A);
+    for (int i = 0; i < A; i++) dtemb[i] += dst[i];
+    free(Gn); free(Gm); free(dG); free(st); free(dst); free(scale); free(dscale); free(dY);
+    segs_free(&sy);
+}
+
+/* Backward of embed_image (B = 1): dX [Sx, D] -> the x_embedder's adapters. The pad rows hold
+ * x_pad_token, a constant here: only the Ni real rows reach the embedder. */
+static void embed_image_backward(const zi_dit *m, const dit_train *tr, const float *dX) {
+    int p = m->c.patch, Ni = (tr->h / p) * (tr->w / p), pdim = (int)m->x_emb.W.cols;
+    float *P = zi_malloc((size_t)Ni * pdim * sizeof(float));
+    patchify(P, tr->x, m->c.in_channels, tr->h, tr->w, p);
+    zi_lin_backward(&m->x_emb, P, dX, Ni, NULL);
+    free(P);
+}
+
+/* Backward of embed_caption (B = 1): dC [Sc, D] -> cap_embedder.1's adapters (the RMSNorm
+ * before it has no trainable part; pad rows are cap_pad_token). */
+static void embed_caption_backward(const zi_dit *m, const dit_train *tr, const float *dC) {
+    int cd = m->c.cap_feat_dim;
+    float *Cin = zi_malloc((size_t)tr->L * cd * sizeof(float));
+    zi_rmsnorm(Cin, tr->cap, m->cap_norm, tr->L, cd, m->c.norm_eps);
+    zi_lin_backward(&m->cap_lin, Cin, dC, tr->L, NULL);
+    free(Cin);
+}
+
+/* Backward of t_embed (B = 1): dtemb [A] -> the timestep MLP's adapters. */
+static void t_embed_backward(const zi_dit *m, float t, const float *dtemb) {
+    int mid = (int)m->t_mlp0.W.rows;
+    float *e = zi_malloc((size_t)m->t_freq * sizeof(float));
+    float *hmid = zi_malloc((size_t)mid * sizeof(float)), *smid = zi_malloc((size_t)mid * sizeof(float));
+    float *dmid = zi_malloc((size_t)mid * sizeof(float));
+    t_sinusoid(m, t, e);
+    zi_lin_forward(&m->t_mlp0, e, 1, hmid);
+    zi_silu(smid, hmid, mid);
+    zi_lin_backward(&m->t_mlp2, smid, dtemb, 1, dmid);
+    zi_silu_backward(dmid, dmid, hmid, mid);
+    zi_lin_backward(&m->t_mlp0, e, dmid, 1, NULL);
+    free(e); free(hmid); free(smid); free(dmid);
+}
+
+int zi_dit_backward(zi_dit *m, const float *dout) {
+    dit_train *tr = m->tr;
+    if (!tr || !tr->ready) {
+        zi_seterr("dit: backward without a training forward (zi_dit_set_training, then zi_dit_forward)");
+        return -1;
+    }
+    const zi_dit_cfg *c = &m->c;
+    int D = c->dim, Sx = tr->st[0].S, Su = tr->st[2].S;
+    float *dtemb = zi_calloc(c->adaln_dim, sizeof(float));
+    float *dU = zi_calloc((size_t)Su * D, sizeof(float));
+    final_backward(m, tr, dout, dU, dtemb);
+    stage_backward(m, m->layers, c->n_layers, &tr->st[2], dU, tr->temb, dtemb);
+    /* U = [X ; Cc]: the image rows' gradient goes to the noise refiners, the rest to the
+     * context refiners */
+    float *dX = dU, *dC = dU + (int64_t)Sx * D;
+    stage_backward(m, m->ctx_ref, c->n_refiner_layers, &tr->st[1], dC, NULL, NULL);
+    embed_caption_backward(m, tr, dC);
+    stage_backward(m, m->noise_ref, c->n_refiner_layers, &tr->st[0], dX, tr->temb, dtemb);
+    embed_image_backward(m, tr, dX);
+    t_embed_backward(m, tr->t, dtemb);
+    free(dtemb);
+    free(dU);
+    train_release(m, tr);
     return 0;
 }

@@ -33,6 +33,33 @@ void zi_lin_forward(const zi_lin *l, const float *x, int M, float *y) {
     }
 }
 
+/* The backward of zi_lin_forward for dy [M, out] at input x [M, in]:
+ *   dx  = dy·W + Σ scale·(dy·B)·A              (written; skipped when dx is NULL)
+ *   dB += scale·dyᵀ·(x·Aᵀ)     [out, rank]     for adapters with gradient buffers
+ *   dA += scale·(dy·B)ᵀ·x      [rank, in]
+ * The sums over the M rows are GEMM reductions in a fixed order: the same bits for any
+ * thread count. Adapters without dA/dB are frozen but still pass the gradient on to dx. */
+void zi_lin_backward(const zi_lin *l, const float *x, const float *dy, int M, float *dx) {
+    int in = (int)l->W.cols, out = (int)l->W.rows;
+    if (dx) zi_gemm(0, 0, M, in, out, 1.0f, dy, out, l->W.data, l->W.dtype, in, 0.0f, dx, in);
+    for (const zi_lora_adapter *a = l->lora; a; a = a->next) {
+        int train = a->dA && a->dB;
+        if (!train && !dx) continue;
+        /* u = dy·B [M, rank] */
+        float *u = zi_malloc((size_t)M * a->rank * sizeof(float));
+        zi_gemm(0, 0, M, a->rank, out, 1.0f, dy, out, a->B, ZI_F32, a->rank, 0.0f, u, a->rank);
+        if (dx) zi_gemm(0, 0, M, in, a->rank, a->scale, u, a->rank, a->A, ZI_F32, in, 1.0f, dx, in);
+        if (train) {
+            float *h = zi_malloc((size_t)M * a->rank * sizeof(float));
+            zi_gemm(0, 1, M, a->rank, in, 1.0f, x, in, a->A, ZI_F32, in, 0.0f, h, a->rank);
+            zi_gemm(1, 0, out, a->rank, M, a->scale, dy, out, h, ZI_F32, a->rank, 1.0f, a->dB, a->rank);
+            zi_gemm(1, 0, a->rank, in, M, a->scale, u, a->rank, x, ZI_F32, in, 1.0f, a->dA, in);
+            free(h);
+        }
+        free(u);
+    }
+}
+
 /* ---------------------------------------------------------------- key names */
 /* Prefixes that only say which model the key belongs to. */
 static const char *const prefixes[] = {

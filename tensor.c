@@ -912,3 +912,216 @@ void zi_rope_half(float *x, int64_t ld, int S, int H, int D, const float *cos_, 
     rope_job r = { x, ld, H, D, 1, cos_, sin_ };
     zi_parallel_for(S, 16, rope_rows, &r);
 }
+
+/* ---------------------------------------------------------------- backward kernels (training)
+ * The row kernels recompute each row's statistics exactly as the forward does and sum in
+ * double; elementwise kernels are independent per element; attention is two passes over
+ * fixed tiles. Every result depends only on its index: the same bits for any thread count. */
+typedef struct {
+    float *dx; const float *dy, *x, *w;
+    int64_t dim;
+    float eps;
+} row_bw_job;
+
+/* y = w ⊙ x·r with r = 1/sqrt(mean(x²) + eps):
+ *   dx = r·(w ⊙ dy) − x · r³ · Σ_j(w_j dy_j x_j) / dim */
+static void rmsnorm_bw_rows(void *ctx, int64_t begin, int64_t end) {
+    const row_bw_job *r = ctx;
+    for (int64_t i = begin; i < end; i++) {
+        const float *x = r->x + i * r->dim, *dy = r->dy + i * r->dim;
+        float *dx = r->dx + i * r->dim;
+        double ss = 0, dot = 0;
+        for (int64_t j = 0; j < r->dim; j++) ss += (double)x[j] * x[j];
+        float inv = 1.0f / sqrtf((float)(ss / r->dim) + r->eps);
+        for (int64_t j = 0; j < r->dim; j++) dot += (double)(r->w ? r->w[j] * dy[j] : dy[j]) * x[j];
+        float c = (float)(dot / r->dim) * inv * inv * inv;
+        for (int64_t j = 0; j < r->dim; j++) dx[j] += inv * (r->w ? r->w[j] * dy[j] : dy[j]) - c * x[j];
+    }
+}
+
+void zi_rmsnorm_backward(float *dx, const float *dy, const float *x, const float *w,
+                         int64_t rows, int dim, float eps) {
+    row_bw_job r = { dx, dy, x, w, dim, eps };
+    zi_parallel_for(rows, 1 + 16384 / (dim + 1), rmsnorm_bw_rows, &r);
+}
+
+/* y = x̂ ⊙ w + b with x̂ = (x − mean)·rstd, g = w ⊙ dy:
+ *   dx = rstd · (g − mean(g) − x̂ · mean(g ⊙ x̂)) */
+static void layernorm_bw_rows(void *ctx, int64_t begin, int64_t end) {
+    const row_bw_job *r = ctx;
+    for (int64_t i = begin; i < end; i++) {
+        const float *x = r->x + i * r->dim, *dy = r->dy + i * r->dim;
+        float *dx = r->dx + i * r->dim, mean, rstd;
+        moments(x, r->dim, r->eps, &mean, &rstd);
+        double sg = 0, sgx = 0;
+        for (int64_t j = 0; j < r->dim; j++) {
+            float g = r->w ? r->w[j] * dy[j] : dy[j];
+            sg += g;
+            sgx += (double)g * ((x[j] - mean) * rstd);
+        }
+        float mg = (float)(sg / r->dim), mgx = (float)(sgx / r->dim);
+        for (int64_t j = 0; j < r->dim; j++) {
+            float g = r->w ? r->w[j] * dy[j] : dy[j];
+            dx[j] += rstd * (g - mg - (x[j] - mean) * rstd * mgx);
+        }
+    }
+}
+
+void zi_layernorm_backward(float *dx, const float *dy, const float *x, const float *w,
+                           int64_t rows, int dim, float eps) {
+    row_bw_job r = { dx, dy, x, w, dim, eps };
+    zi_parallel_for(rows, 1 + 16384 / (dim + 1), layernorm_bw_rows, &r);
+}
+
+/* silu(x) = x·s with s = sigmoid(x); silu'(x) = s·(1 + x·(1 − s)) */
+typedef struct { float *da, *db; const float *dy, *a, *b; } silu_bw_job;
+
+static void silu_bw_range(void *ctx, int64_t begin, int64_t end) {
+    const silu_bw_job *e = ctx;
+    for (int64_t i = begin; i < end; i++) {
+        float a = e->a[i], s = 1.0f / (1.0f + expf(-a)), dy = e->dy[i];
+        if (e->b) {
+            e->db[i] = dy * a * s;
+            dy *= e->b[i];
+        }
+        e->da[i] = dy * s * (1.0f + a * (1.0f - s));
+    }
+}
+
+void zi_silu_backward(float *dx, const float *dy, const float *x, int64_t n) {
+    silu_bw_job e = { dx, NULL, dy, x, NULL };
+    zi_parallel_for(n, EW_GRAIN, silu_bw_range, &e);
+}
+
+void zi_silu_mul_backward(float *dgate, float *dup, const float *dy, const float *gate, const float *up,
+                          int64_t n) {
+    silu_bw_job e = { dgate, dup, dy, gate, up };
+    zi_parallel_for(n, EW_GRAIN, silu_bw_range, &e);
+}
+
+/* The forward rotates each pair by +θ; its transpose rotates by −θ. */
+static void rope_bw_rows(void *ctx, int64_t begin, int64_t end) {
+    const rope_job *r = ctx;
+    int P = r->D / 2;
+    for (int64_t t = begin; t < end; t++) {
+        const float *c = r->c + t * P, *s = r->s + t * P;
+        for (int h = 0; h < r->H; h++) {
+            float *x = r->x + t * r->ld + (int64_t)h * r->D;
+            for (int m = 0; m < P; m++) {
+                float a = x[2 * m], b = x[2 * m + 1];
+                x[2 * m] = a * c[m] + b * s[m];
+                x[2 * m + 1] = b * c[m] - a * s[m];
+            }
+        }
+    }
+}
+
+void zi_rope_interleaved_backward(float *dx, int64_t ld, int S, int H, int D, const float *cos_,
+                                  const float *sin_) {
+    rope_job r = { dx, ld, H, D, 0, cos_, sin_ };
+    zi_parallel_for(S, 16, rope_bw_rows, &r);
+}
+
+/* Attention backward. Tiles: ATT_BQ queries x ATT_BK keys, as the forward. */
+typedef struct {
+    float *dq, *dk, *dv;
+    const float *q, *k, *v, *dout, *lse, *Di;
+    int64_t ld;
+    int Sq, Sk, H, D, nqb, nkb;
+    float scale;
+} att_bw_args;
+
+/* For head h, queries q0..q0+bq and keys j0..j0+bk: P = exp(scale·q·kᵀ − lse) and
+ * dS = P ∘ (dO·Vᵀ − D) into the [ATT_BQ, ATT_BK] tiles P and dS. */
+static void att_bw_tile(const att_bw_args *a, int h, int q0, int bq, int j0, int bk, float *P, float *dS) {
+    int64_t hq = (int64_t)q0 * a->ld + (int64_t)h * a->D, hk = (int64_t)j0 * a->ld + (int64_t)h * a->D;
+    gemm_args qk = { 0, 1, bq, bk, a->D, a->scale, 0.0f, a->q + hq, a->ld, a->k + hk, ZI_F32, a->ld, P, ATT_BK };
+    gemm_tile(&qk, 0, bq, 0, bk);
+    gemm_args dp = { 0, 1, bq, bk, a->D, 1.0f, 0.0f, a->dout + hq, a->ld, a->v + hk, ZI_F32, a->ld, dS, ATT_BK };
+    gemm_tile(&dp, 0, bq, 0, bk);
+    for (int i = 0; i < bq; i++) {
+        float lse = a->lse[(int64_t)h * a->Sq + q0 + i], di = a->Di[(int64_t)h * a->Sq + q0 + i];
+        for (int j = 0; j < bk; j++) {
+            float p = expf(P[i * ATT_BK + j] - lse);
+            P[i * ATT_BK + j] = p;
+            dS[i * ATT_BK + j] = p * (dS[i * ATT_BK + j] - di);
+        }
+    }
+}
+
+/* Pass 1, one task per (head, key block): dV = Σ_q Pᵀ·dO, dK = scale·Σ_q dSᵀ·Q. */
+static void att_bw_keys(void *ctx, int64_t begin, int64_t end) {
+    const att_bw_args *a = ctx;
+    int D = a->D;
+    float *P = scratch(2, 2 * (size_t)ATT_BQ * ATT_BK + 2 * (size_t)ATT_BK * D);
+    float *dS = P + ATT_BQ * ATT_BK, *dK = dS + ATT_BQ * ATT_BK, *dV = dK + (size_t)ATT_BK * D;
+    for (int64_t t = begin; t < end; t++) {
+        int h = (int)(t / a->nkb), j0 = (int)(t % a->nkb) * ATT_BK;
+        int bk = a->Sk - j0 < ATT_BK ? a->Sk - j0 : ATT_BK;
+        memset(dK, 0, 2 * (size_t)ATT_BK * D * sizeof(float));
+        for (int q0 = 0; q0 < a->Sq; q0 += ATT_BQ) {
+            int bq = a->Sq - q0 < ATT_BQ ? a->Sq - q0 : ATT_BQ;
+            int64_t hq = (int64_t)q0 * a->ld + (int64_t)h * D;
+            att_bw_tile(a, h, q0, bq, j0, bk, P, dS);
+            gemm_args pv = { 1, 0, bk, D, bq, 1.0f, 1.0f, P, ATT_BK, a->dout + hq, ZI_F32, a->ld, dV, D };
+            gemm_tile(&pv, 0, bk, 0, D);
+            gemm_args sq = { 1, 0, bk, D, bq, a->scale, 1.0f, dS, ATT_BK, a->q + hq, ZI_F32, a->ld, dK, D };
+            gemm_tile(&sq, 0, bk, 0, D);
+        }
+        for (int j = 0; j < bk; j++) {
+            int64_t at = (int64_t)(j0 + j) * a->ld + (int64_t)h * D;
+            memcpy(a->dk + at, dK + (size_t)j * D, D * sizeof(float));
+            memcpy(a->dv + at, dV + (size_t)j * D, D * sizeof(float));
+        }
+    }
+}
+
+/* Pass 2, one task per (head, query block): dQ = scale·Σ_k dS·K. */
+static void att_bw_queries(void *ctx, int64_t begin, int64_t end) {
+    const att_bw_args *a = ctx;
+    int D = a->D;
+    float *P = scratch(2, 2 * (size_t)ATT_BQ * ATT_BK + (size_t)ATT_BQ * D);
+    float *dS = P + ATT_BQ * ATT_BK, *dQ = dS + ATT_BQ * ATT_BK;
+    for (int64_t t = begin; t < end; t++) {
+        int h = (int)(t / a->nqb), q0 = (int)(t % a->nqb) * ATT_BQ;
+        int bq = a->Sq - q0 < ATT_BQ ? a->Sq - q0 : ATT_BQ;
+        memset(dQ, 0, (size_t)ATT_BQ * D * sizeof(float));
+        for (int j0 = 0; j0 < a->Sk; j0 += ATT_BK) {
+            int bk = a->Sk - j0 < ATT_BK ? a->Sk - j0 : ATT_BK;
+            att_bw_tile(a, h, q0, bq, j0, bk, P, dS);
+            gemm_args sk = { 0, 0, bq, D, bk, a->scale, 1.0f, dS, ATT_BK,
+                             a->k + (int64_t)j0 * a->ld + (int64_t)h * D, ZI_F32, a->ld, dQ, D };
+            gemm_tile(&sk, 0, bq, 0, D);
+        }
+        for (int i = 0; i < bq; i++)
+            memcpy(a->dq + (int64_t)(q0 + i) * a->ld + (int64_t)h * D, dQ + (size_t)i * D, D * sizeof(float));
+    }
+}
+
+/* D_i = Σ_d dO[i, h, d]·O[i, h, d], one task per query row. */
+typedef struct { float *Di; const float *o, *dout; int64_t ld; int Sq, H, D; } att_di_job;
+
+static void att_di_rows(void *ctx, int64_t begin, int64_t end) {
+    const att_di_job *j = ctx;
+    for (int64_t i = begin; i < end; i++)
+        for (int h = 0; h < j->H; h++) {
+            const float *o = j->o + i * j->ld + (int64_t)h * j->D, *g = j->dout + i * j->ld + (int64_t)h * j->D;
+            double s = 0;
+            for (int d = 0; d < j->D; d++) s += (double)o[d] * g[d];
+            j->Di[(int64_t)h * j->Sq + i] = (float)s;
+        }
+}
+
+void zi_attention_backward(float *dq, float *dk, float *dv, const float *q, const float *k,
+                           const float *v, const float *o, const float *dout, const float *lse,
+                           int64_t ld, int Sq, int Sk, int H, int D, float scale) {
+    if (Sq <= 0 || Sk <= 0 || H <= 0) return;
+    float *Di = zi_malloc((size_t)H * Sq * sizeof(float));
+    att_di_job dj = { Di, o, dout, ld, Sq, H, D };
+    zi_parallel_for(Sq, 16, att_di_rows, &dj);
+    att_bw_args a = { dq, dk, dv, q, k, v, dout, lse, Di, ld, Sq, Sk, H, D,
+                      (Sq + ATT_BQ - 1) / ATT_BQ, (Sk + ATT_BK - 1) / ATT_BK, scale };
+    zi_parallel_for((int64_t)H * a.nkb, 1, att_bw_keys, &a);
+    zi_parallel_for((int64_t)H * a.nqb, 1, att_bw_queries, &a);
+    free(Di);
+}

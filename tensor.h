@@ -122,4 +122,35 @@ void zi_scale(float *y, const float *x, float s, int64_t n);
 void zi_rope_interleaved(float *x, int64_t ld, int S, int H, int D, const float *cos_, const float *sin_);
 void zi_rope_half(float *x, int64_t ld, int S, int H, int D, const float *cos_, const float *sin_);
 
+/* ---------------------------------------------------------------- backward kernels (training)
+ * Gradients of the kernels above with respect to their inputs (weights of norms are frozen:
+ * no gradient for them). Shapes as in the forward. Deterministic for any thread count: every
+ * output element is computed by one task, in a fixed order. */
+/* dx += dL/dx of y = zi_rmsnorm(x, w) given dy (rows x dim). w may be NULL. */
+void zi_rmsnorm_backward(float *dx, const float *dy, const float *x, const float *w,
+                         int64_t rows, int dim, float eps);
+/* dx += dL/dx of y = zi_layernorm(x, w, b) given dy. w may be NULL (b needs no gradient). */
+void zi_layernorm_backward(float *dx, const float *dy, const float *x, const float *w,
+                           int64_t rows, int dim, float eps);
+/* y = silu(x): dx = dy·silu'(x) (written; dx may alias dy). */
+void zi_silu_backward(float *dx, const float *dy, const float *x, int64_t n);
+/* y = silu(gate)·up: dgate = dy·up·silu'(gate), dup = dy·silu(gate) (written; dgate may alias dy). */
+void zi_silu_mul_backward(float *dgate, float *dup, const float *dy, const float *gate, const float *up,
+                          int64_t n);
+/* The backward of zi_rope_interleaved, in place on the gradient dx [S, H, D] (row stride ld):
+ * the rotation is orthogonal, so the gradient turns back by the same angle. */
+void zi_rope_interleaved_backward(float *dx, int64_t ld, int S, int H, int D, const float *cos_,
+                                  const float *sin_);
+/* The backward of zi_attention without masking (causal = 0, n_keys = Sk) and with as many
+ * key heads as query heads, FlashAttention-2 style: scores are recomputed tile by tile from
+ * q, k and the forward's lse [H, Sq]; with D_i = rowsum(dO ∘ O) and P = exp(scale·q·kᵀ − lse),
+ *   dV = Pᵀ·dO,  dS = P ∘ (dO·Vᵀ − D),  dQ = scale·dS·K,  dK = scale·dSᵀ·Q.
+ * q, o, dout, dq: [Sq, H, D]; k, v, dk, dv: [Sk, H, D]; all with row stride ld. dq, dk, dv are
+ * written. dK/dV are summed over queries by one task per key block, dQ over keys by one
+ * task per query block (scores are recomputed in both passes): no atomics, no thread-count
+ * dependence. */
+void zi_attention_backward(float *dq, float *dk, float *dv, const float *q, const float *k,
+                           const float *v, const float *o, const float *dout, const float *lse,
+                           int64_t ld, int Sq, int Sk, int H, int D, float scale);
+
 #endif

@@ -36,6 +36,9 @@ typedef struct {
 
 /* y[M, out] = x[M, in] · Wᵀ + bias + Σ adapters */
 void zi_lin_forward(const zi_lin *l, const float *x, int M, float *y);
+/* Its backward for dy [M, out]: dx [M, in] = dy·W + Σ scale·(dy·B)·A (written; dx may be NULL),
+ * and for every adapter with dA/dB: dB += scale·dyᵀ·(x·Aᵀ), dA += scale·(dy·B)ᵀ·x. */
+void zi_lin_backward(const zi_lin *l, const float *x, const float *dy, int M, float *dx);
 
 /* ================================================================ tokenizer.c
  * The Qwen2 byte-level BPE tokenizer, read from a Hugging Face tokenizer.json; ids are exactly
@@ -117,6 +120,15 @@ int zi_dit_forward(const zi_dit *m, int B, const float *const *x, const int *h, 
 int zi_dit_nlin(const zi_dit *m);
 zi_lin *zi_dit_lin_at(zi_dit *m, int i);
 zi_lin *zi_dit_linear(zi_dit *m, const char *name);    /* NULL when absent */
+/* Training (LoRA). With on = 1, each zi_dit_forward (B = 1 only) keeps what the backward
+ * needs; with gradient_checkpointing only each block's input, and the block's forward runs
+ * again during the backward. on = 0 frees the state. */
+void zi_dit_set_training(zi_dit *m, int on, int gradient_checkpointing);
+/* After a training forward: dout = dLoss/d(raw output) [C, 1, h, w] of that forward.
+ * Accumulates into dA/dB of every adapter that has them (the others are frozen; the gradient
+ * still flows through them and through every weight), then frees the kept activations.
+ * Returns 0, or -1 when no training forward preceded it. */
+int zi_dit_backward(zi_dit *m, const float *dout);
 
 
 /* ================================================================ vae.c
