@@ -1,10 +1,662 @@
-/* train.c: LoRA training on the CPU (DiffSynth-Studio's train.py flags). */
+/* train.c: LoRA training of the Z-Image DiT on the CPU, scheme 1 of DiffSynth-Studio
+ * (standard SFT, examples/z_image/model_training/train.py), with its flags in kebab-case.
+ *
+ *   ./train MODEL_DIR --dataset-base-path DIR --dataset-metadata-path FILE [options]
+ *   ./train MODEL_DIR --eval IN --eval-out OUT --lora FILE[:STRENGTH]
+ *
+ * A run: read the metadata; encode every image (VAE posterior mean, (mean − shift)·scale) and
+ * prompt (text encoder, hidden_states[−2]) once, cached on disk under OUTPUT/cache; release
+ * the encoders; then train the LoRA on the DiT alone. Each sample: a grid index i uniform in
+ * [0, 1000), σ = grid σ_i, noise n ~ N(0, 1), x_t = (1 − σ)x0 + σn, loss = mean((−DiT(x_t,
+ * 1 − σ) − (n − x0))²)·w_i, gradients accumulated over --gradient-accumulation-steps samples
+ * (the last step of an epoch takes what is left), AdamW + ConstantLR. Checkpoints:
+ * OUTPUT/epoch-K.safetensors after every epoch, OUTPUT/step-N.safetensors every --save-steps
+ * samples (N counts samples, as DiffSynth's logger does) and at the end; each save also
+ * rewrites OUTPUT/training-state.safetensors, from which --resume continues bit for bit. */
 #include "zimage.h"
 
+#include <errno.h>
+#include <limits.h>
+#include <math.h>
 #include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/stat.h>
+
+#define STATE_FILE "training-state.safetensors"
+
+typedef struct {
+    const char *model_dir;
+    const char *base_path, *metadata;
+    int repeat, epochs, accum, rank, height, width, threads, quiet, grad_ckpt;
+    int64_t max_pixels, save_steps;
+    double lr, weight_decay;
+    const char *targets, *lora_checkpoint, *preset_lora, *output, *resume, *save_format;
+    zi_dtype save_dtype;
+    uint64_t seed;
+    const char *eval_in, *eval_out, *eval_lora;
+} options;
+
+/* One training example, encoded: latents x0 [C, h, w] and prompt features cap [L, D]. */
+typedef struct {
+    int h, w, L;
+    float *x0, *cap;
+} sample;
+
+static void usage(void) {
+    fprintf(stderr,
+        "usage: train MODEL_DIR --dataset-base-path DIR --dataset-metadata-path FILE [options]\n"
+        "       train MODEL_DIR --eval IN.safetensors --eval-out OUT.safetensors --lora FILE[:STRENGTH]\n"
+        "  --dataset-repeat N             passes over the data per epoch (1)\n"
+        "  --num-epochs N                 epochs (1)\n"
+        "  --max-pixels N                 largest image area; larger images are scaled down (1048576)\n"
+        "  --height N --width N           train at this fixed size instead (multiples of 16)\n"
+        "  --learning-rate F              AdamW learning rate (1e-4; lr/3 for the first 5 steps)\n"
+        "  --weight-decay F               AdamW weight decay (0.01)\n"
+        "  --gradient-accumulation-steps N  samples per optimizer step (1)\n"
+        "  --lora-target-modules LIST     Linear layers by name suffix (to_q,to_k,to_v,to_out.0,w1,w2,w3)\n"
+        "  --lora-rank N                  (32; alpha = rank)\n"
+        "  --lora-checkpoint FILE         start from this LoRA\n"
+        "  --preset-lora-path FILE        merge this LoRA into the DiT first; not trained, not saved\n"
+        "  --use-gradient-checkpointing   recompute block activations in the backward (less memory)\n"
+        "  --output-path DIR              checkpoints and the encoding cache (./models)\n"
+        "  --save-steps N                 also save step-N.safetensors every N samples\n"
+        "  --save-format diffsynth|diffusers  checkpoint layout (diffsynth)\n"
+        "  --save-dtype bf16|f16|f32      checkpoint dtype (bf16, as DiffSynth)\n"
+        "  --resume DIR|FILE              continue from OUTPUT's training-state.safetensors\n"
+        "  --seed N                       noise, timesteps, shuffling, LoRA init (0)\n"
+        "  -t, --threads N                worker threads (all cores)\n"
+        "  -q                             no progress output\n");
+}
+
+/* ================================================================ options */
+
+static int parse_int64(const char *flag, const char *s, int64_t lo, int64_t *out) {
+    char *end;
+    errno = 0;
+    long long v = strtoll(s, &end, 10);
+    if (errno || *end || end == s || v < lo) {
+        zi_seterr("%s: '%s' is not an integer >= %lld", flag, s, (long long)lo);
+        return -1;
+    }
+    *out = v;
+    return 0;
+}
+
+static int parse_int(const char *flag, const char *s, int lo, int *out) {
+    int64_t v;
+    if (parse_int64(flag, s, lo, &v)) return -1;
+    if (v > INT_MAX) { zi_seterr("%s: '%s' is too large", flag, s); return -1; }
+    *out = (int)v;
+    return 0;
+}
+
+static int parse_double(const char *flag, const char *s, double *out) {
+    char *end;
+    *out = strtod(s, &end);
+    if (*end || end == s || !isfinite(*out) || *out < 0) {
+        zi_seterr("%s: '%s' is not a non-negative number", flag, s);
+        return -1;
+    }
+    return 0;
+}
+
+/* DiffSynth flags that name things we take from MODEL_DIR or do not need; accepted with their
+ * value so that DiffSynth command lines keep working. */
+static const char *const ignored_flags[] = {
+    "--model-paths", "--model-id-with-origin-paths", "--dataset-num-workers", "--data-file-keys",
+    "--remove-prefix-in-ckpt", "--extra-inputs", "--tokenizer-path",
+};
+
+static int parse_args(int argc, char **argv, options *o) {
+    *o = (options){ .repeat = 1, .epochs = 1, .accum = 1, .rank = 32, .max_pixels = 1024 * 1024, .lr = 1e-4,
+                    .weight_decay = 0.01, .targets = "to_q,to_k,to_v,to_out.0,w1,w2,w3", .output = "./models",
+                    .save_format = "diffsynth", .save_dtype = ZI_BF16 };
+    for (int i = 1; i < argc; i++) {
+        char *a = argv[i], *val = NULL;
+        if (a[0] != '-' || !a[1]) {
+            if (o->model_dir) { zi_seterr("unexpected argument '%s'", a); return -1; }
+            o->model_dir = a;
+            continue;
+        }
+        /* --flag=value or --flag value; DiffSynth's snake_case spelling is accepted too */
+        char flag[128];
+        snprintf(flag, sizeof flag, "%s", a);
+        char *eq = strchr(flag, '=');
+        if (eq && flag[1] == '-') { *eq = 0; val = a + (eq - flag) + 1; }
+        for (char *p = flag + 2; *p; p++)
+            if (*p == '_') *p = '-';
+        static const char *const switches[] = {"-q", "--use-gradient-checkpointing", "-h", "--help"};
+        int is_switch = 0;
+        for (size_t k = 0; k < sizeof switches / sizeof switches[0]; k++) is_switch |= !strcmp(flag, switches[k]);
+        if (!is_switch && !val) {
+            if (i + 1 >= argc) { zi_seterr("%s: missing value", flag); return -1; }
+            val = argv[++i];
+        }
+        int64_t v64;
+        int rc = 0;
+        if (!strcmp(flag, "-h") || !strcmp(flag, "--help")) { usage(); exit(0); }
+        else if (!strcmp(flag, "-q")) o->quiet = 1;
+        else if (!strcmp(flag, "--use-gradient-checkpointing")) o->grad_ckpt = 1;
+        else if (!strcmp(flag, "--dataset-base-path")) o->base_path = val;
+        else if (!strcmp(flag, "--dataset-metadata-path")) o->metadata = val;
+        else if (!strcmp(flag, "--dataset-repeat")) rc = parse_int(flag, val, 1, &o->repeat);
+        else if (!strcmp(flag, "--num-epochs")) rc = parse_int(flag, val, 1, &o->epochs);
+        else if (!strcmp(flag, "--gradient-accumulation-steps")) rc = parse_int(flag, val, 1, &o->accum);
+        else if (!strcmp(flag, "--lora-rank")) rc = parse_int(flag, val, 1, &o->rank);
+        else if (!strcmp(flag, "--height")) rc = parse_int(flag, val, 16, &o->height);
+        else if (!strcmp(flag, "--width")) rc = parse_int(flag, val, 16, &o->width);
+        else if (!strcmp(flag, "-t") || !strcmp(flag, "--threads")) rc = parse_int(flag, val, 1, &o->threads);
+        else if (!strcmp(flag, "--max-pixels")) rc = parse_int64(flag, val, 256, &o->max_pixels);
+        else if (!strcmp(flag, "--save-steps")) rc = parse_int64(flag, val, 1, &o->save_steps);
+        else if (!strcmp(flag, "--seed")) { rc = parse_int64(flag, val, 0, &v64); o->seed = (uint64_t)v64; }
+        else if (!strcmp(flag, "--learning-rate")) rc = parse_double(flag, val, &o->lr);
+        else if (!strcmp(flag, "--weight-decay")) rc = parse_double(flag, val, &o->weight_decay);
+        else if (!strcmp(flag, "--lora-target-modules")) o->targets = val;
+        else if (!strcmp(flag, "--lora-checkpoint")) o->lora_checkpoint = val;
+        else if (!strcmp(flag, "--preset-lora-path")) o->preset_lora = val;
+        else if (!strcmp(flag, "--output-path")) o->output = val;
+        else if (!strcmp(flag, "--resume")) o->resume = val;
+        else if (!strcmp(flag, "--save-format")) o->save_format = val;
+        else if (!strcmp(flag, "--eval")) o->eval_in = val;
+        else if (!strcmp(flag, "--eval-out")) o->eval_out = val;
+        else if (!strcmp(flag, "--lora")) o->eval_lora = val;
+        else if (!strcmp(flag, "--save-dtype")) {
+            o->save_dtype = !strcasecmp(val, "f32") ? ZI_F32 : !strcasecmp(val, "f16") ? ZI_F16
+                          : !strcasecmp(val, "bf16") ? ZI_BF16 : ZI_NDTYPES;
+            if (o->save_dtype == ZI_NDTYPES) { zi_seterr("--save-dtype: '%s' is not bf16, f16 or f32", val); rc = -1; }
+        } else if (!strcmp(flag, "--lora-base-model") || !strcmp(flag, "--preset-lora-model")) {
+            if (strcmp(val, "dit")) { zi_seterr("%s: only 'dit' is supported (got '%s')", flag, val); rc = -1; }
+        } else if (!strcmp(flag, "--task")) {
+            if (strcmp(val, "sft")) { zi_seterr("--task: only 'sft' (scheme 1) is implemented (got '%s')", val); rc = -1; }
+        } else {
+            int known = 0;
+            for (size_t k = 0; k < sizeof ignored_flags / sizeof ignored_flags[0]; k++) known |= !strcmp(flag, ignored_flags[k]);
+            if (!known) { zi_seterr("unknown option '%s' (see train --help)", a); return -1; }
+        }
+        if (rc) return -1;
+    }
+    if (!o->model_dir) { zi_seterr("no MODEL_DIR given (see train --help)"); return -1; }
+    if ((o->height > 0) != (o->width > 0)) { zi_seterr("--height and --width go together"); return -1; }
+    if (o->height % 16 || o->width % 16) { zi_seterr("--height/--width: %dx%d is not a multiple of 16", o->width, o->height); return -1; }
+    if (strcmp(o->save_format, "diffsynth") && strcmp(o->save_format, "diffusers")) {
+        zi_seterr("--save-format: '%s' is not diffsynth or diffusers", o->save_format);
+        return -1;
+    }
+    if (!o->eval_in && (!o->base_path || !o->metadata)) {
+        zi_seterr("--dataset-base-path and --dataset-metadata-path are required");
+        return -1;
+    }
+    return 0;
+}
+
+/* ================================================================ files */
+
+static int mkdirs(const char *path) {
+    char *p = zi_strdup(path);
+    for (char *s = p + 1;; s++) {
+        if (*s != '/' && *s) continue;
+        char c = *s;
+        *s = 0;
+        if (mkdir(p, 0777) && errno != EEXIST) {
+            zi_seterr("%s: cannot create directory: %s", p, strerror(errno));
+            free(p);
+            return -1;
+        }
+        if (!c) break;
+        *s = c;
+    }
+    free(p);
+    return 0;
+}
+
+/* os.path.join(base, rel): an absolute rel stands alone */
+static char *join(const char *base, const char *rel) {
+    if (rel[0] == '/' || !base[0]) return zi_strdup(rel);
+    size_t n = strlen(base);
+    return zi_path("%s%s%s", base, base[n - 1] == '/' ? "" : "/", rel);
+}
+
+/* FNV-1a, 64 bits, over a NUL-terminated field (the NUL separates fields) */
+static uint64_t fnv(uint64_t h, const void *data, size_t n) {
+    const unsigned char *p = data;
+    for (size_t i = 0; i < n; i++) h = (h ^ p[i]) * 0x100000001b3ull;
+    return h;
+}
+
+static uint64_t fnv_str(uint64_t h, const char *s) { return fnv(h, s, strlen(s) + 1); }
+
+/* Puts "META: row N: " before the current error (zi_err()'s buffer is reused by zi_seterr). */
+static void row_error(const char *meta, int row) {
+    char *e = zi_strdup(zi_err());
+    zi_seterr("%s: row %d: %s", meta, row, e);
+    free(e);
+}
+
+/* ================================================================ encoding the dataset */
+
+typedef struct {
+    const options *o;
+    char *model;            /* realpath of MODEL_DIR, part of every cache key */
+    zi_tokenizer *tok;
+    zi_te *te;
+    zi_vae *vae;
+} encoders;
+
+/* The cache key of one example: what its latents and features depend on. The image file is
+ * identified by its real path, size and modification time. */
+static uint64_t cache_key(const encoders *e, const char *image, const struct stat *st, const char *prompt) {
+    char *real = realpath(image, NULL), num[160];
+    uint64_t h = fnv_str(0xcbf29ce484222325ull, "zimage.c train cache v1");
+    h = fnv_str(h, e->model);
+    h = fnv_str(h, real ? real : image);
+    snprintf(num, sizeof num, "%lld %lld.%09ld %d %d %lld", (long long)st->st_size, (long long)st->st_mtim.tv_sec,
+             st->st_mtim.tv_nsec, e->o->height, e->o->width, (long long)e->o->max_pixels);
+    h = fnv_str(h, num);
+    free(real);
+    return fnv_str(h, prompt);
+}
+
+static int load_encoders(encoders *e) {
+    if (e->vae) return 0;
+    const char *dir = e->o->model_dir;
+    char *te_dir = zi_path("%s/text_encoder", dir), *vae_dir = zi_path("%s/vae", dir);
+    if (!e->o->quiet) fprintf(stderr, "loading the text encoder and the VAE to encode the dataset\n");
+    e->tok = zi_tok_load(dir);
+    e->te = e->tok ? zi_te_load(te_dir) : NULL;
+    e->vae = e->te ? zi_vae_load(vae_dir) : NULL;
+    free(te_dir);
+    free(vae_dir);
+    return e->vae ? 0 : -1;
+}
+
+static void free_encoders(encoders *e) {
+    zi_vae_free(e->vae);
+    zi_te_free(e->te);
+    zi_tok_free(e->tok);
+    e->vae = NULL; e->te = NULL; e->tok = NULL;
+}
+
+/* DiffSynth's data pipeline for one row: image -> RGB -> training size -> [-1, 1] -> VAE
+ * posterior mean -> (mean − shift)·scale; prompt -> chat template -> text encoder. */
+static int encode(encoders *e, const char *image, const char *prompt, int row, sample *s) {
+    const char *meta = e->o->metadata;
+    zi_image im = {0}, crop = {0};
+    if (zi_image_load(image, &im)) { row_error(meta, row); return -1; }
+    int tw, th;
+    zi_train_size(im.w, im.h, e->o->height, e->o->width, e->o->max_pixels, &tw, &th);
+    if (tw < 16 || th < 16) {
+        zi_seterr("%s: row %d: %s: %dx%d is too small to train on", meta, row, image, im.w, im.h);
+        zi_image_free(&im);
+        return -1;
+    }
+    int rc = zi_image_resize_crop(&im, tw, th, &crop);
+    zi_image_free(&im);
+    if (rc) { row_error(meta, row); return -1; }
+    float *px = zi_malloc((size_t)3 * tw * th * sizeof(float)), *mean = NULL, *logvar = NULL;
+    zi_image_to_float(crop.px, tw, th, px, 0);
+    zi_image_free(&crop);
+    rc = zi_vae_encode(e->vae, px, th, tw, &mean, &logvar);
+    free(px);
+    free(logvar);
+    if (rc) { row_error(meta, row); return -1; }
+    int f = zi_vae_factor(e->vae), C = zi_vae_latent_channels(e->vae);
+    float shift = zi_vae_shift(e->vae), scale = zi_vae_scaling(e->vae);
+    s->h = th / f;
+    s->w = tw / f;
+    for (int64_t i = 0; i < (int64_t)C * s->h * s->w; i++) mean[i] = (mean[i] - shift) * scale;
+    s->x0 = mean;
+
+    int32_t *ids = NULL;
+    int L = zi_tok_chat(e->tok, prompt, ZI_MAX_TOKENS, &ids);
+    s->cap = L > 0 ? zi_te_encode(e->te, ids, L) : NULL;
+    free(ids);
+    if (!s->cap) {
+        if (L < 0) zi_seterr("prompt is not valid UTF-8");
+        row_error(meta, row);
+        return -1;
+    }
+    s->L = L;
+    return 0;
+}
+
+static int cache_read(const char *path, int C, int D, sample *s) {
+    zi_st *st = zi_st_open(path);
+    if (!st) return -1;
+    const zi_tensor *x = zi_st_get(st, "latents"), *c = zi_st_get(st, "prompt_embeds");
+    int ok = x && c && x->dtype == ZI_F32 && c->dtype == ZI_F32 && x->ndim == 3 && x->shape[0] == C && c->ndim == 2 &&
+             c->shape[1] == D && c->shape[0] >= 1 && c->shape[0] <= ZI_MAX_TOKENS;
+    if (ok) {
+        s->h = (int)x->shape[1];
+        s->w = (int)x->shape[2];
+        s->L = (int)c->shape[0];
+        s->x0 = zi_tensor_f32(x);
+        s->cap = zi_tensor_f32(c);
+    }
+    zi_st_close(st);
+    return ok ? 0 : -1;
+}
+
+static int cache_write(const char *path, int C, const sample *s, int D, const char *image, const char *prompt) {
+    zi_stw *w = zi_stw_new();
+    zi_stw_add_f32(w, "latents", 3, (int64_t[]){C, s->h, s->w}, s->x0);
+    zi_stw_add_f32(w, "prompt_embeds", 2, (int64_t[]){s->L, D}, s->cap);
+    zi_stw_meta(w, "image", image);
+    zi_stw_meta(w, "prompt", prompt);
+    int rc = zi_stw_write(w, path);
+    zi_stw_free(w);
+    return rc;
+}
+
+/* Every row encoded (from the cache where possible); the encoders are loaded only when
+ * something is missing and freed before returning, so that training holds the DiT alone. */
+static sample *encode_dataset(const options *o, const zi_train_meta *meta, int C, int D) {
+    encoders e = { .o = o, .model = realpath(o->model_dir, NULL) };
+    if (!e.model) { zi_seterr("%s: %s", o->model_dir, strerror(errno)); return NULL; }
+    char *cache_dir = zi_path("%s/cache", o->output);
+    sample *s = zi_calloc((size_t)meta->n, sizeof *s);
+    int ok = mkdirs(cache_dir) == 0, cached = 0;
+    for (int i = 0; ok && i < meta->n; i++) {
+        char *image = join(o->base_path, meta->items[i].image);
+        struct stat st;
+        if (stat(image, &st)) {
+            zi_seterr("%s: row %d: %s: %s", o->metadata, i + 1, image, strerror(errno));
+            ok = 0;
+        } else {
+            char *path = zi_path("%s/%016llx.safetensors", cache_dir,
+                                 (unsigned long long)cache_key(&e, image, &st, meta->items[i].prompt));
+            if (cache_read(path, C, D, &s[i]) == 0) cached++;
+            else {
+                ok = load_encoders(&e) == 0 && encode(&e, image, meta->items[i].prompt, i + 1, &s[i]) == 0;
+                if (ok && zi_te_dim(e.te) != D) {
+                    zi_seterr("%s: text features are %d wide, the DiT takes %d", o->model_dir, zi_te_dim(e.te), D);
+                    ok = 0;
+                }
+                ok = ok && cache_write(path, C, &s[i], D, image, meta->items[i].prompt) == 0;
+                if (ok && !o->quiet) fprintf(stderr, "\rencoded %d/%d", i + 1, meta->n);
+            }
+            free(path);
+        }
+        free(image);
+    }
+    if (ok && !o->quiet)
+        fprintf(stderr, "%sdataset: %d examples (%d from the cache in %s)\n", cached < meta->n ? "\n" : "", meta->n,
+                cached, cache_dir);
+    free_encoders(&e);
+    free(e.model);
+    free(cache_dir);
+    if (!ok) {
+        for (int i = 0; i < meta->n; i++) { free(s[i].x0); free(s[i].cap); }
+        free(s);
+        return NULL;
+    }
+    return s;
+}
+
+/* ================================================================ one training step */
+
+typedef struct {
+    zi_dit *dit;
+    int C;
+    float *xt, *noise, *out, *dout;     /* [C, h, w] of the largest example */
+} worker;
+
+/* Forward and backward of one example at grid point (σ, weight): accumulates the gradients
+ * (scaled by grad_scale) into the LoRA's g and returns the loss, NAN on error. */
+static float train_sample(worker *wk, const sample *s, float sigma, float weight, float grad_scale,
+                          uint64_t noise_seed) {
+    int64_t n = (int64_t)wk->C * s->h * s->w;
+    zi_randn(wk->noise, n, noise_seed, ZI_RNG_CPU);
+    zi_train_noisy(wk->xt, s->x0, wk->noise, sigma, n);
+    float t = zi_flow_t(sigma);
+    const float *x = wk->xt, *cap = s->cap;
+    float *out = wk->out;
+    if (zi_dit_forward(wk->dit, 1, &x, &s->h, &s->w, &t, &cap, &s->L, &out)) return NAN;
+    float loss = zi_train_loss(wk->out, s->x0, wk->noise, n, weight, grad_scale, wk->dout);
+    if (zi_dit_backward(wk->dit, wk->dout)) return NAN;
+    return loss;
+}
+
+/* ================================================================ checkpoints */
+
+typedef struct {
+    const options *o;
+    zi_train_lora *lora;
+    const char *config;
+} saver;
+
+static int save(const saver *sv, const char *name, const zi_train_pos *pos) {
+    char *path = zi_path("%s/%s", sv->o->output, name), *state = zi_path("%s/" STATE_FILE, sv->o->output);
+    int rc = zi_lora_save(&sv->lora->lora, path, sv->o->save_format, sv->o->save_dtype, "Tongyi-MAI/Z-Image-Turbo");
+    if (!rc) rc = zi_train_state_save(sv->lora, pos, sv->config, state);
+    if (!rc && !sv->o->quiet) fprintf(stderr, "saved %s\n", path);
+    free(path);
+    free(state);
+    return rc;
+}
+
+static char *fmt_time(double s, char *buf, size_t n) {
+    long t = (long)(s + 0.5);
+    if (t >= 3600) snprintf(buf, n, "%ld:%02ld:%02ld", t / 3600, t / 60 % 60, t % 60);
+    else snprintf(buf, n, "%ld:%02ld", t / 60, t % 60);
+    return buf;
+}
+
+/* ================================================================ training */
+
+static int train(const options *o) {
+    zi_train_meta meta;
+    if (zi_train_meta_load(o->metadata, &meta)) return -1;
+    if (mkdirs(o->output)) { zi_train_meta_free(&meta); return -1; }
+    char *dit_dir = zi_path("%s/transformer", o->model_dir);
+    zi_dit *dit = zi_dit_load(dit_dir);
+    free(dit_dir);
+    if (!dit) { zi_train_meta_free(&meta); return -1; }
+    const zi_dit_cfg *cfg = zi_dit_config(dit);
+    int C = cfg->in_channels, nlin = zi_dit_nlin(dit), rc = -1;
+    sample *data = encode_dataset(o, &meta, C, cfg->cap_feat_dim);
+    zi_lin **lins = zi_malloc((size_t)nlin * sizeof *lins);
+    for (int i = 0; i < nlin; i++) lins[i] = zi_dit_lin_at(dit, i);
+    /* DiffSynth's --preset_lora_path (scheme 2): fused into the frozen weights at strength 1
+     * (in their dtype), before the trained LoRA is attached */
+    zi_lora *preset = data && o->preset_lora ? zi_lora_load(o->preset_lora) : NULL;
+    int preset_ok = !o->preset_lora || (preset && zi_lora_apply(preset, lins, nlin, 1.0f, 1, !o->quiet) > 0);
+    zi_train_lora *lora = data && preset_ok ? zi_train_lora_new(lins, nlin, o->targets, o->rank, o->seed) : NULL;
+    free(lins);
+
+    /* everything a resumed run must share with the run that wrote the state */
+    char config[1024];
+    snprintf(config, sizeof config,
+             "rank=%d targets=%s lr=%.17g weight_decay=%.17g accum=%d repeat=%d seed=%llu rows=%d max_pixels=%lld "
+             "size=%dx%d checkpoint=%s preset=%s", o->rank, o->targets, o->lr, o->weight_decay, o->accum, o->repeat,
+             (unsigned long long)o->seed, meta.n, (long long)o->max_pixels, o->width, o->height,
+             o->lora_checkpoint ? o->lora_checkpoint : "none", o->preset_lora ? o->preset_lora : "none");
+    zi_train_pos pos = {0};
+    int64_t per_epoch = (int64_t)meta.n * o->repeat, total = per_epoch * o->epochs;
+    if (!lora) goto done;
+    if (o->lora_checkpoint) {
+        zi_lora *l = zi_lora_load(o->lora_checkpoint);
+        int k = l ? zi_train_lora_load_weights(lora, l) : -1;
+        zi_lora_free(l);
+        if (k < 0) goto done;
+        if (!o->quiet) fprintf(stderr, "started from %s (%d of %d modules)\n", o->lora_checkpoint, k, lora->lora.n);
+    }
+    if (o->resume) {
+        struct stat st;
+        char *state = stat(o->resume, &st) == 0 && S_ISDIR(st.st_mode) ? zi_path("%s/" STATE_FILE, o->resume)
+                                                                         : zi_strdup(o->resume);
+        int r = zi_train_state_load(lora, &pos, config, state);
+        if (!r && !o->quiet)
+            fprintf(stderr, "resumed from %s: %lld samples, %lld steps done\n", state, (long long)pos.sample,
+                    (long long)lora->step);
+        free(state);
+        if (r) goto done;
+        if (pos.sample > total) {
+            zi_seterr("--resume: the state is past the end (%lld samples of %lld)", (long long)pos.sample, (long long)total);
+            goto done;
+        }
+    }
+    zi_dit_set_training(dit, 1, o->grad_ckpt);
+
+    static float sigmas[ZI_TRAIN_GRID], weights[ZI_TRAIN_GRID];
+    zi_train_grid(ZI_TRAIN_GRID, 3.0f, sigmas, weights);
+    int64_t maxn = 0;
+    for (int i = 0; i < meta.n; i++)
+        if ((int64_t)C * data[i].h * data[i].w > maxn) maxn = (int64_t)C * data[i].h * data[i].w;
+    worker wk = { dit, C, zi_malloc(maxn * sizeof(float)), zi_malloc(maxn * sizeof(float)),
+                  zi_malloc(maxn * sizeof(float)), zi_malloc(maxn * sizeof(float)) };
+    saver sv = { o, lora, config };
+    int *perm = zi_malloc((size_t)per_epoch * sizeof *perm);
+    int64_t steps_per_epoch = (per_epoch + o->accum - 1) / o->accum, total_steps = steps_per_epoch * o->epochs;
+    int64_t steps_at_start = lora->step;
+    double t0 = zi_now(), recent = 0;
+    int ok = 1;
+    if (!o->quiet)
+        fprintf(stderr, "training %d LoRA modules (%lld parameters) on %d examples x %d, %d epochs: %lld steps\n",
+                lora->lora.n, (long long)lora->n_params, meta.n, o->repeat, o->epochs, (long long)total_steps);
+    for (int epoch = (int)(pos.sample / per_epoch); ok && epoch < o->epochs; epoch++) {
+        zi_train_perm(perm, (int)per_epoch, o->seed, epoch);
+        for (int64_t j = pos.sample - epoch * per_epoch; ok && j < per_epoch; j++) {
+            const sample *s = &data[perm[j] % meta.n];
+            int gi = zi_train_timestep(o->seed, pos.sample, ZI_TRAIN_GRID);
+            /* the last step of an epoch averages over what is left, still divided by accum
+             * (accelerate's loss / gradient_accumulation_steps) */
+            float loss = train_sample(&wk, s, sigmas[gi], weights[gi], 1.0f / (float)o->accum,
+                                      zi_train_noise_seed(o->seed, pos.sample));
+            if (isnan(loss)) { ok = 0; break; }
+            pos.sample++;
+            pos.loss_sum += loss;
+            recent += loss;
+            pos.partial = 1;
+            if ((j + 1) % o->accum == 0 || j + 1 == per_epoch) {
+                zi_train_lora_step(lora, o->lr, o->weight_decay);
+                zi_train_lora_zero_grad(lora);
+                pos.partial = 0;
+                int k = (int)((j % o->accum) + 1);
+                if (!o->quiet) {
+                    double el = zi_now() - t0, per = el / (double)(lora->step - steps_at_start);
+                    char b1[32], b2[32];
+                    fprintf(stderr, "step %lld/%lld  epoch %d  loss %.5f (mean %.5f)  lr %.3g  %.2f s/step  elapsed %s  ETA %s\n",
+                            (long long)lora->step, (long long)total_steps, epoch, recent / k,
+                            pos.loss_sum / (double)pos.sample, zi_train_lr(o->lr, lora->step), per,
+                            fmt_time(el, b1, sizeof b1), fmt_time(per * (double)(total_steps - lora->step), b2, sizeof b2));
+                }
+                recent = 0;
+            }
+            if (o->save_steps && pos.sample % o->save_steps == 0) {
+                char name[64];
+                snprintf(name, sizeof name, "step-%lld.safetensors", (long long)pos.sample);
+                ok = save(&sv, name, &pos) == 0;
+            }
+        }
+        if (ok) {
+            char name[64];
+            snprintf(name, sizeof name, "epoch-%d.safetensors", epoch);
+            ok = save(&sv, name, &pos) == 0;
+        }
+    }
+    if (ok && o->save_steps && pos.sample % o->save_steps) {
+        char name[64];
+        snprintf(name, sizeof name, "step-%lld.safetensors", (long long)pos.sample);
+        ok = save(&sv, name, &pos) == 0;
+    }
+    free(perm);
+    free(wk.xt); free(wk.noise); free(wk.out); free(wk.dout);
+    rc = ok ? 0 : -1;
+done:
+    zi_train_lora_free(lora);
+    zi_lora_free(preset);
+    for (int i = 0; data && i < meta.n; i++) { free(data[i].x0); free(data[i].cap); }
+    free(data);
+    zi_dit_free(dit);
+    zi_train_meta_free(&meta);
+    return rc;
+}
+
+/* ================================================================ --eval */
+
+/* One training step's loss and gradients for the LoRA of --lora, nothing updated: inputs
+ * train.x0, train.noise [C,1,h,w], train.sigma [1], train.cap [L,D]; outputs train.loss (plain
+ * mean squared error) and grad.<module>.lora_A / lora_B. */
+static int eval(const options *o) {
+    if (!o->eval_out || !o->eval_lora) { zi_seterr("--eval needs --eval-out and --lora"); return -1; }
+    char *file = zi_strdup(o->eval_lora), *colon = strrchr(file, ':');
+    float strength = 1.0f;
+    if (colon && colon[1]) {
+        char *end;
+        double v = strtod(colon + 1, &end);
+        if (!*end) { strength = (float)v; *colon = 0; }
+    }
+    char *dit_dir = zi_path("%s/transformer", o->model_dir);
+    zi_st *in = zi_st_open(o->eval_in);
+    zi_dit *dit = in ? zi_dit_load(dit_dir) : NULL;
+    zi_lora *l = dit ? zi_lora_load(file) : NULL;
+    free(dit_dir);
+    free(file);
+    zi_train_lora *t = NULL;
+    float *x0 = NULL, *noise = NULL, *sig = NULL, *cap = NULL, *xt = NULL, *out = NULL, *dout = NULL;
+    int rc = -1;
+    if (!l) goto done;
+    const zi_dit_cfg *cfg = zi_dit_config(dit);
+    const zi_tensor *tx = zi_st_get(in, "train.x0"), *tn = zi_st_get(in, "train.noise"),
+                    *ts = zi_st_get(in, "train.sigma"), *tc = zi_st_get(in, "train.cap");
+    if (!tx || !tn || !ts || !tc) { zi_seterr("%s: needs train.x0, train.noise, train.sigma, train.cap", o->eval_in); goto done; }
+    int C = cfg->in_channels;
+    if (tx->ndim != 4 || tx->shape[0] != C || tx->shape[1] != 1 || !zi_st_need(in, "train.noise", 4, tx->shape) ||
+        ts->numel != 1 || tc->ndim != 2 || tc->shape[1] != cfg->cap_feat_dim || tc->shape[0] < 1) {
+        if (!strstr(zi_err(), "train.noise"))
+            zi_seterr("%s: shapes: train.x0 [%d,1,h,w], train.noise the same, train.sigma [1], train.cap [L,%d]",
+                      o->eval_in, C, cfg->cap_feat_dim);
+        goto done;
+    }
+    int h = (int)tx->shape[2], w = (int)tx->shape[3], L = (int)tc->shape[0];
+    int64_t n = tx->numel;
+    x0 = zi_tensor_f32(tx); noise = zi_tensor_f32(tn); sig = zi_tensor_f32(ts); cap = zi_tensor_f32(tc);
+    xt = zi_malloc(n * sizeof(float)); out = zi_malloc(n * sizeof(float)); dout = zi_malloc(n * sizeof(float));
+    int nlin = zi_dit_nlin(dit);
+    zi_lin **lins = zi_malloc((size_t)nlin * sizeof *lins);
+    for (int i = 0; i < nlin; i++) lins[i] = zi_dit_lin_at(dit, i);
+    t = zi_train_lora_of(l, lins, nlin, strength);
+    free(lins);
+    if (!t) goto done;
+    zi_dit_set_training(dit, 1, 0);
+    /* as the reference computes it: (1 − σ) and t = 1 − σ from the Python double σ */
+    float sigma = sig[0], t_in = (float)(1.0 - (double)sigma);
+    zi_train_noisy(xt, x0, noise, sigma, n);
+    const float *xp = xt, *cp = cap;
+    if (zi_dit_forward(dit, 1, &xp, &h, &w, &t_in, &cp, &L, &out)) goto done;
+    float loss = zi_train_loss(out, x0, noise, n, 1.0f, 1.0f, dout);
+    if (zi_dit_backward(dit, dout)) goto done;
+    zi_stw *wr = zi_stw_new();
+    zi_stw_add_f32(wr, "train.loss", 1, (int64_t[]){1}, &loss);
+    for (int i = 0; i < t->lora.n; i++) {
+        const zi_lora_module *m = &t->lora.m[i];
+        char *ka = zi_path("grad.%s.lora_A", m->name), *kb = zi_path("grad.%s.lora_B", m->name);
+        zi_stw_add_f32(wr, ka, 2, (int64_t[]){m->rank, m->in}, t->ad[i].dA);
+        zi_stw_add_f32(wr, kb, 2, (int64_t[]){m->out, m->rank}, t->ad[i].dB);
+        free(ka);
+        free(kb);
+    }
+    rc = zi_stw_write(wr, o->eval_out);
+    zi_stw_free(wr);
+done:
+    zi_train_lora_free(t);
+    zi_lora_free(l);
+    zi_dit_free(dit);
+    zi_st_close(in);
+    free(x0); free(noise); free(sig); free(cap); free(xt); free(out); free(dout);
+    return rc;
+}
 
 int main(int argc, char **argv) {
-    (void)argc; (void)argv;
-    fprintf(stderr, "error: train is not implemented yet\n");
-    return 1;
+    options o;
+    if (parse_args(argc, argv, &o)) {
+        fprintf(stderr, "error: %s\n", zi_err());
+        return 2;
+    }
+    zi_threads_init(o.threads);
+    int rc = o.eval_in ? eval(&o) : train(&o);
+    if (rc) fprintf(stderr, "error: %s\n", zi_err());
+    return rc ? 1 : 0;
 }
