@@ -212,7 +212,7 @@ TEST(preset_lora_differential) {
     for (int64_t k = 0; k < r * ada->W.cols; k++) A[k] = (float)sin(0.37 * (double)k) * 0.2f;
     for (int64_t k = 0; k < ada->W.rows * r; k++) B[k] = (float)cos(0.11 * (double)k) * 0.05f;
     b->m = realloc(b->m, (size_t)(b->n + 1) * sizeof *b->m);
-    b->m[b->n++] = (zi_lora_module){ .name = strdup("layers.0.adaLN_modulation.0"), .rank = r,
+    b->m[b->n++] = (zi_lora_module){ .name = zi_strdup("layers.0.adaLN_modulation.0"), .rank = r,
                                      .in = (int)ada->W.cols, .out = (int)ada->W.rows, .A = A, .B = B, .alpha = NAN };
     char preset_path[600], saved[600];
     snprintf(preset_path, sizeof preset_path, "%s/preset.safetensors", zt_tmpdir());
