@@ -445,12 +445,103 @@ static char *fmt_time(double s, char *buf, size_t n) {
 
 /* ================================================================ training */
 
+/* --lora-checkpoint, then --resume (which overrides the weights and sets the position). */
+static int start_from(const options *o, zi_train_lora *lora, const char *config, int64_t total, zi_train_pos *pos) {
+    if (o->lora_checkpoint) {
+        zi_lora *l = zi_lora_load(o->lora_checkpoint);
+        int k = l ? zi_train_lora_load_weights(lora, l) : -1;
+        zi_lora_free(l);
+        if (k < 0) return -1;
+        if (!o->quiet) fprintf(stderr, "started from %s (%d of %d modules)\n", o->lora_checkpoint, k, lora->lora.n);
+    }
+    if (!o->resume) return 0;
+    struct stat st;
+    char *state = stat(o->resume, &st) == 0 && S_ISDIR(st.st_mode) ? zi_path("%s/" STATE_FILE, o->resume)
+                                                                     : zi_strdup(o->resume);
+    int rc = zi_train_state_load(lora, pos, config, state);
+    if (!rc && pos->sample > total) {
+        zi_seterr("--resume: %s is past the end (%lld samples of %lld)", state, (long long)pos->sample, (long long)total);
+        rc = -1;
+    }
+    if (!rc && !o->quiet)
+        fprintf(stderr, "resumed from %s: %lld samples, %lld steps done\n", state, (long long)pos->sample,
+                (long long)lora->step);
+    free(state);
+    return rc;
+}
+
+static void progress(const options *o, const zi_train_lora *lora, const zi_train_pos *pos, int epoch, double step_loss,
+                     int64_t total_steps, int64_t steps_at_start, double t0) {
+    double el = zi_now() - t0, per = el / (double)(lora->step - steps_at_start);
+    char b1[32], b2[32];
+    fprintf(stderr, "step %lld/%lld  epoch %d  loss %.5f (mean %.5f)  lr %.3g  %.2f s/step  elapsed %s  ETA %s\n",
+            (long long)lora->step, (long long)total_steps, epoch, step_loss, pos->loss_sum / (double)pos->sample,
+            zi_train_lr(o->lr, lora->step), per, fmt_time(el, b1, sizeof b1),
+            fmt_time(per * (double)(total_steps - lora->step), b2, sizeof b2));
+}
+
+/* The epochs from pos on: shuffled passes over rows × repeat examples, an optimizer step
+ * every --gradient-accumulation-steps samples and at the end of each epoch, saves. */
+static int train_loop(const options *o, worker *wk, const saver *sv, const sample *data, int rows, zi_train_pos *pos) {
+    zi_train_lora *lora = sv->lora;
+    static float sigmas[ZI_TRAIN_GRID], weights[ZI_TRAIN_GRID];
+    zi_train_grid(ZI_TRAIN_GRID, 3.0f, sigmas, weights);
+    int64_t per_epoch = (int64_t)rows * o->repeat;
+    int64_t total_steps = (per_epoch + o->accum - 1) / o->accum * o->epochs, steps_at_start = lora->step;
+    int *perm = zi_malloc((size_t)per_epoch * sizeof *perm);
+    double t0 = zi_now(), step_loss = 0;
+    char name[64];
+    int ok = 1;
+    if (!o->quiet)
+        fprintf(stderr, "training %d LoRA modules (%lld parameters) on %d examples x %d, %d epochs: %lld steps\n",
+                lora->lora.n, (long long)lora->n_params, rows, o->repeat, o->epochs, (long long)total_steps);
+    for (int epoch = (int)(pos->sample / per_epoch); ok && epoch < o->epochs; epoch++) {
+        zi_train_perm(perm, (int)per_epoch, o->seed, epoch);
+        for (int64_t j = pos->sample - epoch * per_epoch; ok && j < per_epoch; j++) {
+            int gi = zi_train_timestep(o->seed, pos->sample, ZI_TRAIN_GRID);
+            /* accelerate divides every loss by the accumulation steps, also in the shorter
+             * last step of an epoch */
+            float loss = train_sample(wk, &data[perm[j] % rows], sigmas[gi], weights[gi], 1.0f / (float)o->accum,
+                                      zi_train_noise_seed(o->seed, pos->sample));
+            if (isnan(loss)) { ok = 0; break; }
+            pos->sample++;
+            pos->loss_sum += loss;
+            pos->partial = 1;
+            step_loss += loss;
+            if ((j + 1) % o->accum == 0 || j + 1 == per_epoch) {
+                zi_train_lora_step(lora, o->lr, o->weight_decay);
+                zi_train_lora_zero_grad(lora);
+                pos->partial = 0;
+                if (!o->quiet)
+                    progress(o, lora, pos, epoch, step_loss / (double)(j % o->accum + 1), total_steps, steps_at_start, t0);
+                step_loss = 0;
+            }
+            if (o->save_steps && pos->sample % o->save_steps == 0) {
+                snprintf(name, sizeof name, "step-%lld.safetensors", (long long)pos->sample);
+                ok = save(sv, name, pos) == 0;
+            }
+        }
+        snprintf(name, sizeof name, "epoch-%d.safetensors", epoch);
+        ok = ok && save(sv, name, pos) == 0;
+    }
+    free(perm);
+    if (ok && o->save_steps && pos->sample % o->save_steps) {
+        snprintf(name, sizeof name, "step-%lld.safetensors", (long long)pos->sample);
+        ok = save(sv, name, pos) == 0;
+    }
+    return ok ? 0 : -1;
+}
+
 static int train(const options *o) {
     zi_train_meta meta;
     if (zi_train_meta_load(o->metadata, &meta)) return -1;
-    if (mkdirs(o->output)) { zi_train_meta_free(&meta); return -1; }
+    if ((int64_t)meta.n * o->repeat > INT_MAX) {
+        zi_seterr("--dataset-repeat: %d rows x %d is too many examples per epoch", meta.n, o->repeat);
+        zi_train_meta_free(&meta);
+        return -1;
+    }
     char *dit_dir = zi_path("%s/transformer", o->model_dir);
-    zi_dit *dit = zi_dit_load(dit_dir);
+    zi_dit *dit = mkdirs(o->output) ? NULL : zi_dit_load(dit_dir);
     free(dit_dir);
     if (!dit) { zi_train_meta_free(&meta); return -1; }
     const zi_dit_cfg *cfg = zi_dit_config(dit);
@@ -473,98 +564,17 @@ static int train(const options *o) {
              (unsigned long long)o->seed, meta.n, (long long)o->max_pixels, o->width, o->height,
              o->lora_checkpoint ? o->lora_checkpoint : "none", o->preset_lora ? o->preset_lora : "none");
     zi_train_pos pos = {0};
-    int64_t per_epoch = (int64_t)meta.n * o->repeat, total = per_epoch * o->epochs;
-    if (!lora) goto done;
-    if (o->lora_checkpoint) {
-        zi_lora *l = zi_lora_load(o->lora_checkpoint);
-        int k = l ? zi_train_lora_load_weights(lora, l) : -1;
-        zi_lora_free(l);
-        if (k < 0) goto done;
-        if (!o->quiet) fprintf(stderr, "started from %s (%d of %d modules)\n", o->lora_checkpoint, k, lora->lora.n);
+    if (lora && start_from(o, lora, config, (int64_t)meta.n * o->repeat * o->epochs, &pos) == 0) {
+        zi_dit_set_training(dit, 1, o->grad_ckpt);
+        int64_t maxn = 0;
+        for (int i = 0; i < meta.n; i++)
+            if ((int64_t)C * data[i].h * data[i].w > maxn) maxn = (int64_t)C * data[i].h * data[i].w;
+        worker wk = { dit, C, zi_malloc(maxn * sizeof(float)), zi_malloc(maxn * sizeof(float)),
+                      zi_malloc(maxn * sizeof(float)), zi_malloc(maxn * sizeof(float)) };
+        saver sv = { o, lora, config };
+        rc = train_loop(o, &wk, &sv, data, meta.n, &pos);
+        free(wk.xt); free(wk.noise); free(wk.out); free(wk.dout);
     }
-    if (o->resume) {
-        struct stat st;
-        char *state = stat(o->resume, &st) == 0 && S_ISDIR(st.st_mode) ? zi_path("%s/" STATE_FILE, o->resume)
-                                                                         : zi_strdup(o->resume);
-        int r = zi_train_state_load(lora, &pos, config, state);
-        if (!r && !o->quiet)
-            fprintf(stderr, "resumed from %s: %lld samples, %lld steps done\n", state, (long long)pos.sample,
-                    (long long)lora->step);
-        free(state);
-        if (r) goto done;
-        if (pos.sample > total) {
-            zi_seterr("--resume: the state is past the end (%lld samples of %lld)", (long long)pos.sample, (long long)total);
-            goto done;
-        }
-    }
-    zi_dit_set_training(dit, 1, o->grad_ckpt);
-
-    static float sigmas[ZI_TRAIN_GRID], weights[ZI_TRAIN_GRID];
-    zi_train_grid(ZI_TRAIN_GRID, 3.0f, sigmas, weights);
-    int64_t maxn = 0;
-    for (int i = 0; i < meta.n; i++)
-        if ((int64_t)C * data[i].h * data[i].w > maxn) maxn = (int64_t)C * data[i].h * data[i].w;
-    worker wk = { dit, C, zi_malloc(maxn * sizeof(float)), zi_malloc(maxn * sizeof(float)),
-                  zi_malloc(maxn * sizeof(float)), zi_malloc(maxn * sizeof(float)) };
-    saver sv = { o, lora, config };
-    int *perm = zi_malloc((size_t)per_epoch * sizeof *perm);
-    int64_t steps_per_epoch = (per_epoch + o->accum - 1) / o->accum, total_steps = steps_per_epoch * o->epochs;
-    int64_t steps_at_start = lora->step;
-    double t0 = zi_now(), recent = 0;
-    int ok = 1;
-    if (!o->quiet)
-        fprintf(stderr, "training %d LoRA modules (%lld parameters) on %d examples x %d, %d epochs: %lld steps\n",
-                lora->lora.n, (long long)lora->n_params, meta.n, o->repeat, o->epochs, (long long)total_steps);
-    for (int epoch = (int)(pos.sample / per_epoch); ok && epoch < o->epochs; epoch++) {
-        zi_train_perm(perm, (int)per_epoch, o->seed, epoch);
-        for (int64_t j = pos.sample - epoch * per_epoch; ok && j < per_epoch; j++) {
-            const sample *s = &data[perm[j] % meta.n];
-            int gi = zi_train_timestep(o->seed, pos.sample, ZI_TRAIN_GRID);
-            /* the last step of an epoch averages over what is left, still divided by accum
-             * (accelerate's loss / gradient_accumulation_steps) */
-            float loss = train_sample(&wk, s, sigmas[gi], weights[gi], 1.0f / (float)o->accum,
-                                      zi_train_noise_seed(o->seed, pos.sample));
-            if (isnan(loss)) { ok = 0; break; }
-            pos.sample++;
-            pos.loss_sum += loss;
-            recent += loss;
-            pos.partial = 1;
-            if ((j + 1) % o->accum == 0 || j + 1 == per_epoch) {
-                zi_train_lora_step(lora, o->lr, o->weight_decay);
-                zi_train_lora_zero_grad(lora);
-                pos.partial = 0;
-                int k = (int)((j % o->accum) + 1);
-                if (!o->quiet) {
-                    double el = zi_now() - t0, per = el / (double)(lora->step - steps_at_start);
-                    char b1[32], b2[32];
-                    fprintf(stderr, "step %lld/%lld  epoch %d  loss %.5f (mean %.5f)  lr %.3g  %.2f s/step  elapsed %s  ETA %s\n",
-                            (long long)lora->step, (long long)total_steps, epoch, recent / k,
-                            pos.loss_sum / (double)pos.sample, zi_train_lr(o->lr, lora->step), per,
-                            fmt_time(el, b1, sizeof b1), fmt_time(per * (double)(total_steps - lora->step), b2, sizeof b2));
-                }
-                recent = 0;
-            }
-            if (o->save_steps && pos.sample % o->save_steps == 0) {
-                char name[64];
-                snprintf(name, sizeof name, "step-%lld.safetensors", (long long)pos.sample);
-                ok = save(&sv, name, &pos) == 0;
-            }
-        }
-        if (ok) {
-            char name[64];
-            snprintf(name, sizeof name, "epoch-%d.safetensors", epoch);
-            ok = save(&sv, name, &pos) == 0;
-        }
-    }
-    if (ok && o->save_steps && pos.sample % o->save_steps) {
-        char name[64];
-        snprintf(name, sizeof name, "step-%lld.safetensors", (long long)pos.sample);
-        ok = save(&sv, name, &pos) == 0;
-    }
-    free(perm);
-    free(wk.xt); free(wk.noise); free(wk.out); free(wk.dout);
-    rc = ok ? 0 : -1;
-done:
     zi_train_lora_free(lora);
     zi_lora_free(preset);
     for (int i = 0; data && i < meta.n; i++) { free(data[i].x0); free(data[i].cap); }

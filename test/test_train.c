@@ -356,7 +356,8 @@ TEST(train_tiny_loss_goes_down) {
 }
 
 /* Gradient accumulation over 4 samples (6 per epoch, so each epoch ends on a short step);
- * one run of 2 epochs on 2 threads against one epoch, then --resume for the second, on 1. */
+ * one run of 2 epochs on 2 threads against one epoch, then --resume for the second, on 1
+ * thread and with gradient checkpointing (which must not change a bit either). */
 TEST(train_resume_bit_exact) {
     const char *data = write_dataset();
     CHECK(data, "could not write the dataset");
@@ -368,7 +369,7 @@ TEST(train_resume_bit_exact) {
     CHECK(run_train(log, sizeof log, data, a, extra) == 0, "run a:\n%s", log);
     snprintf(extra, sizeof extra, "%s --num-epochs 1 -t 1", common);
     CHECK(run_train(log, sizeof log, data, b, extra) == 0, "run b:\n%s", log);
-    snprintf(extra, sizeof extra, "%s --num-epochs 2 -t 1 --resume %s", common, b);
+    snprintf(extra, sizeof extra, "%s --num-epochs 2 -t 1 --use-gradient-checkpointing --resume %s", common, b);
     CHECK(run_train(log, sizeof log, data, b, extra) == 0, "run b resumed:\n%s", log);
     char pa[700], pb[700];
     static const char *const files[] = {"epoch-1.safetensors", "step-10.safetensors", "step-12.safetensors",
