@@ -175,6 +175,54 @@ TEST(distill_short_run) {
     free(lins);
 }
 
+/* A guided student (cfg 2) whose negative prompt is its prompt has v = v_pos: the same loss
+ * as cfg 1, and the gradients of its two backward passes (−2 and +1 times cfg 1's) sum to
+ * cfg 1's. */
+TEST(distill_student_cfg) {
+    distill_case c;
+    CHECK(distill_case_load(&c) == 0, "distill-0: %s", zi_err());
+    zi_distill_cfg cfg = zi_distill_default();
+    zi_distill_sched s;
+    CHECK(zi_distill_sched_init(&s, &cfg) == 0, "%s", zi_err());
+    zi_dit *dit = zi_dit_load(TINY_DIT);
+    zi_lora *sft = zi_lora_load(zt_golden("lora-a-diffsynth.safetensors"));
+    CHECK(dit && sft, "%s", zi_err());
+    int nlin;
+    zi_lin **lins = dit_lins(dit, &nlin);
+    float *traj = malloc((size_t)(s.ns + 1) * c.n * sizeof(float));
+    for (int i = 0; i <= s.ns; i++) {         /* the teacher's latents, from the golden file */
+        char name[64];
+        if (i < s.ns) snprintf(name, sizeof name, "distill.x.%d", i);
+        else snprintf(name, sizeof name, "distill.final");
+        const zi_tensor *xs = zi_st_get(c.st, name);
+        CHECK(xs, "%s missing", name);
+        float *x = zi_tensor_f32(xs);
+        memcpy(traj + (size_t)i * c.n, x, (size_t)c.n * sizeof(float));
+        free(x);
+    }
+    zi_train_lora *st = zi_train_lora_of(sft, lins, nlin, 1.0f);
+    CHECK(st, "%s", zi_err());
+    zi_dit_set_training(dit, 1, 0);
+    float l1 = zi_distill_student(dit, &s, 1.0f, &c.in, traj, 1.0f, 0, NULL, NULL);
+    float *g1 = malloc((size_t)st->n_params * sizeof(float));
+    memcpy(g1, st->g, (size_t)st->n_params * sizeof(float));
+    zi_train_lora_zero_grad(st);
+    zi_distill_input same = c.in;
+    same.neg = same.cap;
+    same.Ln = same.L;
+    float l2 = zi_distill_student(dit, &s, 2.0f, &same, traj, 1.0f, 0, NULL, NULL);
+    CHECK(l1 == l2, "loss %.9g (cfg 1) vs %.9g (cfg 2, negative = prompt)", l1, l2);
+    CHECK_CLOSE("gradients, cfg 2 vs cfg 1", st->g, g1, (size_t)st->n_params, 1e-4);
+    free(g1);
+    free(traj);
+    free(lins);
+    zi_train_lora_free(st);
+    zi_lora_free(sft);
+    zi_dit_free(dit);
+    zi_distill_sched_free(&s);
+    distill_case_free(&c);
+}
+
 TEST(distill_bad_sched) {
     zi_distill_cfg cfg = zi_distill_default();
     zi_distill_sched s;
