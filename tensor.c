@@ -25,6 +25,68 @@ int zi_dtype_parse(const char *s, zi_dtype *out) {
     return -1;
 }
 
+/* ---------------------------------------------------------------- dtype conversion */
+static float bits_to_f32(uint32_t u) { union { uint32_t u; float f; } v = { u }; return v.f; }
+static uint32_t f32_to_bits(float f) { union { float f; uint32_t u; } v = { f }; return v.u; }
+
+uint16_t zi_f32_to_bf16(float f) {
+    uint32_t u = f32_to_bits(f);
+    if ((u & 0x7FFFFFFF) > 0x7F800000) return (uint16_t)(u >> 16 | 0x40);   /* NaN stays NaN */
+    u += 0x7FFF + (u >> 16 & 1);                                            /* nearest, ties to even */
+    return (uint16_t)(u >> 16);
+}
+
+/* f16: 1 sign, 5 exponent (bias 15), 10 mantissa bits */
+float zi_f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = h >> 10 & 0x1F, m = h & 0x3FF;
+    if (e == 0x1F) return bits_to_f32(sign | 0x7F800000 | m << 13);         /* inf, NaN */
+    if (e == 0) {                                                           /* zero, subnormal */
+        float v = (float)m * 0x1p-24f;
+        return sign ? -v : v;
+    }
+    return bits_to_f32(sign | (e + 112) << 23 | m << 13);
+}
+
+uint16_t zi_f32_to_f16(float f) {
+    uint32_t u = f32_to_bits(f), sign = u >> 16 & 0x8000, a = u & 0x7FFFFFFF;
+    if (a > 0x7F800000) return (uint16_t)(sign | 0x7E00);                   /* NaN */
+    if (a >= 0x477FF000) return (uint16_t)(sign | 0x7C00);                  /* rounds past 65504: inf */
+    if (a < 0x38800000) {
+        /* below the smallest normal (2^-14): a multiple of 2^-24, rounded to nearest even
+         * by the float addition itself */
+        float v = bits_to_f32(a) + 0.5f;
+        return (uint16_t)(sign | (f32_to_bits(v) - f32_to_bits(0.5f)));
+    }
+    a += ((uint32_t)(15 - 127) << 23) + 0xFFF + (a >> 13 & 1);              /* rebias, round */
+    return (uint16_t)(sign | a >> 13);
+}
+
+/* fp8 E4M3 ("fn": no infinities, S.1111.111 is NaN, bias 7) */
+static float f8e4m3_to_f32(uint8_t b) {
+    int e = b >> 3 & 0xF, m = b & 7;
+    float v = e == 0xF && m == 7 ? NAN : e == 0 ? m * 0x1p-9f : ldexpf(1.0f + m / 8.0f, e - 7);
+    return b & 0x80 ? -v : v;
+}
+
+void zi_to_f32(float *dst, const void *src, zi_dtype t, size_t n) {
+    switch (t) {
+    case ZI_F32: memcpy(dst, src, n * sizeof(float)); break;
+    case ZI_F16: for (size_t i = 0; i < n; i++) dst[i] = zi_f16_to_f32(((const uint16_t *)src)[i]); break;
+    case ZI_BF16: for (size_t i = 0; i < n; i++) dst[i] = zi_bf16_to_f32(((const uint16_t *)src)[i]); break;
+    case ZI_F64: for (size_t i = 0; i < n; i++) dst[i] = (float)((const double *)src)[i]; break;
+    case ZI_I64: for (size_t i = 0; i < n; i++) dst[i] = (float)((const int64_t *)src)[i]; break;
+    case ZI_I32: for (size_t i = 0; i < n; i++) dst[i] = (float)((const int32_t *)src)[i]; break;
+    case ZI_I16: for (size_t i = 0; i < n; i++) dst[i] = ((const int16_t *)src)[i]; break;
+    case ZI_I8: for (size_t i = 0; i < n; i++) dst[i] = ((const int8_t *)src)[i]; break;
+    case ZI_U8: case ZI_BOOL: for (size_t i = 0; i < n; i++) dst[i] = ((const uint8_t *)src)[i]; break;
+    case ZI_F8_E4M3: for (size_t i = 0; i < n; i++) dst[i] = f8e4m3_to_f32(((const uint8_t *)src)[i]); break;
+    case ZI_F8_E5M2:    /* the top byte of an f16 */
+        for (size_t i = 0; i < n; i++) dst[i] = zi_f16_to_f32((uint16_t)(((const uint8_t *)src)[i] << 8));
+        break;
+    default: zi_die("zi_to_f32: bad dtype %d", (int)t);
+    }
+}
+
 /* ---------------------------------------------------------------- errors and memory */
 static _Thread_local char errbuf[1024];
 
