@@ -537,6 +537,8 @@ static void pack_B(float *bp, const gemm_args *g, int p0, int kc, int j0, int nc
         float tmp[NC];
         for (int p = 0; p < kc; p++) {
             const char *src = B + ((int64_t)(p0 + p) * g->ldb + j0) * es;
+            if (p + 8 < kc)         /* rows may be far apart (attention's V): fetch ahead */
+                for (size_t off = 0; off < (size_t)nc * es; off += 64) __builtin_prefetch(src + 8 * g->ldb * es + off);
             const float *row = (const float *)src;
             if (g->bt != ZI_F32) zi_to_f32(tmp, src, g->bt, (size_t)nc), row = tmp;
             int jr = 0;
@@ -717,7 +719,7 @@ void zi_linear(float *y, const float *x, int M, const zi_mat *W, const float *bi
  * maximum m and sum l: with m' = max(m, max S), the old sum and output are rescaled by
  * exp(m - m'), P = exp(S - m') is added to l and P·V to the output. At the end out = O / l
  * and lse = m + log l. Blocks are fixed, so the result does not depend on the thread count. */
-enum { ATT_BQ = 128, ATT_BK = 128 };
+enum { ATT_BQ = 256, ATT_BK = 128 };
 
 typedef struct {
     float *out; int64_t ldo;
@@ -770,8 +772,15 @@ static float softmax_update(float *s, int bk, int lim, float *m, float *l) {
     float mx = row_max(s, lim, *m);
     float corr = *m == -INFINITY ? 0.0f : exp_le0(*m - mx), sum = 0;
     for (int j = 0; j < lim; j++) s[j] = exp_le0(s[j] - mx);
-    for (int j = 0; j < lim; j++) sum += s[j];
-    for (int j = lim; j < bk; j++) s[j] = 0;
+    /* the row sum in 8 interleaved partial sums (one vector add per 8 terms, not a chain of
+     * dependent scalar adds), combined in a fixed order */
+    float part[8] = {0};
+    int j = 0;
+    for (; j + 8 <= lim; j += 8)
+        for (int k = 0; k < 8; k++) part[k] += s[j + k];
+    for (; j < lim; j++) part[0] += s[j];
+    sum = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+    for (j = lim; j < bk; j++) s[j] = 0;
     *l = *l * corr + sum;
     *m = mx;
     return corr;
@@ -808,7 +817,10 @@ static void att_block(const att_args *a, int h, int q0) {
     }
     for (int i = 0; i < bq; i++) {
         float *o = a->out + (int64_t)(q0 + i) * a->ldo + (int64_t)h * D;
-        for (int d = 0; d < D; d++) o[d] = l[i] > 0 ? O[i * D + d] / l[i] : 0.0f;
+        if (l[i] > 0)
+            for (int d = 0; d < D; d++) o[d] = O[i * D + d] / l[i];
+        else                                    /* every key masked */
+            for (int d = 0; d < D; d++) o[d] = 0.0f;
         if (a->lse) a->lse[(int64_t)h * a->Sq + q0 + i] = l[i] > 0 ? m[i] + logf(l[i]) : -INFINITY;
     }
 }
