@@ -856,14 +856,27 @@ typedef struct {
 
 static void im2col_rows(void *ctx, int64_t begin, int64_t end) {
     const im2col_job *c = ctx;
+    int rows = c->npix / c->Wo;
     for (int64_t r = begin; r < end; r++) {         /* r = (ci·kh + ky)·kw + kx */
         int kx = (int)(r % c->kw), ky = (int)(r / c->kw % c->kh), ci = (int)(r / c->kw / c->kh);
         const float *xc = c->x + (int64_t)ci * c->H * c->W;
-        float *dst = c->col + r * c->npix;
-        for (int p = 0; p < c->npix; p++) {
-            int oy = c->oy0 + p / c->Wo, ox = p % c->Wo;
-            int iy = oy * c->stride - c->pad_t + ky, ix = ox * c->stride - c->pad_l + kx;
-            dst[p] = iy >= 0 && iy < c->H && ix >= 0 && ix < c->W ? xc[(int64_t)iy * c->W + ix] : 0.0f;
+        /* output columns ox in [lo, hi) read inside the image: 0 <= ox·stride - pad_l + kx < W */
+        int off = kx - c->pad_l, lo = off >= 0 ? 0 : (-off + c->stride - 1) / c->stride;
+        int hi = off >= c->W ? 0 : (c->W - 1 - off) / c->stride + 1;
+        hi = hi < c->Wo ? hi : c->Wo;
+        lo = lo < hi ? lo : hi;
+        for (int oy = 0; oy < rows; oy++) {
+            float *dst = c->col + r * c->npix + (int64_t)oy * c->Wo;
+            int iy = (c->oy0 + oy) * c->stride - c->pad_t + ky;
+            if (iy < 0 || iy >= c->H) {
+                memset(dst, 0, (size_t)c->Wo * sizeof(float));
+                continue;
+            }
+            const float *src = xc + (int64_t)iy * c->W + off;
+            for (int ox = 0; ox < lo; ox++) dst[ox] = 0.0f;
+            if (c->stride == 1) memcpy(dst + lo, src + lo, (size_t)(hi - lo) * sizeof(float));
+            else for (int ox = lo; ox < hi; ox++) dst[ox] = src[(int64_t)ox * c->stride];
+            for (int ox = hi; ox < c->Wo; ox++) dst[ox] = 0.0f;
         }
     }
 }
