@@ -872,10 +872,10 @@ static void im2col_rows(void *ctx, int64_t begin, int64_t end) {
                 memset(dst, 0, (size_t)c->Wo * sizeof(float));
                 continue;
             }
-            const float *src = xc + (int64_t)iy * c->W + off;
+            const float *src = xc + (int64_t)iy * c->W + lo * c->stride + off;   /* ox = lo */
             for (int ox = 0; ox < lo; ox++) dst[ox] = 0.0f;
-            if (c->stride == 1) memcpy(dst + lo, src + lo, (size_t)(hi - lo) * sizeof(float));
-            else for (int ox = lo; ox < hi; ox++) dst[ox] = src[(int64_t)ox * c->stride];
+            if (c->stride == 1) memcpy(dst + lo, src, (size_t)(hi - lo) * sizeof(float));
+            else for (int ox = lo; ox < hi; ox++) dst[ox] = src[(int64_t)(ox - lo) * c->stride];
             for (int ox = hi; ox < c->Wo; ox++) dst[ox] = 0.0f;
         }
     }
@@ -929,6 +929,26 @@ void zi_conv2d(float *y, const float *x, int Cin, int H, int W, const zi_mat *w,
  * Statistics are accumulated in double: the result is then the correctly rounded fp32 value
  * (within an ulp), which is what PyTorch's pairwise fp32 sums approximate. Each row is
  * computed by one thread. */
+/* Σ x and Σ (x - mu)² in double, in four interleaved partial sums (they vectorise; a single
+ * running sum would be a chain of dependent adds), combined in a fixed order. */
+static double sum(const float *x, int64_t n) {
+    double p[4] = {0};
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4)
+        for (int k = 0; k < 4; k++) p[k] += x[j + k];
+    for (; j < n; j++) p[0] += x[j];
+    return (p[0] + p[1]) + (p[2] + p[3]);
+}
+
+static double sum_sq(const float *x, int64_t n, double mu) {
+    double p[4] = {0};
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4)
+        for (int k = 0; k < 4; k++) p[k] += (x[j + k] - mu) * (x[j + k] - mu);
+    for (; j < n; j++) p[0] += (x[j] - mu) * (x[j] - mu);
+    return (p[0] + p[1]) + (p[2] + p[3]);
+}
+
 typedef struct {
     float *y; const float *x, *w, *b;
     int64_t dim;        /* elements per row (groupnorm: per group) */
@@ -941,9 +961,7 @@ static void rmsnorm_rows(void *ctx, int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; i++) {
         const float *x = r->x + i * r->dim;
         float *y = r->y + i * r->dim;
-        double ss = 0;
-        for (int64_t j = 0; j < r->dim; j++) ss += (double)x[j] * x[j];
-        float inv = 1.0f / sqrtf((float)(ss / r->dim) + r->eps);
+        float inv = 1.0f / sqrtf((float)(sum_sq(x, r->dim, 0.0) / r->dim) + r->eps);
         for (int64_t j = 0; j < r->dim; j++) y[j] = r->w ? r->w[j] * (x[j] * inv) : x[j] * inv;
     }
 }
@@ -955,12 +973,9 @@ void zi_rmsnorm(float *y, const float *x, const float *w, int64_t rows, int dim,
 
 /* mean and 1/sqrt(biased variance + eps) of n values (two passes, in double) */
 static void moments(const float *x, int64_t n, float eps, float *mean, float *rstd) {
-    double s = 0, ss = 0;
-    for (int64_t j = 0; j < n; j++) s += x[j];
-    double mu = s / n;
-    for (int64_t j = 0; j < n; j++) ss += (x[j] - mu) * (x[j] - mu);
+    double mu = sum(x, n) / n;
     *mean = (float)mu;
-    *rstd = 1.0f / sqrtf((float)(ss / n) + eps);
+    *rstd = 1.0f / sqrtf((float)(sum_sq(x, n, mu) / n) + eps);
 }
 
 /* y = (x - mean)·rstd·w + b over a row (layernorm) or a group of channels (groupnorm) */
