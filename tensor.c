@@ -537,6 +537,8 @@ static void pack_B(float *bp, const gemm_args *g, int p0, int kc, int j0, int nc
         float tmp[NC];
         for (int p = 0; p < kc; p++) {
             const char *src = B + ((int64_t)(p0 + p) * g->ldb + j0) * es;
+            if (p + 8 < kc)         /* rows may be far apart (attention's V): fetch ahead */
+                for (size_t off = 0; off < (size_t)nc * es; off += 64) __builtin_prefetch(src + 8 * g->ldb * es + off);
             const float *row = (const float *)src;
             if (g->bt != ZI_F32) zi_to_f32(tmp, src, g->bt, (size_t)nc), row = tmp;
             int jr = 0;
@@ -717,7 +719,7 @@ void zi_linear(float *y, const float *x, int M, const zi_mat *W, const float *bi
  * maximum m and sum l: with m' = max(m, max S), the old sum and output are rescaled by
  * exp(m - m'), P = exp(S - m') is added to l and P·V to the output. At the end out = O / l
  * and lse = m + log l. Blocks are fixed, so the result does not depend on the thread count. */
-enum { ATT_BQ = 128, ATT_BK = 128 };
+enum { ATT_BQ = 256, ATT_BK = 128 };
 
 typedef struct {
     float *out; int64_t ldo;
@@ -770,8 +772,15 @@ static float softmax_update(float *s, int bk, int lim, float *m, float *l) {
     float mx = row_max(s, lim, *m);
     float corr = *m == -INFINITY ? 0.0f : exp_le0(*m - mx), sum = 0;
     for (int j = 0; j < lim; j++) s[j] = exp_le0(s[j] - mx);
-    for (int j = 0; j < lim; j++) sum += s[j];
-    for (int j = lim; j < bk; j++) s[j] = 0;
+    /* the row sum in 8 interleaved partial sums (one vector add per 8 terms, not a chain of
+     * dependent scalar adds), combined in a fixed order */
+    float part[8] = {0};
+    int j = 0;
+    for (; j + 8 <= lim; j += 8)
+        for (int k = 0; k < 8; k++) part[k] += s[j + k];
+    for (; j < lim; j++) part[0] += s[j];
+    sum = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+    for (j = lim; j < bk; j++) s[j] = 0;
     *l = *l * corr + sum;
     *m = mx;
     return corr;
@@ -808,7 +817,10 @@ static void att_block(const att_args *a, int h, int q0) {
     }
     for (int i = 0; i < bq; i++) {
         float *o = a->out + (int64_t)(q0 + i) * a->ldo + (int64_t)h * D;
-        for (int d = 0; d < D; d++) o[d] = l[i] > 0 ? O[i * D + d] / l[i] : 0.0f;
+        if (l[i] > 0)
+            for (int d = 0; d < D; d++) o[d] = O[i * D + d] / l[i];
+        else                                    /* every key masked */
+            for (int d = 0; d < D; d++) o[d] = 0.0f;
         if (a->lse) a->lse[(int64_t)h * a->Sq + q0 + i] = l[i] > 0 ? m[i] + logf(l[i]) : -INFINITY;
     }
 }
@@ -844,14 +856,27 @@ typedef struct {
 
 static void im2col_rows(void *ctx, int64_t begin, int64_t end) {
     const im2col_job *c = ctx;
+    int rows = c->npix / c->Wo;
     for (int64_t r = begin; r < end; r++) {         /* r = (ci·kh + ky)·kw + kx */
         int kx = (int)(r % c->kw), ky = (int)(r / c->kw % c->kh), ci = (int)(r / c->kw / c->kh);
         const float *xc = c->x + (int64_t)ci * c->H * c->W;
-        float *dst = c->col + r * c->npix;
-        for (int p = 0; p < c->npix; p++) {
-            int oy = c->oy0 + p / c->Wo, ox = p % c->Wo;
-            int iy = oy * c->stride - c->pad_t + ky, ix = ox * c->stride - c->pad_l + kx;
-            dst[p] = iy >= 0 && iy < c->H && ix >= 0 && ix < c->W ? xc[(int64_t)iy * c->W + ix] : 0.0f;
+        /* output columns ox in [lo, hi) read inside the image: 0 <= ox·stride - pad_l + kx < W */
+        int off = kx - c->pad_l, lo = off >= 0 ? 0 : (-off + c->stride - 1) / c->stride;
+        int hi = off >= c->W ? 0 : (c->W - 1 - off) / c->stride + 1;
+        hi = hi < c->Wo ? hi : c->Wo;
+        lo = lo < hi ? lo : hi;
+        for (int oy = 0; oy < rows; oy++) {
+            float *dst = c->col + r * c->npix + (int64_t)oy * c->Wo;
+            int iy = (c->oy0 + oy) * c->stride - c->pad_t + ky;
+            if (iy < 0 || iy >= c->H) {
+                memset(dst, 0, (size_t)c->Wo * sizeof(float));
+                continue;
+            }
+            const float *src = xc + (int64_t)iy * c->W + lo * c->stride + off;   /* ox = lo */
+            for (int ox = 0; ox < lo; ox++) dst[ox] = 0.0f;
+            if (c->stride == 1) memcpy(dst + lo, src, (size_t)(hi - lo) * sizeof(float));
+            else for (int ox = lo; ox < hi; ox++) dst[ox] = src[(int64_t)(ox - lo) * c->stride];
+            for (int ox = hi; ox < c->Wo; ox++) dst[ox] = 0.0f;
         }
     }
 }
@@ -904,6 +929,26 @@ void zi_conv2d(float *y, const float *x, int Cin, int H, int W, const zi_mat *w,
  * Statistics are accumulated in double: the result is then the correctly rounded fp32 value
  * (within an ulp), which is what PyTorch's pairwise fp32 sums approximate. Each row is
  * computed by one thread. */
+/* Σ x and Σ (x - mu)² in double, in four interleaved partial sums (they vectorise; a single
+ * running sum would be a chain of dependent adds), combined in a fixed order. */
+static double sum(const float *x, int64_t n) {
+    double p[4] = {0};
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4)
+        for (int k = 0; k < 4; k++) p[k] += x[j + k];
+    for (; j < n; j++) p[0] += x[j];
+    return (p[0] + p[1]) + (p[2] + p[3]);
+}
+
+static double sum_sq(const float *x, int64_t n, double mu) {
+    double p[4] = {0};
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4)
+        for (int k = 0; k < 4; k++) p[k] += (x[j + k] - mu) * (x[j + k] - mu);
+    for (; j < n; j++) p[0] += (x[j] - mu) * (x[j] - mu);
+    return (p[0] + p[1]) + (p[2] + p[3]);
+}
+
 typedef struct {
     float *y; const float *x, *w, *b;
     int64_t dim;        /* elements per row (groupnorm: per group) */
@@ -916,9 +961,7 @@ static void rmsnorm_rows(void *ctx, int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; i++) {
         const float *x = r->x + i * r->dim;
         float *y = r->y + i * r->dim;
-        double ss = 0;
-        for (int64_t j = 0; j < r->dim; j++) ss += (double)x[j] * x[j];
-        float inv = 1.0f / sqrtf((float)(ss / r->dim) + r->eps);
+        float inv = 1.0f / sqrtf((float)(sum_sq(x, r->dim, 0.0) / r->dim) + r->eps);
         for (int64_t j = 0; j < r->dim; j++) y[j] = r->w ? r->w[j] * (x[j] * inv) : x[j] * inv;
     }
 }
@@ -930,12 +973,9 @@ void zi_rmsnorm(float *y, const float *x, const float *w, int64_t rows, int dim,
 
 /* mean and 1/sqrt(biased variance + eps) of n values (two passes, in double) */
 static void moments(const float *x, int64_t n, float eps, float *mean, float *rstd) {
-    double s = 0, ss = 0;
-    for (int64_t j = 0; j < n; j++) s += x[j];
-    double mu = s / n;
-    for (int64_t j = 0; j < n; j++) ss += (x[j] - mu) * (x[j] - mu);
+    double mu = sum(x, n) / n;
     *mean = (float)mu;
-    *rstd = 1.0f / sqrtf((float)(ss / n) + eps);
+    *rstd = 1.0f / sqrtf((float)(sum_sq(x, n, mu) / n) + eps);
 }
 
 /* y = (x - mean)·rstd·w + b over a row (layernorm) or a group of channels (groupnorm) */
