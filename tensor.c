@@ -308,8 +308,8 @@ void zi_parallel_for(int64_t n, int64_t grain, zi_range_fn fn, void *ctx) {
 
 /* Per-thread scratch buffers (64-byte aligned, grown on demand, freed at thread exit).
  * Slots: 0 = the GEMM's packed B panel, 1 = a packed A panel, 2 = attention tiles,
- * 3 = zi_gemm's packed op(A) (of the calling thread). */
-enum { SCRATCH_SLOTS = 4 };
+ * 3 = zi_gemm's packed op(A) (of the calling thread), 4 = attention's packed keys and values. */
+enum { SCRATCH_SLOTS = 5 };
 typedef struct { float *p[SCRATCH_SLOTS]; size_t n[SCRATCH_SLOTS]; } scratch_set;
 static pthread_key_t scratch_key;
 static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
@@ -579,15 +579,19 @@ static void pack_B(float *bp, const gemm_args *g, int p0, int kc, int j0, int nc
 typedef struct { const float *p; int r0, Mp; } packed_A;
 
 /* C[i0 .. i0+m, j0 .. j0+n] of the product, serially (one task). pa: op(A) already packed
- * (i0 - pa->r0 a multiple of MR), or NULL to pack it here. */
-static void gemm_tile(const gemm_args *g, int i0, int m, int j0, int n, const packed_A *pa) {
-    float *bp = scratch(0, (size_t)KC * NC), *ap = pa ? NULL : scratch(1, (size_t)KC * MC);
+ * (i0 - pa->r0 a multiple of MR), or NULL to pack it here. pb: op(B)'s columns j0 .. j0+n
+ * already packed by pack_B_all, or NULL to pack them here, panel by panel. */
+static void gemm_tile_pb(const gemm_args *g, int i0, int m, int j0, int n, const packed_A *pa, const float *pb) {
+    float *bp = pb ? NULL : scratch(0, (size_t)KC * NC), *ap = pa ? NULL : scratch(1, (size_t)KC * MC);
+    size_t Np = (size_t)(n + NR - 1) / NR * NR;
     for (int jc = 0; jc < n; jc += NC) {
         int nc = n - jc < NC ? n - jc : NC;
         for (int pc = 0; pc < g->K; pc += KC) {
             int kc = g->K - pc < KC ? g->K - pc : KC;
             float beta = pc == 0 ? g->beta : 1.0f;    /* later slices accumulate into C */
-            pack_B(bp, g, pc, kc, j0 + jc, nc);
+            const float *b = bp;
+            if (pb) b = pb + (size_t)pc * Np + (size_t)jc * kc;
+            else pack_B(bp, g, pc, kc, j0 + jc, nc);
             for (int ic = 0; ic < m; ic += MC) {
                 int mc = m - ic < MC ? m - ic : MC;
                 const float *a = ap;
@@ -595,11 +599,26 @@ static void gemm_tile(const gemm_args *g, int i0, int m, int j0, int n, const pa
                 else pack_A(ap, g, i0 + ic, mc, pc, kc);
                 for (int jr = 0; jr < nc; jr += NR)
                     for (int ir = 0; ir < mc; ir += MR)
-                        micro(kc, a + (size_t)ir * kc, bp + (size_t)jr * kc,
+                        micro(kc, a + (size_t)ir * kc, b + (size_t)jr * kc,
                               g->C + (int64_t)(i0 + ic + ir) * g->ldc + j0 + jc + jr, g->ldc,
                               mc - ir < MR ? mc - ir : MR, nc - jr < NR ? nc - jr : NR, g->alpha, beta);
             }
         }
+    }
+}
+
+static void gemm_tile(const gemm_args *g, int i0, int m, int j0, int n, const packed_A *pa) {
+    gemm_tile_pb(g, i0, m, j0, n, pa, NULL);
+}
+
+/* op(B)'s columns j0 .. j0+n, every KC slice, packed for gemm_tile_pb: the slice starting at
+ * pc is at dst + pc·Np (Np = n rounded up to NR), its NR-column strips one after another. */
+static void pack_B_all(float *dst, const gemm_args *g, int j0, int n) {
+    size_t Np = (size_t)(n + NR - 1) / NR * NR;
+    for (int pc = 0; pc < g->K; pc += KC) {
+        int kc = g->K - pc < KC ? g->K - pc : KC;
+        for (int jc = 0; jc < n; jc += NC)
+            pack_B(dst + (size_t)pc * Np + (size_t)jc * kc, g, pc, kc, j0 + jc, n - jc < NC ? n - jc : NC);
     }
 }
 
@@ -721,10 +740,15 @@ void zi_linear(float *y, const float *x, int M, const zi_mat *W, const float *bi
  * and lse = m + log l. Blocks are fixed, so the result does not depend on the thread count. */
 enum { ATT_BQ = 256, ATT_BK = 128 };
 
+/* floats of one packed key block (D x ATT_BK) and value block (ATT_BK x D), see pack_B_all */
+static size_t att_kstride(int D) { return (size_t)D * ((ATT_BK + NR - 1) / NR * NR); }
+static size_t att_vstride(int D) { return (size_t)ATT_BK * ((D + NR - 1) / NR * NR); }
+
 typedef struct {
     float *out; int64_t ldo;
     const float *q, *k, *v; int64_t ldq, ldk, ldv;
     int Sq, Sk, Hq, Hkv, D, causal, n_keys, nqb;
+    int qchunk, nchunks;    /* a task: one head, qchunk query blocks (nchunks tasks per head) */
     float scale;
     float *lse;
 } att_args;
@@ -786,8 +810,9 @@ static float softmax_update(float *s, int bk, int lim, float *m, float *l) {
     return corr;
 }
 
-static void att_block(const att_args *a, int h, int q0) {
-    int D = a->D, bq = a->Sq - q0 < ATT_BQ ? a->Sq - q0 : ATT_BQ, g = h / (a->Hq / a->Hkv);
+/* Kp, Vp: the head's key and value blocks, packed (see att_task) */
+static void att_block(const att_args *a, int h, int q0, const float *Kp, const float *Vp) {
+    int D = a->D, bq = a->Sq - q0 < ATT_BQ ? a->Sq - q0 : ATT_BQ;
     float *S = scratch(2, (size_t)ATT_BQ * ATT_BK + (size_t)(2 * ATT_BQ + MR) * D + 2 * ATT_BQ);
     float *O = S + ATT_BQ * ATT_BK, *m = O + (size_t)ATT_BQ * D, *l = m + ATT_BQ, *Qp = l + ATT_BQ;
     for (int i = 0; i < bq; i++) m[i] = -INFINITY, l[i] = 0;
@@ -801,9 +826,9 @@ static void att_block(const att_args *a, int h, int q0) {
     if (a->causal && q0 + bq < kend) kend = q0 + bq;
     for (int j0 = 0; j0 < kend; j0 += ATT_BK) {
         int bk = kend - j0 < ATT_BK ? kend - j0 : ATT_BK;
+        const float *kp = Kp + (size_t)(j0 / ATT_BK) * att_kstride(D), *vp = Vp + (size_t)(j0 / ATT_BK) * att_vstride(D);
         qk.N = bk;
-        qk.B = a->k + (int64_t)j0 * a->ldk + (int64_t)g * D;
-        gemm_tile(&qk, 0, bq, 0, bk, &pq);
+        gemm_tile_pb(&qk, 0, bq, 0, bk, &pq, kp);
         for (int i = 0; i < bq; i++) {
             int lim = a->causal && q0 + i + 1 - j0 < bk ? q0 + i + 1 - j0 : bk;
             float corr = softmax_update(S + i * ATT_BK, bk, lim, &m[i], &l[i]);
@@ -811,9 +836,8 @@ static void att_block(const att_args *a, int h, int q0) {
                 for (int d = 0; d < D; d++) O[i * D + d] *= corr;
         }
         /* O += P·V */
-        gemm_args pv = { 0, 0, bq, D, bk, 1.0f, 1.0f, S, ATT_BK,
-                         a->v + (int64_t)j0 * a->ldv + (int64_t)g * D, ZI_F32, a->ldv, O, D };
-        gemm_tile(&pv, 0, bq, 0, D, NULL);
+        gemm_args pv = { 0, 0, bq, D, bk, 1.0f, 1.0f, S, ATT_BK, NULL, ZI_F32, a->ldv, O, D };
+        gemm_tile_pb(&pv, 0, bq, 0, D, NULL, vp);
     }
     for (int i = 0; i < bq; i++) {
         float *o = a->out + (int64_t)(q0 + i) * a->ldo + (int64_t)h * D;
@@ -825,9 +849,28 @@ static void att_block(const att_args *a, int h, int q0) {
     }
 }
 
+/* A task: head h, query blocks c·qchunk .. Its head's keys and values (those any of its
+ * queries may see) are packed once, for all its query blocks. */
 static void att_task(void *ctx, int64_t begin, int64_t end) {
     const att_args *a = ctx;
-    for (int64_t t = begin; t < end; t++) att_block(a, (int)(t / a->nqb), (int)(t % a->nqb) * ATT_BQ);
+    int D = a->D;
+    for (int64_t t = begin; t < end; t++) {
+        int h = (int)(t / a->nchunks), g = h / (a->Hq / a->Hkv), qb0 = (int)(t % a->nchunks) * a->qchunk;
+        int qb1 = qb0 + a->qchunk < a->nqb ? qb0 + a->qchunk : a->nqb;
+        int kend = a->n_keys < a->Sk ? a->n_keys : a->Sk, qend = qb1 * ATT_BQ < a->Sq ? qb1 * ATT_BQ : a->Sq;
+        if (a->causal && qend < kend) kend = qend;
+        int nkb = (kend + ATT_BK - 1) / ATT_BK;
+        float *Kp = scratch(4, (size_t)nkb * (att_kstride(D) + att_vstride(D))), *Vp = Kp + (size_t)nkb * att_kstride(D);
+        for (int jb = 0; jb < nkb; jb++) {
+            int j0 = jb * ATT_BK, bk = kend - j0 < ATT_BK ? kend - j0 : ATT_BK;
+            const float *k = a->k + (int64_t)j0 * a->ldk + (int64_t)g * D, *v = a->v + (int64_t)j0 * a->ldv + (int64_t)g * D;
+            gemm_args kb = { 0, 1, 0, bk, D, 0, 0, NULL, 0, k, ZI_F32, a->ldk, NULL, 0 };   /* B of S = Q·Kᵀ */
+            gemm_args vb = { 0, 0, 0, D, bk, 0, 0, NULL, 0, v, ZI_F32, a->ldv, NULL, 0 };   /* B of O = P·V */
+            pack_B_all(Kp + (size_t)jb * att_kstride(D), &kb, 0, bk);
+            pack_B_all(Vp + (size_t)jb * att_vstride(D), &vb, 0, D);
+        }
+        for (int qb = qb0; qb < qb1; qb++) att_block(a, h, qb * ATT_BQ, Kp, Vp);
+    }
 }
 
 void zi_attention(float *out, int64_t ldo, const float *q, int64_t ldq,
@@ -836,9 +879,12 @@ void zi_attention(float *out, int64_t ldo, const float *q, int64_t ldq,
                   int n_keys, float *lse) {
     if (Sq <= 0 || Hq <= 0) return;
     if (Hkv <= 0 || Hq % Hkv) zi_die("zi_attention: %d query heads is not a multiple of %d kv heads", Hq, Hkv);
-    att_args a = { out, ldo, q, k, v, ldq, ldk, ldv, Sq, Sk, Hq, Hkv, D, causal, n_keys,
-                   (Sq + ATT_BQ - 1) / ATT_BQ, scale, lse };
-    zi_parallel_for((int64_t)Hq * a.nqb, 1, att_task, &a);
+    int nqb = (Sq + ATT_BQ - 1) / ATT_BQ, T = zi_nthreads();
+    /* each head's query blocks in as few chunks as give every thread about three tasks */
+    int nchunks = (3 * T + Hq - 1) / Hq < nqb ? (3 * T + Hq - 1) / Hq : nqb, qchunk = (nqb + nchunks - 1) / nchunks;
+    att_args a = { out, ldo, q, k, v, ldq, ldk, ldv, Sq, Sk, Hq, Hkv, D, causal, n_keys, nqb,
+                   qchunk, (nqb + qchunk - 1) / qchunk, scale, lse };
+    zi_parallel_for((int64_t)Hq * a.nchunks, 1, att_task, &a);
 }
 
 /* ---------------------------------------------------------------- convolution
