@@ -267,6 +267,7 @@ static void pool_start(int n) {            /* called with pool_job held */
 
 void zi_threads_init(int n) {
     if (n <= 0) n = default_threads();
+    if (in_job) return;                    /* the pool cannot be resized from inside a job */
     pthread_mutex_lock(&pool_job);
     if (!pool.started || pool.n != n) {
         pool_stop();
