@@ -267,6 +267,7 @@ static void pool_start(int n) {            /* called with pool_job held */
 
 void zi_threads_init(int n) {
     if (n <= 0) n = default_threads();
+    if (in_job) return;                    /* the pool cannot be resized from inside a job */
     pthread_mutex_lock(&pool_job);
     if (!pool.started || pool.n != n) {
         pool_stop();
@@ -339,10 +340,11 @@ static float *scratch(int slot, size_t n) {
 }
 
 /* ---------------------------------------------------------------- GEMM
- * Goto/BLIS blocking. For each column block of C (at most NC wide) and each KC-deep slice of
- * K: op(B)'s slice is packed (and converted to fp32) into strips of NR columns, op(A)'s slice
- * into strips of MR rows (MC rows at a time), and the micro-kernel computes an MR x NR tile of
- * A·B in registers over the KC slice, then adds it into C.
+ * Goto/BLIS blocking. zi_gemm packs op(A) once (strips of MR rows for every KC-deep slice of
+ * K, shared by all threads), then splits C into rectangles (tasks). A task walks its columns
+ * in blocks of at most NC and K in slices of KC: op(B)'s KC x NC panel is packed, converting
+ * bf16/f16 to fp32, into strips of NR columns, and the micro-kernel computes each MR x NR tile
+ * of the slice's product in registers and adds it into C.
  * Determinism: every C element is summed over k in the same order (k = 0..K-1 within fixed
  * KC slices, slice results added to C in order) wherever its tile lands, so the result does
  * not depend on how M and N are split among threads. K is never split. */
