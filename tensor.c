@@ -741,6 +741,9 @@ void zi_linear(float *y, const float *x, int M, const zi_mat *W, const float *bi
  * exp(m - m'), P = exp(S - m') is added to l and P·V to the output. At the end out = O / l
  * and lse = m + log l. Blocks are fixed, so the result does not depend on the thread count. */
 enum { ATT_BQ = 256, ATT_BK = 128 };
+/* a task packs the key/value blocks up to its causal limit, which must fall on a key-block
+ * boundary: hence whole key blocks per query block */
+_Static_assert(ATT_BQ % ATT_BK == 0, "ATT_BQ must be a multiple of ATT_BK");
 
 /* floats of one packed key block (D x ATT_BK) and value block (ATT_BK x D), see pack_B_all */
 static size_t att_kstride(int D) { return (size_t)D * ((ATT_BK + NR - 1) / NR * NR); }
