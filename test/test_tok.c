@@ -144,9 +144,7 @@ TEST(tok_speed) {
     free(ids);
     free(text);
     zj_free(corpus);
-    CHECK(nids > 0, "encode: %s", zi_err());
-    CHECK(load < 0.5, "load %.3f s > 0.5 s", load);
-    CHECK(enc < 1.0, "encode %.3f s > 1 s", enc);
+    CHECK(nids > 0, "encode: %s", zi_err());   /* the time goals are make bench's: tests never assert on time */
 }
 
 /* Invalid UTF-8 is an error, never a crash or a guess. */
