@@ -417,13 +417,6 @@ static int train_sample(worker *wk, const sample *s, float sigma, float weight, 
     return zi_dit_backward(wk->dit, wk->dout);
 }
 
-/* the first of x[0, n) that is a NaN or an infinity, or 0 when all are finite */
-static float first_nonfinite(const float *x, int64_t n) {
-    for (int64_t i = 0; i < n; i++)
-        if (!isfinite(x[i])) return x[i];
-    return 0;
-}
-
 /* ================================================================ checkpoints */
 
 typedef struct {
@@ -506,10 +499,13 @@ static void progress(const options *o, const zi_train_lora *lora, const zi_train
 }
 
 /* A NaN or an infinity in the loss or the gradients stops the run before the optimizer step
- * and before any save: the checkpoints and the state on disk stay those of the last good step. */
-static int diverged(const zi_train_lora *lora, int64_t sample, const char *what, float v) {
-    zi_seterr("step %lld (sample %lld): %s is %s; stopped, the checkpoints saved before it are kept",
-              (long long)lora->step + 1, (long long)sample, what, isnan(v) ? "NaN" : "infinite");
+ * and before any save: the checkpoints and the state on disk stay those of the last good step.
+ * Puts "step N (sample S): " before the current error. */
+static int diverged(const zi_train_lora *lora, int64_t sample) {
+    char *why = zi_strdup(zi_err());
+    zi_seterr("step %lld (sample %lld): %s; stopped, the checkpoints saved before it are kept",
+              (long long)lora->step + 1, (long long)sample, why);
+    free(why);
     return -1;
 }
 
@@ -536,16 +532,17 @@ static int train_loop(const options *o, worker *wk, const saver *sv, const sampl
             float loss;
             rc = train_sample(wk, &data[perm[j] % rows], sigmas[gi], weights[gi], 1.0f / (float)o->accum,
                               zi_train_noise_seed(o->seed, pos->sample), &loss);
-            if (!rc && !isfinite(loss)) rc = diverged(lora, pos->sample + 1, "the loss", loss);
+            if (!rc && !isfinite(loss)) {
+                zi_seterr("the loss is %s", isnan(loss) ? "NaN" : "infinite");
+                rc = diverged(lora, pos->sample + 1);
+            }
             if (rc) break;
             pos->sample++;
             pos->loss_sum += loss;
             pos->partial = 1;
             step_loss += loss;
             if ((j + 1) % o->accum == 0 || j + 1 == per_epoch) {
-                float bad = first_nonfinite(lora->g, lora->n_params);
-                if (bad != 0) { rc = diverged(lora, pos->sample, "a gradient", bad); break; }
-                zi_train_lora_step(lora, o->lr, o->weight_decay);
+                if (zi_train_lora_step(lora, o->lr, o->weight_decay)) { rc = diverged(lora, pos->sample); break; }
                 zi_train_lora_zero_grad(lora);
                 pos->partial = 0;
                 if (!o->quiet)
