@@ -16,6 +16,7 @@
 #include "zimage.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <math.h>
 #include <stdio.h>
@@ -23,6 +24,7 @@
 #include <string.h>
 #include <strings.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #define STATE_FILE "training-state.safetensors"
 
@@ -193,13 +195,23 @@ static int parse_args(int argc, char **argv, options *o) {
 
 /* ================================================================ files */
 
+/* mkdir -p; each directory made is fsync'd into its parent ("DIR/.." is the parent of a real
+ * directory), so that a power cut does not take it and the checkpoints in it away */
 static int mkdirs(const char *path) {
     char *p = zi_strdup(path);
     for (char *s = p + 1;; s++) {
         if (*s != '/' && *s) continue;
         char c = *s;
         *s = 0;
-        if (mkdir(p, 0777) && errno != EEXIST) {
+        if (mkdir(p, 0777) == 0) {
+            char *parent = zi_path("%s/..", p);
+            int fd = open(parent, O_RDONLY | O_DIRECTORY);
+            if (fd >= 0) {
+                (void)fsync(fd);    /* best effort, as the directory exists either way */
+                close(fd);
+            }
+            free(parent);
+        } else if (errno != EEXIST) {
             zi_seterr("%s: cannot create directory: %s", p, strerror(errno));
             free(p);
             return -1;
