@@ -320,8 +320,8 @@ void zi_parallel_for(int64_t n, int64_t grain, zi_range_fn fn, void *ctx) {
 
 /* Per-thread scratch buffers (64-byte aligned, grown on demand, freed at thread exit).
  * Slots: 0 = the GEMM's packed B panel, 1 = a packed A panel, 2 = attention tiles,
- * 3 = zi_gemm's packed op(A) (of the calling thread). */
-enum { SCRATCH_SLOTS = 4 };
+ * 3 = zi_gemm's packed op(A) (of the calling thread), 4 = attention's packed keys and values. */
+enum { SCRATCH_SLOTS = 5 };
 typedef struct { float *p[SCRATCH_SLOTS]; size_t n[SCRATCH_SLOTS]; } scratch_set;
 static pthread_key_t scratch_key;
 static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
@@ -399,7 +399,11 @@ static void tile_store(const float *acc, float *C, int64_t ldc, int mr, int nr, 
 static void micro(int kc, const float *a, const float *b, float *C, int64_t ldc, int mr, int nr,
                   float alpha, float beta) {
     __m512 acc[MR][2];
-    for (int i = 0; i < MR; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+    for (int i = 0; i < MR; i++) {
+        acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+        _mm_prefetch((const char *)(C + i * ldc), _MM_HINT_T0);        /* C is needed at the end */
+        _mm_prefetch((const char *)(C + i * ldc + NR - 1), _MM_HINT_T0);
+    }
     for (int p = 0; p < kc; p++, a += MR, b += NR) {
         __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16);
         for (int i = 0; i < MR; i++) {
@@ -429,7 +433,11 @@ static void micro(int kc, const float *a, const float *b, float *C, int64_t ldc,
 static void micro(int kc, const float *a, const float *b, float *C, int64_t ldc, int mr, int nr,
                   float alpha, float beta) {
     __m256 acc[MR][2];
-    for (int i = 0; i < MR; i++) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+    for (int i = 0; i < MR; i++) {
+        acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+        _mm_prefetch((const char *)(C + i * ldc), _MM_HINT_T0);        /* C is needed at the end */
+        _mm_prefetch((const char *)(C + i * ldc + NR - 1), _MM_HINT_T0);
+    }
     for (int p = 0; p < kc; p++, a += MR, b += NR) {
         __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
         for (int i = 0; i < MR; i++) {
@@ -537,18 +545,24 @@ static inline void transpose8(__m256 r[8]) {
 static void pack_B(float *bp, const gemm_args *g, int p0, int kc, int j0, int nc) {
     size_t es = zi_dtype_size(g->bt);
     const char *B = g->B;
+    if (!g->transB) {      /* B stored [K, N]: each row of the panel is read once, dealt into strips */
+        float tmp[NC];
+        for (int p = 0; p < kc; p++) {
+            const char *src = B + ((int64_t)(p0 + p) * g->ldb + j0) * es;
+            if (p + 8 < kc)         /* rows may be far apart (attention's V): fetch ahead */
+                for (size_t off = 0; off < (size_t)nc * es; off += 64) __builtin_prefetch(src + 8 * g->ldb * es + off);
+            const float *row = (const float *)src;
+            if (g->bt != ZI_F32) zi_to_f32(tmp, src, g->bt, (size_t)nc), row = tmp;
+            int jr = 0;
+            for (; jr + NR <= nc; jr += NR) memcpy(bp + (size_t)jr * kc + p * NR, row + jr, NR * sizeof(float));
+            for (int j = 0; jr < nc && j < NR; j++) bp[(size_t)jr * kc + p * NR + j] = jr + j < nc ? row[jr + j] : 0;
+        }
+        return;
+    }
+    /* B stored [N, K] (a Linear weight): columns of op(B) are contiguous, so transpose */
     float col[KC];
     for (int jr = 0; jr < nc; jr += NR, bp += (size_t)NR * kc) {
-        int nr = nc - jr < NR ? nc - jr : NR;
-        if (!g->transB) {                      /* B stored [K, N]: rows of the strip are contiguous */
-            for (int p = 0; p < kc; p++) {
-                zi_to_f32(bp + p * NR, B + ((int64_t)(p0 + p) * g->ldb + j0 + jr) * es, g->bt, (size_t)nr);
-                for (int j = nr; j < NR; j++) bp[p * NR + j] = 0;
-            }
-            continue;
-        }
-        /* B stored [N, K] (a Linear weight): columns of op(B) are contiguous, so transpose */
-        int j = 0;
+        int nr = nc - jr < NR ? nc - jr : NR, j = 0;
 #if defined(__AVX2__) && defined(__F16C__)
         for (; j + 8 <= nr && kc >= 8; j += 8) {   /* 8 x 8 blocks: convert, transpose in registers */
             const char *src = B + ((int64_t)(j0 + jr + j) * g->ldb + p0) * es;
@@ -577,15 +591,19 @@ static void pack_B(float *bp, const gemm_args *g, int p0, int kc, int j0, int nc
 typedef struct { const float *p; int r0, Mp; } packed_A;
 
 /* C[i0 .. i0+m, j0 .. j0+n] of the product, serially (one task). pa: op(A) already packed
- * (i0 - pa->r0 a multiple of MR), or NULL to pack it here. */
-static void gemm_tile(const gemm_args *g, int i0, int m, int j0, int n, const packed_A *pa) {
-    float *bp = scratch(0, (size_t)KC * NC), *ap = pa ? NULL : scratch(1, (size_t)KC * MC);
+ * (i0 - pa->r0 a multiple of MR), or NULL to pack it here. pb: op(B)'s columns j0 .. j0+n
+ * already packed by pack_B_all, or NULL to pack them here, panel by panel. */
+static void gemm_tile_pb(const gemm_args *g, int i0, int m, int j0, int n, const packed_A *pa, const float *pb) {
+    float *bp = pb ? NULL : scratch(0, (size_t)KC * NC), *ap = pa ? NULL : scratch(1, (size_t)KC * MC);
+    size_t Np = (size_t)(n + NR - 1) / NR * NR;
     for (int jc = 0; jc < n; jc += NC) {
         int nc = n - jc < NC ? n - jc : NC;
         for (int pc = 0; pc < g->K; pc += KC) {
             int kc = g->K - pc < KC ? g->K - pc : KC;
             float beta = pc == 0 ? g->beta : 1.0f;    /* later slices accumulate into C */
-            pack_B(bp, g, pc, kc, j0 + jc, nc);
+            const float *b = bp;
+            if (pb) b = pb + (size_t)pc * Np + (size_t)jc * kc;
+            else pack_B(bp, g, pc, kc, j0 + jc, nc);
             for (int ic = 0; ic < m; ic += MC) {
                 int mc = m - ic < MC ? m - ic : MC;
                 const float *a = ap;
@@ -593,7 +611,7 @@ static void gemm_tile(const gemm_args *g, int i0, int m, int j0, int n, const pa
                 else pack_A(ap, g, i0 + ic, mc, pc, kc);
                 for (int jr = 0; jr < nc; jr += NR)
                     for (int ir = 0; ir < mc; ir += MR)
-                        micro(kc, a + (size_t)ir * kc, bp + (size_t)jr * kc,
+                        micro(kc, a + (size_t)ir * kc, b + (size_t)jr * kc,
                               g->C + (int64_t)(i0 + ic + ir) * g->ldc + j0 + jc + jr, g->ldc,
                               mc - ir < MR ? mc - ir : MR, nc - jr < NR ? nc - jr : NR, g->alpha, beta);
             }
@@ -601,19 +619,38 @@ static void gemm_tile(const gemm_args *g, int i0, int m, int j0, int n, const pa
     }
 }
 
+static void gemm_tile(const gemm_args *g, int i0, int m, int j0, int n, const packed_A *pa) {
+    gemm_tile_pb(g, i0, m, j0, n, pa, NULL);
+}
+
+/* op(B)'s columns j0 .. j0+n, every KC slice, packed for gemm_tile_pb: the slice starting at
+ * pc is at dst + pc·Np (Np = n rounded up to NR), its NR-column strips one after another. */
+static void pack_B_all(float *dst, const gemm_args *g, int j0, int n) {
+    size_t Np = (size_t)(n + NR - 1) / NR * NR;
+    for (int pc = 0; pc < g->K; pc += KC) {
+        int kc = g->K - pc < KC ? g->K - pc : KC;
+        for (int jc = 0; jc < n; jc += NC)
+            pack_B(dst + (size_t)pc * Np + (size_t)jc * kc, g, pc, kc, j0 + jc, n - jc < NC ? n - jc : NC);
+    }
+}
+
 /* One call's rows [r0, r0 + ms): op(A) packed once into `pa` (shared by all tasks), then tasks
  * = rectangles of C of mb rows x nb columns (multiples of MR, NR), each packing its own B panels. */
 typedef struct { const gemm_args *g; packed_A pa; int ms, mb, nmb, nb; } gemm_job;
 
+/* Strip s (rows r0 + s·MR .., mr <= MR of them) of op(A), every KC slice, into pa. */
+static void pack_A_strip(const packed_A *pa, const gemm_args *g, int s, int mr) {
+    for (int pc = 0; pc < g->K; pc += KC) {
+        int kc = g->K - pc < KC ? g->K - pc : KC;
+        pack_A((float *)pa->p + (size_t)pc * pa->Mp + (size_t)s * MR * kc, g, pa->r0 + s * MR, mr, pc, kc);
+    }
+}
+
 static void pack_A_strips(void *ctx, int64_t begin, int64_t end) {
     const gemm_job *jb = ctx;
-    const gemm_args *g = jb->g;
     for (int64_t s = begin; s < end; s++) {
-        int i = jb->pa.r0 + (int)s * MR, mr = jb->pa.r0 + jb->ms - i < MR ? jb->pa.r0 + jb->ms - i : MR;
-        for (int pc = 0; pc < g->K; pc += KC) {
-            int kc = g->K - pc < KC ? g->K - pc : KC;
-            pack_A((float *)jb->pa.p + (size_t)pc * jb->pa.Mp + (size_t)s * MR * kc, g, i, mr, pc, kc);
-        }
+        int left = jb->ms - (int)s * MR;
+        pack_A_strip(&jb->pa, jb->g, (int)s, left < MR ? left : MR);
     }
 }
 
@@ -713,15 +750,52 @@ void zi_linear(float *y, const float *x, int M, const zi_mat *W, const float *bi
  * maximum m and sum l: with m' = max(m, max S), the old sum and output are rescaled by
  * exp(m - m'), P = exp(S - m') is added to l and P·V to the output. At the end out = O / l
  * and lse = m + log l. Blocks are fixed, so the result does not depend on the thread count. */
-enum { ATT_BQ = 64, ATT_BK = 128 };
+enum { ATT_BQ = 256, ATT_BK = 128 };
+
+/* floats of one packed key block (D x ATT_BK) and value block (ATT_BK x D), see pack_B_all */
+static size_t att_kstride(int D) { return (size_t)D * ((ATT_BK + NR - 1) / NR * NR); }
+static size_t att_vstride(int D) { return (size_t)ATT_BK * ((D + NR - 1) / NR * NR); }
 
 typedef struct {
     float *out; int64_t ldo;
     const float *q, *k, *v; int64_t ldq, ldk, ldv;
     int Sq, Sk, Hq, Hkv, D, causal, n_keys, nqb;
+    int qchunk, nchunks;    /* a task: one head, qchunk query blocks (nchunks tasks per head) */
     float scale;
     float *lse;
 } att_args;
+
+/* e^x for x <= 0 (softmax arguments), within 2 ulp: x = n·ln 2 + r with |r| <= ln2/2, e^r by
+ * Cephes' degree-6 polynomial, 2^n added to the exponent bits. Below -86 (e^x < 5e-38) the
+ * result is 0, selected by a bit mask: without branches, loops over it vectorise. */
+static inline float exp_le0(float x) {
+    float t = x * 1.44269504f + 12582912.0f;  /* 1.5·2^23: round(x·log2 e) lands in the low bits */
+    float n = t - 12582912.0f;
+    float r = x - n * 0.693359375f + n * 2.12194440e-4f;    /* ln 2 in two parts */
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    uint32_t pu = f32_bits(p), keep = 0u - (uint32_t)(x >= -86.0f);
+    return bits_f32((pu + ((f32_bits(t) - 0x4b400000u) << 23)) & keep);
+}
+
+/* max(init, s[0..n)) */
+static float row_max(const float *s, int n, float init) {
+    int j = 0;
+#ifdef __AVX__
+    __m256 m8 = _mm256_set1_ps(init);
+    for (; j + 8 <= n; j += 8) m8 = _mm256_max_ps(m8, _mm256_loadu_ps(s + j));
+    float t[8];
+    _mm256_storeu_ps(t, m8);
+    for (int k = 0; k < 8; k++) init = t[k] > init ? t[k] : init;
+#endif
+    for (; j < n; j++) init = s[j] > init ? s[j] : init;
+    return init;
+}
 
 /* Online-softmax update of one query row with its block of scores s[0..bk) (keys j0..);
  * keys at or past `lim` are masked. s becomes P (zeros where masked). Returns the factor
@@ -731,52 +805,84 @@ static float softmax_update(float *s, int bk, int lim, float *m, float *l) {
         memset(s, 0, (size_t)bk * sizeof(float));
         return 1.0f;
     }
-    float mx = *m;
-    for (int j = 0; j < lim; j++) mx = s[j] > mx ? s[j] : mx;
-    float corr = *m == -INFINITY ? 0.0f : expf(*m - mx), sum = 0;
-    for (int j = 0; j < lim; j++) {
-        s[j] = expf(s[j] - mx);
-        sum += s[j];
-    }
-    for (int j = lim; j < bk; j++) s[j] = 0;
+    float mx = row_max(s, lim, *m);
+    float corr = *m == -INFINITY ? 0.0f : exp_le0(*m - mx), sum = 0;
+    for (int j = 0; j < lim; j++) s[j] = exp_le0(s[j] - mx);
+    /* the row sum in 8 interleaved partial sums (one vector add per 8 terms, not a chain of
+     * dependent scalar adds), combined in a fixed order */
+    float part[8] = {0};
+    int j = 0;
+    for (; j + 8 <= lim; j += 8)
+        for (int k = 0; k < 8; k++) part[k] += s[j + k];
+    for (; j < lim; j++) part[0] += s[j];
+    sum = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+    for (j = lim; j < bk; j++) s[j] = 0;
     *l = *l * corr + sum;
     *m = mx;
     return corr;
 }
 
-static void att_block(const att_args *a, int h, int q0) {
-    int D = a->D, bq = a->Sq - q0 < ATT_BQ ? a->Sq - q0 : ATT_BQ, g = h / (a->Hq / a->Hkv);
-    float *S = scratch(2, (size_t)ATT_BQ * ATT_BK + (size_t)ATT_BQ * D + 2 * ATT_BQ);
-    float *O = S + ATT_BQ * ATT_BK, *m = O + (size_t)ATT_BQ * D, *l = m + ATT_BQ;
+/* Kp, Vp: the head's key and value blocks, packed (see att_task) */
+static void att_block(const att_args *a, int h, int q0, const float *Kp, const float *Vp) {
+    int D = a->D, bq = a->Sq - q0 < ATT_BQ ? a->Sq - q0 : ATT_BQ;
+    float *S = scratch(2, (size_t)ATT_BQ * ATT_BK + (size_t)(2 * ATT_BQ + MR) * D + 2 * ATT_BQ);
+    float *O = S + ATT_BQ * ATT_BK, *m = O + (size_t)ATT_BQ * D, *l = m + ATT_BQ, *Qp = l + ATT_BQ;
     for (int i = 0; i < bq; i++) m[i] = -INFINITY, l[i] = 0;
     memset(O, 0, (size_t)bq * D * sizeof(float));
+    /* S = scale·Q·Kᵀ: the query block is packed once, for all key blocks */
+    gemm_args qk = { 0, 1, bq, 0, D, a->scale, 0.0f, a->q + (int64_t)q0 * a->ldq + (int64_t)h * D, a->ldq,
+                     NULL, ZI_F32, a->ldk, S, ATT_BK };
+    packed_A pq = { Qp, 0, (bq + MR - 1) / MR * MR };
+    for (int s = 0; s * MR < bq; s++) pack_A_strip(&pq, &qk, s, bq - s * MR < MR ? bq - s * MR : MR);
     int kend = a->n_keys < a->Sk ? a->n_keys : a->Sk;
     if (a->causal && q0 + bq < kend) kend = q0 + bq;
     for (int j0 = 0; j0 < kend; j0 += ATT_BK) {
         int bk = kend - j0 < ATT_BK ? kend - j0 : ATT_BK;
-        gemm_args qk = { 0, 1, bq, bk, D, a->scale, 0.0f, a->q + (int64_t)q0 * a->ldq + (int64_t)h * D, a->ldq,
-                         a->k + (int64_t)j0 * a->ldk + (int64_t)g * D, ZI_F32, a->ldk, S, ATT_BK };
-        gemm_tile(&qk, 0, bq, 0, bk, NULL);
+        const float *kp = Kp + (size_t)(j0 / ATT_BK) * att_kstride(D), *vp = Vp + (size_t)(j0 / ATT_BK) * att_vstride(D);
+        qk.N = bk;
+        gemm_tile_pb(&qk, 0, bq, 0, bk, &pq, kp);
         for (int i = 0; i < bq; i++) {
             int lim = a->causal && q0 + i + 1 - j0 < bk ? q0 + i + 1 - j0 : bk;
             float corr = softmax_update(S + i * ATT_BK, bk, lim, &m[i], &l[i]);
             if (corr != 1.0f)
                 for (int d = 0; d < D; d++) O[i * D + d] *= corr;
         }
-        gemm_args pv = { 0, 0, bq, D, bk, 1.0f, 1.0f, S, ATT_BK,
-                         a->v + (int64_t)j0 * a->ldv + (int64_t)g * D, ZI_F32, a->ldv, O, D };
-        gemm_tile(&pv, 0, bq, 0, D, NULL);
+        /* O += P·V */
+        gemm_args pv = { 0, 0, bq, D, bk, 1.0f, 1.0f, S, ATT_BK, NULL, ZI_F32, a->ldv, O, D };
+        gemm_tile_pb(&pv, 0, bq, 0, D, NULL, vp);
     }
     for (int i = 0; i < bq; i++) {
         float *o = a->out + (int64_t)(q0 + i) * a->ldo + (int64_t)h * D;
-        for (int d = 0; d < D; d++) o[d] = l[i] > 0 ? O[i * D + d] / l[i] : 0.0f;
+        if (l[i] > 0)
+            for (int d = 0; d < D; d++) o[d] = O[i * D + d] / l[i];
+        else                                    /* every key masked */
+            for (int d = 0; d < D; d++) o[d] = 0.0f;
         if (a->lse) a->lse[(int64_t)h * a->Sq + q0 + i] = l[i] > 0 ? m[i] + logf(l[i]) : -INFINITY;
     }
 }
 
+/* A task: head h, query blocks c·qchunk .. Its head's keys and values (those any of its
+ * queries may see) are packed once, for all its query blocks. */
 static void att_task(void *ctx, int64_t begin, int64_t end) {
     const att_args *a = ctx;
-    for (int64_t t = begin; t < end; t++) att_block(a, (int)(t / a->nqb), (int)(t % a->nqb) * ATT_BQ);
+    int D = a->D;
+    for (int64_t t = begin; t < end; t++) {
+        int h = (int)(t / a->nchunks), g = h / (a->Hq / a->Hkv), qb0 = (int)(t % a->nchunks) * a->qchunk;
+        int qb1 = qb0 + a->qchunk < a->nqb ? qb0 + a->qchunk : a->nqb;
+        int kend = a->n_keys < a->Sk ? a->n_keys : a->Sk, qend = qb1 * ATT_BQ < a->Sq ? qb1 * ATT_BQ : a->Sq;
+        if (a->causal && qend < kend) kend = qend;
+        int nkb = (kend + ATT_BK - 1) / ATT_BK;
+        float *Kp = scratch(4, (size_t)nkb * (att_kstride(D) + att_vstride(D))), *Vp = Kp + (size_t)nkb * att_kstride(D);
+        for (int jb = 0; jb < nkb; jb++) {
+            int j0 = jb * ATT_BK, bk = kend - j0 < ATT_BK ? kend - j0 : ATT_BK;
+            const float *k = a->k + (int64_t)j0 * a->ldk + (int64_t)g * D, *v = a->v + (int64_t)j0 * a->ldv + (int64_t)g * D;
+            gemm_args kb = { 0, 1, 0, bk, D, 0, 0, NULL, 0, k, ZI_F32, a->ldk, NULL, 0 };   /* B of S = Q·Kᵀ */
+            gemm_args vb = { 0, 0, 0, D, bk, 0, 0, NULL, 0, v, ZI_F32, a->ldv, NULL, 0 };   /* B of O = P·V */
+            pack_B_all(Kp + (size_t)jb * att_kstride(D), &kb, 0, bk);
+            pack_B_all(Vp + (size_t)jb * att_vstride(D), &vb, 0, D);
+        }
+        for (int qb = qb0; qb < qb1; qb++) att_block(a, h, qb * ATT_BQ, Kp, Vp);
+    }
 }
 
 void zi_attention(float *out, int64_t ldo, const float *q, int64_t ldq,
@@ -785,9 +891,12 @@ void zi_attention(float *out, int64_t ldo, const float *q, int64_t ldq,
                   int n_keys, float *lse) {
     if (Sq <= 0 || Hq <= 0) return;
     if (Hkv <= 0 || Hq % Hkv) zi_die("zi_attention: %d query heads is not a multiple of %d kv heads", Hq, Hkv);
-    att_args a = { out, ldo, q, k, v, ldq, ldk, ldv, Sq, Sk, Hq, Hkv, D, causal, n_keys,
-                   (Sq + ATT_BQ - 1) / ATT_BQ, scale, lse };
-    zi_parallel_for((int64_t)Hq * a.nqb, 1, att_task, &a);
+    int nqb = (Sq + ATT_BQ - 1) / ATT_BQ, T = zi_nthreads();
+    /* each head's query blocks in as few chunks as give every thread about three tasks */
+    int nchunks = (3 * T + Hq - 1) / Hq < nqb ? (3 * T + Hq - 1) / Hq : nqb, qchunk = (nqb + nchunks - 1) / nchunks;
+    att_args a = { out, ldo, q, k, v, ldq, ldk, ldv, Sq, Sk, Hq, Hkv, D, causal, n_keys, nqb,
+                   qchunk, (nqb + qchunk - 1) / qchunk, scale, lse };
+    zi_parallel_for((int64_t)Hq * a.nchunks, 1, att_task, &a);
 }
 
 /* ---------------------------------------------------------------- convolution
@@ -805,14 +914,27 @@ typedef struct {
 
 static void im2col_rows(void *ctx, int64_t begin, int64_t end) {
     const im2col_job *c = ctx;
+    int rows = c->npix / c->Wo;
     for (int64_t r = begin; r < end; r++) {         /* r = (ci·kh + ky)·kw + kx */
         int kx = (int)(r % c->kw), ky = (int)(r / c->kw % c->kh), ci = (int)(r / c->kw / c->kh);
         const float *xc = c->x + (int64_t)ci * c->H * c->W;
-        float *dst = c->col + r * c->npix;
-        for (int p = 0; p < c->npix; p++) {
-            int oy = c->oy0 + p / c->Wo, ox = p % c->Wo;
-            int iy = oy * c->stride - c->pad_t + ky, ix = ox * c->stride - c->pad_l + kx;
-            dst[p] = iy >= 0 && iy < c->H && ix >= 0 && ix < c->W ? xc[(int64_t)iy * c->W + ix] : 0.0f;
+        /* output columns ox in [lo, hi) read inside the image: 0 <= ox·stride - pad_l + kx < W */
+        int off = kx - c->pad_l, lo = off >= 0 ? 0 : (-off + c->stride - 1) / c->stride;
+        int hi = off >= c->W ? 0 : (c->W - 1 - off) / c->stride + 1;
+        hi = hi < c->Wo ? hi : c->Wo;
+        lo = lo < hi ? lo : hi;
+        for (int oy = 0; oy < rows; oy++) {
+            float *dst = c->col + r * c->npix + (int64_t)oy * c->Wo;
+            int iy = (c->oy0 + oy) * c->stride - c->pad_t + ky;
+            if (iy < 0 || iy >= c->H) {
+                memset(dst, 0, (size_t)c->Wo * sizeof(float));
+                continue;
+            }
+            const float *src = xc + (int64_t)iy * c->W + lo * c->stride + off;   /* ox = lo */
+            for (int ox = 0; ox < lo; ox++) dst[ox] = 0.0f;
+            if (c->stride == 1) memcpy(dst + lo, src, (size_t)(hi - lo) * sizeof(float));
+            else for (int ox = lo; ox < hi; ox++) dst[ox] = src[(int64_t)(ox - lo) * c->stride];
+            for (int ox = hi; ox < c->Wo; ox++) dst[ox] = 0.0f;
         }
     }
 }
@@ -865,6 +987,26 @@ void zi_conv2d(float *y, const float *x, int Cin, int H, int W, const zi_mat *w,
  * Statistics are accumulated in double: the result is then the correctly rounded fp32 value
  * (within an ulp), which is what PyTorch's pairwise fp32 sums approximate. Each row is
  * computed by one thread. */
+/* Σ x and Σ (x - mu)² in double, in four interleaved partial sums (they vectorise; a single
+ * running sum would be a chain of dependent adds), combined in a fixed order. */
+static double sum(const float *x, int64_t n) {
+    double p[4] = {0};
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4)
+        for (int k = 0; k < 4; k++) p[k] += x[j + k];
+    for (; j < n; j++) p[0] += x[j];
+    return (p[0] + p[1]) + (p[2] + p[3]);
+}
+
+static double sum_sq(const float *x, int64_t n, double mu) {
+    double p[4] = {0};
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4)
+        for (int k = 0; k < 4; k++) p[k] += (x[j + k] - mu) * (x[j + k] - mu);
+    for (; j < n; j++) p[0] += (x[j] - mu) * (x[j] - mu);
+    return (p[0] + p[1]) + (p[2] + p[3]);
+}
+
 typedef struct {
     float *y; const float *x, *w, *b;
     int64_t dim;        /* elements per row (groupnorm: per group) */
@@ -877,9 +1019,7 @@ static void rmsnorm_rows(void *ctx, int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; i++) {
         const float *x = r->x + i * r->dim;
         float *y = r->y + i * r->dim;
-        double ss = 0;
-        for (int64_t j = 0; j < r->dim; j++) ss += (double)x[j] * x[j];
-        float inv = 1.0f / sqrtf((float)(ss / r->dim) + r->eps);
+        float inv = 1.0f / sqrtf((float)(sum_sq(x, r->dim, 0.0) / r->dim) + r->eps);
         for (int64_t j = 0; j < r->dim; j++) y[j] = r->w ? r->w[j] * (x[j] * inv) : x[j] * inv;
     }
 }
@@ -891,12 +1031,9 @@ void zi_rmsnorm(float *y, const float *x, const float *w, int64_t rows, int dim,
 
 /* mean and 1/sqrt(biased variance + eps) of n values (two passes, in double) */
 static void moments(const float *x, int64_t n, float eps, float *mean, float *rstd) {
-    double s = 0, ss = 0;
-    for (int64_t j = 0; j < n; j++) s += x[j];
-    double mu = s / n;
-    for (int64_t j = 0; j < n; j++) ss += (x[j] - mu) * (x[j] - mu);
+    double mu = sum(x, n) / n;
     *mean = (float)mu;
-    *rstd = 1.0f / sqrtf((float)(ss / n) + eps);
+    *rstd = 1.0f / sqrtf((float)(sum_sq(x, n, mu) / n) + eps);
 }
 
 /* y = (x - mean)·rstd·w + b over a row (layernorm) or a group of channels (groupnorm) */

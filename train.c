@@ -12,7 +12,15 @@
  * (the last step of an epoch takes what is left), AdamW + ConstantLR. Checkpoints:
  * OUTPUT/epoch-K.safetensors after every epoch, OUTPUT/step-N.safetensors every --save-steps
  * samples (N counts samples, as DiffSynth's logger does) and at the end; each save also
- * rewrites OUTPUT/training-state.safetensors, from which --resume continues bit for bit. */
+ * rewrites OUTPUT/training-state.safetensors, from which --resume continues bit for bit.
+ *
+ * Scheme 2 (differential LoRA): --preset-lora FILE[:STRENGTH] merges a LoRA (ostris' training
+ * adapter) into the frozen weights before training; it is never saved.
+ * Scheme 3 (--task trajectory-imitation, distill.c): each example supplies only its prompt and
+ * size; from fresh noise the teacher (the DiT + the --lora-checkpoint LoRA, frozen) runs
+ * --teacher-steps Euler steps at --teacher-cfg against the negative prompt "", and the trained
+ * LoRA (started from the same checkpoint) learns to follow its path in --student-steps steps at
+ * --student-cfg. */
 #include "zimage.h"
 
 #include <errno.h>
@@ -38,6 +46,8 @@ typedef struct {
     zi_dtype save_dtype;
     uint64_t seed;
     const char *eval_in, *eval_out, *eval_lora;
+    int distill;            /* --task trajectory-imitation (scheme 3) */
+    zi_distill_cfg dcfg;
 } options;
 
 /* One training example, encoded: latents x0 [C, h, w] and prompt features cap [L, D]. */
@@ -60,7 +70,12 @@ static void usage(void) {
         "  --lora-target-modules LIST     Linear layers by name suffix (to_q,to_k,to_v,to_out.0,w1,w2,w3)\n"
         "  --lora-rank N                  (32; alpha = rank)\n"
         "  --lora-checkpoint FILE         start from this LoRA\n"
-        "  --preset-lora-path FILE        merge this LoRA into the DiT first; not trained, not saved\n"
+        "  --preset-lora FILE[:STRENGTH]  merge this LoRA into the DiT first; not trained, not saved\n"
+        "                                 (scheme 2; --preset-lora-path is the same)\n"
+        "  --task sft|trajectory-imitation  plain SFT (scheme 1) or distillation (scheme 3, needs\n"
+        "                                 --lora-checkpoint: the teacher and the starting point)\n"
+        "  --teacher-steps N --teacher-cfg F  scheme 3's teacher: Euler steps, classic cfg (50, 2)\n"
+        "  --student-steps N --student-cfg F  scheme 3's student (8, 1)\n"
         "  --use-gradient-checkpointing   recompute block activations in the backward (less memory)\n"
         "  --output-path DIR              checkpoints and the encoding cache (./models)\n"
         "  --save-steps N                 also save step-N.safetensors every N samples\n"
@@ -114,7 +129,8 @@ static const char *const ignored_flags[] = {
 static int parse_args(int argc, char **argv, options *o) {
     *o = (options){ .repeat = 1, .epochs = 1, .accum = 1, .rank = 32, .max_pixels = 1024 * 1024, .lr = 1e-4,
                     .weight_decay = 0.01, .targets = "to_q,to_k,to_v,to_out.0,w1,w2,w3", .output = "./models",
-                    .save_format = "diffsynth", .save_dtype = ZI_BF16 };
+                    .save_format = "diffsynth", .save_dtype = ZI_BF16, .dcfg = zi_distill_default() };
+    double cfg;
     for (int i = 1; i < argc; i++) {
         char *a = argv[i], *val = NULL;
         if (a[0] != '-' || !a[1]) {
@@ -157,7 +173,11 @@ static int parse_args(int argc, char **argv, options *o) {
         else if (!strcmp(flag, "--weight-decay")) rc = parse_double(flag, val, &o->weight_decay);
         else if (!strcmp(flag, "--lora-target-modules")) o->targets = val;
         else if (!strcmp(flag, "--lora-checkpoint")) o->lora_checkpoint = val;
-        else if (!strcmp(flag, "--preset-lora-path")) o->preset_lora = val;
+        else if (!strcmp(flag, "--preset-lora-path") || !strcmp(flag, "--preset-lora")) o->preset_lora = val;
+        else if (!strcmp(flag, "--teacher-steps")) rc = parse_int(flag, val, 1, &o->dcfg.teacher_steps);
+        else if (!strcmp(flag, "--student-steps")) rc = parse_int(flag, val, 1, &o->dcfg.student_steps);
+        else if (!strcmp(flag, "--teacher-cfg")) { rc = parse_double(flag, val, &cfg); o->dcfg.teacher_cfg = (float)cfg; }
+        else if (!strcmp(flag, "--student-cfg")) { rc = parse_double(flag, val, &cfg); o->dcfg.student_cfg = (float)cfg; }
         else if (!strcmp(flag, "--output-path")) o->output = val;
         else if (!strcmp(flag, "--resume")) o->resume = val;
         else if (!strcmp(flag, "--save-format")) o->save_format = val;
@@ -171,7 +191,11 @@ static int parse_args(int argc, char **argv, options *o) {
         } else if (!strcmp(flag, "--lora-base-model") || !strcmp(flag, "--preset-lora-model")) {
             if (strcmp(val, "dit")) { zi_seterr("%s: only 'dit' is supported (got '%s')", flag, val); rc = -1; }
         } else if (!strcmp(flag, "--task")) {
-            if (strcmp(val, "sft")) { zi_seterr("--task: only 'sft' (scheme 1) is implemented (got '%s')", val); rc = -1; }
+            o->distill = !strcmp(val, "trajectory-imitation") || !strcmp(val, "trajectory_imitation");
+            if (!o->distill && strcmp(val, "sft")) {
+                zi_seterr("--task: '%s' is not sft or trajectory-imitation", val);
+                rc = -1;
+            }
         } else {
             int known = 0;
             for (size_t k = 0; k < sizeof ignored_flags / sizeof ignored_flags[0]; k++) known |= !strcmp(flag, ignored_flags[k]);
@@ -186,11 +210,27 @@ static int parse_args(int argc, char **argv, options *o) {
         zi_seterr("--save-format: '%s' is not diffsynth or diffusers", o->save_format);
         return -1;
     }
+    if (o->distill && !o->lora_checkpoint) {
+        zi_seterr("--task trajectory-imitation: --lora-checkpoint (the SFT LoRA: teacher and start) is required");
+        return -1;
+    }
     if (!o->eval_in && (!o->base_path || !o->metadata)) {
         zi_seterr("--dataset-base-path and --dataset-metadata-path are required");
         return -1;
     }
     return 0;
+}
+
+/* "FILE[:STRENGTH]" -> FILE (malloc'd) and the strength (1 without one). */
+static char *lora_arg(const char *arg, float *strength) {
+    char *file = zi_strdup(arg), *colon = strrchr(file, ':');
+    *strength = 1.0f;
+    if (colon && colon[1]) {
+        char *end;
+        double v = strtod(colon + 1, &end);
+        if (!*end) { *strength = (float)v; *colon = 0; }
+    }
+    return file;
 }
 
 /* ================================================================ files */
@@ -288,6 +328,20 @@ static void free_encoders(encoders *e) {
     zi_te_free(e->te);
     zi_tok_free(e->tok);
     e->vae = NULL; e->te = NULL; e->tok = NULL;
+}
+
+/* The features of the negative prompt "" (DiffSynth's default), for scheme 3's guidance. */
+static float *encode_negative(const options *o, int D, int *L) {
+    encoders e = { .o = o };
+    int32_t *ids = NULL;
+    float *f = NULL;
+    if (load_encoders(&e) == 0 && (*L = zi_tok_chat(e.tok, "", ZI_MAX_TOKENS, &ids)) > 0) {
+        if (zi_te_dim(e.te) != D) zi_seterr("%s: text features are %d wide, the DiT takes %d", o->model_dir, zi_te_dim(e.te), D);
+        else f = zi_te_encode(e.te, ids, *L);
+    }
+    free(ids);
+    free_encoders(&e);
+    return f;
 }
 
 /* DiffSynth's data pipeline for one row: image -> RGB -> training size -> [-1, 1] -> VAE
@@ -412,6 +466,12 @@ typedef struct {
     zi_dit *dit;
     int C;
     float *xt, *noise, *out, *dout;     /* [C, h, w] of the largest example */
+    /* scheme 3: the teacher LoRA (NULL for SFT), the schedules, the negative prompt's features */
+    zi_lora *teacher;
+    const zi_distill_cfg *dcfg;
+    zi_distill_sched sched;
+    float *neg;
+    int Ln, grad_ckpt;
 } worker;
 
 /* Forward and backward of one example at grid point (σ, weight): accumulates the gradients
@@ -427,6 +487,20 @@ static int train_sample(worker *wk, const sample *s, float sigma, float weight, 
     if (zi_dit_forward(wk->dit, 1, &x, &s->h, &s->w, &t, &cap, &s->L, &out)) return -1;
     *loss = zi_train_loss(wk->out, s->x0, wk->noise, n, weight, grad_scale, wk->dout);
     return zi_dit_backward(wk->dit, wk->dout);
+}
+
+/* Scheme 3: the example gives its prompt and size; x_T is fresh noise (distill.c). Sets *loss;
+ * returns 0 or -1 (error set). zi_distill_sample answers NAN both for an error and for a loss
+ * that diverged; an error is the one that leaves a message in place of the one set here. */
+static int distill_sample(worker *wk, zi_train_lora *lora, const sample *s, float grad_scale, uint64_t noise_seed,
+                          float *loss) {
+    static const char *const no_error = "distill: no error";
+    zi_randn(wk->noise, (int64_t)wk->C * s->h * s->w, noise_seed, ZI_RNG_CPU);
+    zi_distill_input in = { .h = s->h, .w = s->w, .L = s->L, .Ln = wk->Ln, .cap = s->cap, .neg = wk->neg };
+    zi_seterr("%s", no_error);
+    *loss = zi_distill_sample(wk->dit, lora, wk->teacher, &wk->sched, wk->dcfg, &in, wk->noise, grad_scale,
+                              wk->grad_ckpt);
+    return isnan(*loss) && strcmp(zi_err(), no_error) ? -1 : 0;
 }
 
 /* ================================================================ checkpoints */
@@ -541,9 +615,11 @@ static int train_loop(const options *o, worker *wk, const saver *sv, const sampl
             int gi = zi_train_timestep(o->seed, pos->sample, ZI_TRAIN_GRID);
             /* accelerate divides every loss by the accumulation steps, also in the shorter
              * last step of an epoch */
+            const sample *s = &data[perm[j] % rows];
+            uint64_t noise_seed = zi_train_noise_seed(o->seed, pos->sample);
             float loss;
-            rc = train_sample(wk, &data[perm[j] % rows], sigmas[gi], weights[gi], 1.0f / (float)o->accum,
-                              zi_train_noise_seed(o->seed, pos->sample), &loss);
+            rc = wk->teacher ? distill_sample(wk, lora, s, 1.0f / (float)o->accum, noise_seed, &loss)
+                             : train_sample(wk, s, sigmas[gi], weights[gi], 1.0f / (float)o->accum, noise_seed, &loss);
             if (!rc && !isfinite(loss)) {
                 zi_seterr("the loss is %s", isnan(loss) ? "NaN" : "infinite");
                 rc = diverged(lora, pos->sample + 1);
@@ -568,6 +644,20 @@ static int train_loop(const options *o, worker *wk, const saver *sv, const sampl
     return rc;
 }
 
+/* Scheme 3: the teacher (the --lora-checkpoint file, attached only for its trajectories),
+ * the schedules and, when either side is guided, the negative prompt's features. */
+static int distill_setup(const options *o, worker *wk, int D) {
+    const zi_distill_cfg *c = &o->dcfg;
+    wk->dcfg = c;
+    wk->grad_ckpt = o->grad_ckpt;
+    if (zi_distill_sched_init(&wk->sched, c) || !(wk->teacher = zi_lora_load(o->lora_checkpoint))) return -1;
+    if ((c->teacher_cfg != 1.0f || c->student_cfg != 1.0f) && !(wk->neg = encode_negative(o, D, &wk->Ln))) return -1;
+    if (!o->quiet)
+        fprintf(stderr, "trajectory imitation: teacher %s, %d steps at cfg %g; student %d steps at cfg %g\n",
+                o->lora_checkpoint, c->teacher_steps, c->teacher_cfg, c->student_steps, c->student_cfg);
+    return 0;
+}
+
 static int train(const options *o) {
     zi_train_meta meta;
     if (zi_train_meta_load(o->metadata, &meta)) return -1;
@@ -587,8 +677,12 @@ static int train(const options *o) {
     for (int i = 0; i < nlin; i++) lins[i] = zi_dit_lin_at(dit, i);
     /* DiffSynth's --preset_lora_path (scheme 2): fused into the frozen weights at strength 1
      * (in their dtype), before the trained LoRA is attached */
-    zi_lora *preset = data && o->preset_lora ? zi_lora_load(o->preset_lora) : NULL;
-    int preset_ok = !o->preset_lora || (preset && zi_lora_apply(preset, lins, nlin, 1.0f, 1, !o->quiet) > 0);
+    float preset_strength = 1.0f;
+    char *preset_file = o->preset_lora ? lora_arg(o->preset_lora, &preset_strength) : NULL;
+    zi_lora *preset = data && preset_file ? zi_lora_load(preset_file) : NULL;
+    free(preset_file);
+    int preset_ok = !o->preset_lora ||
+                    (preset && zi_lora_apply(preset, lins, nlin, preset_strength, 1, !o->quiet) > 0);
     zi_train_lora *lora = data && preset_ok ? zi_train_lora_new(lins, nlin, o->targets, o->rank, o->seed) : NULL;
     free(lins);
 
@@ -596,20 +690,25 @@ static int train(const options *o) {
     char config[1024];
     snprintf(config, sizeof config,
              "rank=%d targets=%s lr=%.17g weight_decay=%.17g accum=%d repeat=%d seed=%llu rows=%d max_pixels=%lld "
-             "size=%dx%d checkpoint=%s preset=%s", o->rank, o->targets, o->lr, o->weight_decay, o->accum, o->repeat,
-             (unsigned long long)o->seed, meta.n, (long long)o->max_pixels, o->width, o->height,
-             o->lora_checkpoint ? o->lora_checkpoint : "none", o->preset_lora ? o->preset_lora : "none");
+             "size=%dx%d checkpoint=%s preset=%s task=%s teacher=%d,%.9g student=%d,%.9g", o->rank, o->targets, o->lr,
+             o->weight_decay, o->accum, o->repeat, (unsigned long long)o->seed, meta.n, (long long)o->max_pixels,
+             o->width, o->height, o->lora_checkpoint ? o->lora_checkpoint : "none",
+             o->preset_lora ? o->preset_lora : "none", o->distill ? "trajectory-imitation" : "sft",
+             o->dcfg.teacher_steps, o->dcfg.teacher_cfg, o->dcfg.student_steps, o->dcfg.student_cfg);
     zi_train_pos pos = {0};
     if (lora && start_from(o, lora, config, (int64_t)meta.n * o->repeat * o->epochs, &pos) == 0) {
         zi_dit_set_training(dit, 1, o->grad_ckpt);
         int64_t maxn = 0;
         for (int i = 0; i < meta.n; i++)
             if ((int64_t)C * data[i].h * data[i].w > maxn) maxn = (int64_t)C * data[i].h * data[i].w;
-        worker wk = { dit, C, zi_malloc(maxn * sizeof(float)), zi_malloc(maxn * sizeof(float)),
-                      zi_malloc(maxn * sizeof(float)), zi_malloc(maxn * sizeof(float)) };
+        worker wk = { .dit = dit, .C = C, .xt = zi_malloc(maxn * sizeof(float)), .noise = zi_malloc(maxn * sizeof(float)),
+                      .out = zi_malloc(maxn * sizeof(float)), .dout = zi_malloc(maxn * sizeof(float)) };
         saver sv = { o, lora, config, (int64_t)meta.n * o->repeat, (int64_t)meta.n * o->repeat * o->epochs };
-        rc = train_loop(o, &wk, &sv, data, meta.n, &pos);
+        if (!o->distill || distill_setup(o, &wk, cfg->cap_feat_dim) == 0) rc = train_loop(o, &wk, &sv, data, meta.n, &pos);
         free(wk.xt); free(wk.noise); free(wk.out); free(wk.dout);
+        zi_lora_free(wk.teacher);
+        zi_distill_sched_free(&wk.sched);
+        free(wk.neg);
     }
     zi_train_lora_free(lora);
     zi_lora_free(preset);
@@ -627,13 +726,8 @@ static int train(const options *o) {
  * mean squared error) and grad.<module>.lora_A / lora_B. */
 static int eval(const options *o) {
     if (!o->eval_out || !o->eval_lora) { zi_seterr("--eval needs --eval-out and --lora"); return -1; }
-    char *file = zi_strdup(o->eval_lora), *colon = strrchr(file, ':');
-    float strength = 1.0f;
-    if (colon && colon[1]) {
-        char *end;
-        double v = strtod(colon + 1, &end);
-        if (!*end) { strength = (float)v; *colon = 0; }
-    }
+    float strength;
+    char *file = lora_arg(o->eval_lora, &strength);
     char *dit_dir = zi_path("%s/transformer", o->model_dir);
     zi_st *in = zi_st_open(o->eval_in);
     zi_dit *dit = in ? zi_dit_load(dit_dir) : NULL;

@@ -41,12 +41,13 @@ static int encode_prompts(const char *dir, const char *prompt, const char *negat
         free(w);
     }
     int D = zi_te_dim(te);
-    if (!(*pos_out = zi_te_encode(te, ids, *Lp))) goto out;
-    zi_dump("prompt_embeds", 2, (int64_t[]){*Lp, D}, *pos_out);
+    /* the negative first: the encoder's te.hidden.K dumps then hold the prompt's layers */
     if (neg_out) {
         if (!(*neg_out = zi_te_encode(te, nids, *Ln))) goto out;
         zi_dump("negative_embeds", 2, (int64_t[]){*Ln, D}, *neg_out);
     }
+    if (!(*pos_out = zi_te_encode(te, ids, *Lp))) goto out;
+    zi_dump("prompt_embeds", 2, (int64_t[]){*Lp, D}, *pos_out);
     rc = 0;
 out:
     zi_te_free(te);       /* unmapped here: the DiT gets the memory */

@@ -382,6 +382,57 @@ int zi_train_state_save(const zi_train_lora *t, const zi_train_pos *pos, const c
 int zi_train_state_load(zi_train_lora *t, zi_train_pos *pos, const char *config, const char *path);
 
 
+/* ================================================================ distill.c
+ * Scheme 3, trajectory-imitation distillation (DiffSynth's TrajectoryImitationLoss; the
+ * top of distill.c tells what is kept of its arithmetic and what differs). The teacher is the
+ * DiT with the SFT LoRA as frozen run-time adapters, the student the same DiT with the trained
+ * LoRA: one copy of the model, adapters swapped between the two. */
+typedef struct {
+    int teacher_steps, student_steps;   /* 50, 8 */
+    float teacher_cfg, student_cfg;     /* classic scales (neg + cfg·(pos − neg)): 2, 1 */
+    float shift;                        /* 3 */
+} zi_distill_cfg;
+zi_distill_cfg zi_distill_default(void);
+
+/* DiffSynth's schedules: the student's (σ, T = 1000σ, loss weight of its training grid) and the
+ * teacher's, whose timesteps nearest to the student's are replaced by them (σ's unchanged). */
+typedef struct {
+    int nt, ns;             /* teacher and student steps */
+    float *t_sigma;         /* [nt + 1], t_sigma[nt] = 0 */
+    float *t_time;          /* [nt] */
+    float *s_sigma;         /* [ns + 1], s_sigma[ns] = 0 */
+    float *s_time, *s_weight;   /* [ns] */
+    int *idx;               /* [ns + 1] teacher latent index of each student step; idx[ns] = nt */
+} zi_distill_sched;
+int zi_distill_sched_init(zi_distill_sched *s, const zi_distill_cfg *c);
+void zi_distill_sched_free(zi_distill_sched *s);
+
+/* One sample: latent size h, w; prompt features cap [L, D] and (for a cfg > 1) the negative
+ * prompt's neg [Ln, D]. */
+typedef struct {
+    int h, w, L, Ln;
+    const float *cap, *neg;
+} zi_distill_input;
+
+/* The teacher's Euler trajectory from x_T [C, 1, h, w] with the adapters now attached (training
+ * off): traj [(ns + 1)·n] receives the latents at teacher indices idx[0..ns]. 0 or -1. */
+int zi_distill_teacher(zi_dit *dit, const zi_distill_sched *s, float cfg, const zi_distill_input *in,
+                       const float *xT, float *traj);
+/* Target of student step i: (traj[i + 1] − traj[i]) / (σ^s_{i+1} − σ^s_i), |denominator| >= 1e-6. */
+void zi_distill_target(const zi_distill_sched *s, int i, const float *traj, int64_t n, float *target);
+/* The student's loss L1 = Σ_i w_i·mean((v_i − target_i)²) at the teacher's latents, with the
+ * adapters now attached and training on; grad_scale·dL1/dLoRA accumulates into the adapters
+ * that have gradients. terms [ns] and v_out [ns·n] (the velocities) may be NULL. NAN on error. */
+float zi_distill_student(zi_dit *dit, const zi_distill_sched *s, float cfg, const zi_distill_input *in,
+                         const float *traj, float grad_scale, int grad_ckpt, float *terms, float *v_out);
+/* Both, for one sample of training: the student's adapters are detached and the teacher LoRA
+ * (a zi_lora not applied elsewhere) attached at strength 1 for the teacher's trajectory, then
+ * swapped back; the DiT is left in training mode (grad_ckpt). Returns L1 or NAN. */
+float zi_distill_sample(zi_dit *dit, zi_train_lora *student, zi_lora *teacher, const zi_distill_sched *s,
+                        const zi_distill_cfg *c, const zi_distill_input *in, const float *xT, float grad_scale,
+                        int grad_ckpt);
+
+
 /* ================================================================ zimage.c */
 #define ZI_MAX_TOKENS 512   /* the pipeline's max_sequence_length, after the chat template */
 

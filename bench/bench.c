@@ -153,6 +153,28 @@ static void bench_attention(const char *filter, int S, int H, int D) {
     free(q); free(k); free(v); free(o);
 }
 
+/* a 3x3 convolution (pad 1) of C -> C channels at H x W, as in the VAE decoder */
+static void bench_conv(const char *filter, int C, int H, int W) {
+    char name[64];
+    snprintf(name, sizeof name, "conv3x3 %d->%d at %dx%d", C, C, H, W);
+    if (!selected(filter, name)) return;
+    size_t nx = (size_t)C * H * W, nw = (size_t)C * C * 9;
+    float *x = malloc(nx * 4), *y = malloc(nx * 4), *w = malloc(nw * 4);
+    for (size_t i = 0; i < nx; i++) x[i] = (float)((i * 7919) % 1000) * 2e-3f - 1;
+    for (size_t i = 0; i < nw; i++) w[i] = (float)((i * 104729) % 1000) * 1e-4f - 0.05f;
+    zi_mat wm = { w, ZI_F32, C, (int64_t)C * 9 };
+    double best = 1e30, best_cpu = 1e30;
+    for (int r = 0; r < 2; r++) {
+        double t0 = zi_now(), c0 = cpu_now();
+        zi_conv2d(y, x, C, H, W, &wm, NULL, 3, 3, 1, 1, 1, 1, 1);
+        double t = zi_now() - t0, c = cpu_now() - c0;
+        best = t < best ? t : best;
+        best_cpu = c < best_cpu ? c : best_cpu;
+    }
+    report(name, 2.0 * C * C * 9 * H * W, best, best_cpu);
+    free(x); free(y); free(w);
+}
+
 int main(int argc, char **argv) {
     const char *filter = argc > 1 && argv[1][0] ? argv[1] : NULL;
     zi_threads_init(0);
@@ -165,5 +187,7 @@ int main(int argc, char **argv) {
     for (int i = 0; i < 3; i++)
         for (int j = 0; j < 3; j++) bench_linear(filter, Ms[i], KN[j][0], KN[j][1]);
     for (int i = 0; i < 3; i++) bench_attention(filter, Ms[i], 30, 128);
+    bench_conv(filter, 128, 256, 256);
+    bench_conv(filter, 512, 64, 64);
     return 0;
 }

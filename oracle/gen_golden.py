@@ -9,6 +9,7 @@
 # plus the Qwen3 tokenizer files (tokenizer.json, tokenizer_config.json) in $DEPS.
 # usage: DEPS=dir python3 gen_golden.py OUTDIR
 #        ONLY=sampler python3 gen_golden.py OUTDIR   (just the sampler-*.safetensors files: no models, no DEPS)
+#        ONLY=distill GOLDEN=test/golden python3 gen_golden.py OUTDIR   (just distill-0.safetensors, from GOLDEN's tiny model)
 #
 # File naming follows the evaluation convention of the C tools: every golden file holds the
 # inputs of one component and its expected outputs, under these tensor names:
@@ -29,6 +30,15 @@
 #            input (1000 - timestep) / 1000) from x.init, for the (steps, shift) pairs of the metadata "cases":
 #            case{k}.sigmas [steps+1] (the Z-Image schedule), case{k}.t [evals] (t of every model evaluation),
 #            case{k}.step{i} (x after scheduler.step i, i from 0, as the pipeline's callback_on_step_end sees it)
+#   distill-0: scheme 3 (DiffSynth's TrajectoryImitationLoss, float32) on tiny-zimage with lora-a-diffsynth as
+#            teacher and (initial) student LoRA: inputs distill.xT [16,1,h,w] (x_T), distill.cap [L,D],
+#            distill.neg [Ln,D] (the teacher's negative prompt); schedules distill.teacher_sigmas [51],
+#            distill.teacher_timesteps [50] (student timesteps written in), distill.student_sigmas [9],
+#            distill.student_timesteps [8], distill.weights [8], distill.idx [9] (teacher index of each student
+#            step, 50 = the final latent); per student step i: distill.x.{i} (teacher latent), distill.target.{i}
+#            (chord slope), distill.v.{i} (student velocity), distill.term.{i} (weighted MSE); distill.final,
+#            distill.loss [1] (L1, the sum of the terms), grad.<module>.lora_A / lora_B (d L1 / d LoRA).
+#            ONLY=distill GOLDEN=dir python3 gen_golden.py OUTDIR reads dir/tiny-zimage and writes just this file.
 #   lora-*.safetensors: the same kind of LoRA in several key formats; dit-lora1/2 and pipe-lora name the files
 #   and strengths they used in their "loras" metadata ("file:strength"); scale = alpha/rank (1 without alpha)
 #   x strength
@@ -47,7 +57,7 @@ os.makedirs(OUT, exist_ok=True)
 from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler, DPMSolverMultistepScheduler
 
 BASE_SEED = 1234
-ONLY = os.environ.get("ONLY")   # ONLY=sampler: only the sampler section
+ONLY = os.environ.get("ONLY")   # ONLY=sampler / ONLY=distill: only that section
 
 def f32(d):
     return {k: (v.detach().to(torch.float32).contiguous() if v.is_floating_point() else v.detach().contiguous())
@@ -55,6 +65,136 @@ def f32(d):
 
 def save(name, tensors, **meta):
     save_file(f32(tensors), os.path.join(OUT, name), metadata={k: (v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)) for k, v in meta.items()})
+
+# ---------------------------------------------------------------- LoRA as run-time adapters
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "w1", "w2", "w3"]
+class LoRALinear(torch.nn.Module):
+    """y = W x + b + sum_i s_i * B_i (A_i x)"""
+    def __init__(self, base):
+        super().__init__()
+        self.base, self.A, self.B, self.s = base, torch.nn.ParameterList(), torch.nn.ParameterList(), []
+    def add(self, A, B, s):
+        self.A.append(torch.nn.Parameter(A)); self.B.append(torch.nn.Parameter(B)); self.s.append(s)
+    def forward(self, x):
+        y = self.base(x)
+        for A, B, s in zip(self.A, self.B, self.s):
+            y = y + s * torch.nn.functional.linear(torch.nn.functional.linear(x, A), B)
+        return y
+
+def wrap_lora(model):
+    """Replaces every targeted Linear of model by a LoRALinear; returns them by module name."""
+    wrapped = {}
+    for name, mod in list(model.named_modules()):
+        for cname, child in list(mod.named_children()):
+            full = f"{name}.{cname}" if name else cname
+            if isinstance(child, torch.nn.Linear) and any(full.endswith("." + t) for t in TARGETS):
+                w = LoRALinear(child); setattr(mod, cname, w); wrapped[full] = w
+    return wrapped
+
+# ---------------------------------------------------------------- scheme 3: trajectory-imitation distillation
+# DiffSynth-Studio's TrajectoryImitationLoss (diffsynth/diffusion/loss.py, fed7b18f) with its scheduler
+# (flow_match.py: set_timesteps_z_image, set_training_weight, training_weight, step) and
+# cfg_guided_model_fn (base_pipeline.py), reproduced operation by operation with diffusers'
+# ZImageTransformer2DModel as the DiT: the tiny model of GOLDEN/tiny-zimage, float32, the SFT LoRA
+# lora-a-diffsynth as run-time adapters for both the teacher and the student (the student starts from it).
+# DiffSynth with torch_dtype=float32: no bf16 rounding of the timesteps (training.md §6.4 describes what bf16
+# would change). The DiT's time input is (1000 - T)/1000 (diffusers' convention; DiffSynth's own DiT takes
+# 1000 - T). The LPIPS term has no gradient path to the LoRA (training.md §10.4) and is not computed.
+# GOLDEN: the folder holding tiny-zimage and lora-a-diffsynth.safetensors (default OUT).
+def ds_grid(n, shift=3, target=None):
+    sigmas = torch.linspace(1.0, 0.0, n + 1)[:-1]
+    sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
+    timesteps = sigmas * 1000
+    if target is not None:      # the student timesteps written into the nearest teacher timesteps
+        for tau in target:
+            timesteps[torch.argmin((timesteps - tau).abs())] = tau
+    return sigmas, timesteps
+
+def ds_training_weight(sigmas, n):
+    x = sigmas * 1000
+    y = torch.exp(-2 * ((x - 1000 / 2) / 1000) ** 2)
+    y = y - y.min()
+    w = y * (1000 / y.sum())
+    if n != 1000:
+        w = w * (n / 1000)
+        w = w + w[1]
+    return w
+
+def distill_golden(golden):
+    from diffusers import ZImageTransformer2DModel
+    from safetensors.torch import load_file
+    dit = ZImageTransformer2DModel.from_pretrained(os.path.join(golden, "tiny-zimage", "transformer")).to(torch.float32).eval()
+    lora_file = "lora-a-diffsynth.safetensors"
+    sd = load_file(os.path.join(golden, lora_file))
+    wrapped = wrap_lora(dit)
+    for full, w in wrapped.items():
+        w.add(sd[f"{full}.lora_A.default.weight"].float(), sd[f"{full}.lora_B.default.weight"].float(), 1.0)
+    g = torch.Generator().manual_seed(BASE_SEED + 60)
+    h, wd, L, Ln = 8, 6, 7, 4
+    cdim = dit.config.cap_feat_dim
+    xT = torch.randn(16, 1, h, wd, generator=g)
+    cap = torch.randn(L, cdim, generator=g); neg = torch.randn(Ln, cdim, generator=g)
+    T_STEPS, T_CFG, S_STEPS, S_CFG = 50, 2.0, 8, 1.0
+
+    def velocity(x, T, c):                       # model_fn_z_image_turbo: the negated DiT output
+        return -dit([x], ((1000 - T) / 1000).reshape(1), [c], return_dict=False)[0][0]
+
+    def guided(x, T, cfg):                       # cfg_guided_model_fn
+        pos = velocity(x, T, cap)
+        if cfg == 1.0:
+            return pos
+        nv = velocity(x, T, neg)
+        return nv + cfg * (pos - nv)
+
+    # (a) fetch_trajectory: the teacher, no grad
+    s_sig, s_t = ds_grid(S_STEPS)
+    t_sig, t_t = ds_grid(T_STEPS, target=s_t)
+    with torch.no_grad():
+        traj = [xT.clone()]
+        x = xT.clone()
+        for k in range(T_STEPS):
+            v = guided(x, t_t[k], T_CFG)
+            kk = torch.argmin((t_t - t_t[k]).abs())                          # scheduler.step
+            sig_ = 0 if kk + 1 >= len(t_t) else t_sig[kk + 1]
+            x = x + v * (sig_ - t_sig[kk])
+            traj.append(x.clone())
+    # (b) align_trajectory: the student, with grad
+    torch.set_grad_enabled(True)
+    for w in wrapped.values():
+        w.A[0].requires_grad_(True); w.B[0].requires_grad_(True)
+    weights = ds_training_weight(s_sig, S_STEPS)
+    d, loss, idx = {}, 0, []
+    for i in range(S_STEPS):
+        T = s_t[i]
+        j = int(torch.argmin((t_t - T).abs())); idx.append(j)
+        x = traj[j]
+        v = guided(x, T, S_CFG)
+        sig = s_sig[i]
+        sig_ = 0 if i + 1 >= S_STEPS else s_sig[i + 1]
+        x_ = traj[-1] if i + 1 >= S_STEPS else traj[int(torch.argmin((t_t - s_t[i + 1]).abs()))]
+        den = sig_ - sig
+        den = torch.sign(den) * torch.clamp(den.abs(), min=1e-6)
+        target = (x_ - x) / den
+        term = torch.nn.functional.mse_loss(v.float(), target.float()) * weights[torch.argmin((s_t - T).abs())]
+        loss = loss + term
+        d[f"distill.x.{i}"] = x; d[f"distill.target.{i}"] = target; d[f"distill.v.{i}"] = v
+        d[f"distill.term.{i}"] = term.detach().reshape(1)
+    loss.backward()
+    torch.set_grad_enabled(False)
+    idx.append(T_STEPS)
+    d.update({"distill.xT": xT, "distill.cap": cap, "distill.neg": neg, "distill.final": traj[-1],
+              "distill.teacher_sigmas": torch.cat([t_sig, torch.zeros(1)]), "distill.teacher_timesteps": t_t,
+              "distill.student_sigmas": torch.cat([s_sig, torch.zeros(1)]), "distill.student_timesteps": s_t,
+              "distill.weights": weights, "distill.idx": torch.tensor(idx, dtype=torch.int64),
+              "distill.loss": loss.detach().reshape(1)})
+    for full, w in wrapped.items():
+        d[f"grad.{full}.lora_A"] = w.A[0].grad; d[f"grad.{full}.lora_B"] = w.B[0].grad
+    save("distill-0.safetensors", d, loras=[f"{lora_file}:1"],
+         args={"teacher_steps": T_STEPS, "teacher_cfg": T_CFG, "student_steps": S_STEPS, "student_cfg": S_CFG, "shift": 3})
+
+if ONLY == "distill":
+    distill_golden(os.environ.get("GOLDEN", OUT))
+    sys.exit(0)
 
 # ---------------------------------------------------------------- samplers on a synthetic velocity field
 # The Z-Image schedule (FlowMatchEulerDiscreteScheduler with the pipeline's sigmas) driven through diffusers'
@@ -108,6 +248,7 @@ for name in ["euler", "heun", "dpmpp_2m"]:
          field="v(x, t) = (field.a * x + t * field.c) + field.d, float32 elementwise")
 if ONLY == "sampler":
     sys.exit(0)
+
 
 from transformers import Qwen3Config, Qwen3ForCausalLM, AutoTokenizer
 from diffusers import AutoencoderKL, ZImagePipeline, ZImageTransformer2DModel
@@ -284,26 +425,7 @@ for i, c in enumerate(PIPES):
     run_pipe(f"pipe-{i}.safetensors", c)
 
 # ---------------------------------------------------------------- LoRA
-TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "w1", "w2", "w3"]
-class LoRALinear(torch.nn.Module):
-    """y = W x + b + sum_i s_i * B_i (A_i x)"""
-    def __init__(self, base):
-        super().__init__()
-        self.base, self.A, self.B, self.s = base, torch.nn.ParameterList(), torch.nn.ParameterList(), []
-    def add(self, A, B, s):
-        self.A.append(torch.nn.Parameter(A)); self.B.append(torch.nn.Parameter(B)); self.s.append(s)
-    def forward(self, x):
-        y = self.base(x)
-        for A, B, s in zip(self.A, self.B, self.s):
-            y = y + s * torch.nn.functional.linear(torch.nn.functional.linear(x, A), B)
-        return y
-
-wrapped = {}
-for name, mod in list(dit.named_modules()):
-    for cname, child in list(mod.named_children()):
-        full = f"{name}.{cname}" if name else cname
-        if isinstance(child, torch.nn.Linear) and any(full.endswith("." + t) for t in TARGETS):
-            w = LoRALinear(child); setattr(mod, cname, w); wrapped[full] = w
+wrapped = wrap_lora(dit)
 
 def make_lora(seed, rank, b_scale):
     g = torch.Generator().manual_seed(seed); out = {}

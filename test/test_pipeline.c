@@ -52,8 +52,9 @@ static int compare_files(const char *golden, const char *ours, const char *const
     return ok;
 }
 
-/* Runs ./sample with the arguments recorded in the golden pipeline file's metadata. */
-static int run_golden_pipe(const char *name, char *png, size_t pngcap) {
+/* Runs ./sample with the arguments recorded in the golden pipeline file's metadata; with
+ * `loras` (NULL-terminated "FILE:STRENGTH") in place of the recorded LoRAs. */
+static int run_golden_pipe(const char *name, char *png, size_t pngcap, const char *const *loras_override) {
     zi_st *st = zi_st_open(zt_golden(name));
     if (!st) { fprintf(stderr, "    %s\n", zi_err()); return 0; }
     const char *args = zi_st_meta(st, "args");
@@ -73,11 +74,15 @@ static int run_golden_pipe(const char *name, char *png, size_t pngcap) {
              zj_num(a, "height", 64), zj_num(a, "cfg_norm", 0), zj_num(a, "cfg_trunc", 1), zj_str(a, "rng", "cpu"),
              dump, png);
     const zj *loras = zj_get(a, "loras");
-    for (int i = 0; loras && i < loras->n; i++) {
+    for (int i = 0; !loras_override && loras && i < loras->n; i++) {
         char l[1024];
         snprintf(l, sizeof l, "test/golden/%s", zj_at(loras, i)->str);
         strcat(cmd, " --lora");
         shq(cmd, sizeof cmd, l);
+    }
+    for (int i = 0; loras_override && loras_override[i]; i++) {
+        strcat(cmd, " --lora");
+        shq(cmd, sizeof cmd, loras_override[i]);
     }
     zj_free(a);
     zi_st_close(st);
@@ -128,23 +133,42 @@ static int png_matches_dump(const char *png, const char *dump_name) {
 
 TEST(pipe_0_turbo_defaults) {
     char png[512];
-    CHECK(run_golden_pipe("pipe-0.safetensors", png, sizeof png), "pipe-0 differs");
+    CHECK(run_golden_pipe("pipe-0.safetensors", png, sizeof png, NULL), "pipe-0 differs");
     CHECK(png_matches_dump(png, "pipe-0.safetensors"), "the PNG does not hold the image");
 }
 
 TEST(pipe_1_cfg_negative) {
     char png[512];
-    CHECK(run_golden_pipe("pipe-1.safetensors", png, sizeof png), "pipe-1 differs");
+    CHECK(run_golden_pipe("pipe-1.safetensors", png, sizeof png, NULL), "pipe-1 differs");
 }
 
 TEST(pipe_2_cfg_norm_trunc) {
     char png[512];
-    CHECK(run_golden_pipe("pipe-2.safetensors", png, sizeof png), "pipe-2 differs");
+    CHECK(run_golden_pipe("pipe-2.safetensors", png, sizeof png, NULL), "pipe-2 differs");
 }
 
 TEST(pipe_lora_two_stacked) {
     char png[512];
-    CHECK(run_golden_pipe("pipe-lora.safetensors", png, sizeof png), "pipe-lora differs");
+    CHECK(run_golden_pipe("pipe-lora.safetensors", png, sizeof png, NULL), "pipe-lora differs");
+}
+
+/* Scheme 4 (training.md §11): an SFT LoRA plus a DistillPatch-style LoRA, both in DiffSynth's
+ * layout (bare names, .lora_A.default.weight, no alpha), 8 steps at cfg 1. The second LoRA is
+ * lora-b converted to that layout; the result must be pipe-lora's (the same two LoRAs in other
+ * layouts) at run time. (--lora-merge, DiffSynth's fusing, rounds W + ΔW to bf16: see
+ * lora_merge_vs_runtime.) */
+TEST(pipe_lora_distillpatch_diffsynth) {
+    char png[512], conv[600], out[4096], b[700];
+    snprintf(conv, sizeof conv, "%s/lora-b-diffsynth.safetensors", zt_tmpdir());
+    int rc = zt_sh(out, sizeof out, "%s/sample --convert-lora test/golden/lora-b-aitoolkit.safetensors %s --to diffsynth",
+                   zt_bin(), conv);
+    CHECK(rc == 0, "--convert-lora: %s", out);
+    zi_st *st = zi_st_open(conv);
+    CHECK(st && zi_st_get(st, "layers.0.attention.to_q.lora_A.default.weight"), "not in DiffSynth's layout");
+    zi_st_close(st);
+    snprintf(b, sizeof b, "%s:0.5", conv);
+    const char *loras[] = {"test/golden/lora-a-diffsynth.safetensors:1", b, NULL};
+    CHECK(run_golden_pipe("pipe-lora.safetensors", png, sizeof png, loras), "two DiffSynth-format LoRAs differ");
 }
 
 /* --eval of one golden file's inputs; the outputs named in `need` must match it. */

@@ -234,6 +234,7 @@ TEST(attention_vs_naive) {
     CHECK(attention_case(131, 300, 6, 2, 24, 0, 257), "GQA, n_keys");
     CHECK(attention_case(150, 150, 3, 1, 128, 1, 100), "causal, n_keys");
     CHECK(attention_case(5, 129, 2, 1, 7, 0, 129), "odd D");
+    CHECK(attention_case(600, 580, 2, 1, 16, 1, 570), "several query and key blocks");
 }
 
 /* ---------------------------------------------------------------- convolution */

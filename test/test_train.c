@@ -462,3 +462,60 @@ TEST(train_preset_lora) {
     CHECK(l && l->n == 42 && l->m[0].rank == 4, "the saved LoRA is the trained one alone (rank 4, 42 modules)");
     zi_lora_free(l);
 }
+
+/* --preset-lora FILE:STRENGTH (scheme 2): strength 0 trains exactly as without a preset,
+ * strength 1 differently. */
+TEST(train_preset_lora_strength) {
+    const char *data = write_dataset();
+    CHECK(data, "could not write the dataset");
+    char out[3][600], log[8192], extra[900], path[3][700];
+    const char *strength[3] = {NULL, "0", "1"};
+    for (int k = 0; k < 3; k++) {
+        snprintf(out[k], sizeof out[k], "%s/run-preset-s%d", zt_tmpdir(), k);
+        if (strength[k])
+            snprintf(extra, sizeof extra, "--seed 3 --preset-lora %s:%s", zt_golden("lora-b-aitoolkit.safetensors"),
+                     strength[k]);
+        else
+            snprintf(extra, sizeof extra, "--seed 3");
+        CHECK(run_train(log, sizeof log, data, out[k], extra) == 0, "train failed:\n%s", log);
+        snprintf(path[k], sizeof path[k], "%s/run-preset-s%d/epoch-0.safetensors", zt_tmpdir(), k);
+    }
+    CHECK(same_tensors(path[0], path[1]), "a preset at strength 0 changed the training");
+    zi_st *a = zi_st_open(path[0]), *b = zi_st_open(path[2]);
+    CHECK(a && b && zi_st_count(a) == 84 && zi_st_count(b) == 84, "84 tensors (the trained LoRA alone)");
+    int differ = 0;
+    for (int i = 0; i < zi_st_count(a); i++) {
+        const zi_tensor *x = zi_st_at(a, i), *y = zi_st_get(b, x->name);
+        differ |= !y || memcmp(x->data, y->data, x->nbytes);
+    }
+    zi_st_close(a);
+    zi_st_close(b);
+    CHECK(differ, "the preset at strength 1 did not change the trained LoRA");
+}
+
+/* --task trajectory-imitation (scheme 3): continues the --lora-checkpoint LoRA, saves the
+ * trained one; without a checkpoint it is an error. */
+TEST(train_trajectory_imitation) {
+    const char *data = write_dataset();
+    CHECK(data, "could not write the dataset");
+    char out[600], log[8192], extra[900], path[700];
+    snprintf(out, sizeof out, "%s/run-distill", zt_tmpdir());
+    snprintf(extra, sizeof extra, "--task trajectory_imitation --lora-checkpoint %s --teacher-steps 20 "
+             "--learning-rate 1e-3 --use-gradient-checkpointing", zt_golden("lora-a-diffsynth.safetensors"));
+    CHECK(run_train(log, sizeof log, data, out, extra) == 0, "train failed:\n%s", log);
+    snprintf(path, sizeof path, "%s/epoch-0.safetensors", out);
+    zi_lora *got = zi_lora_load(path), *start = zi_lora_load(zt_golden("lora-a-diffsynth.safetensors"));
+    CHECK(got && start && got->n == start->n, "the saved LoRA has the checkpoint's modules");
+    double moved = 0;
+    for (int i = 0; i < got->n; i++)
+        for (int j = 0; j < start->n; j++)
+            if (!strcmp(got->m[i].name, start->m[j].name))
+                for (int k = 0; k < got->m[i].rank * got->m[i].in; k++)
+                    moved = fmax(moved, fabs(got->m[i].A[k] - start->m[j].A[k]));
+    zi_lora_free(got);
+    zi_lora_free(start);
+    CHECK(moved > 1e-4, "the LoRA did not move from the checkpoint (max |ΔA| %g)", moved);
+    CHECK(run_train(log, sizeof log, data, out, "--task trajectory-imitation") != 0 &&
+          strstr(log, "--lora-checkpoint"), "no checkpoint: %s", log);
+    CHECK(run_train(log, sizeof log, data, out, "--task dpo") != 0 && strstr(log, "--task"), "unknown task: %s", log);
+}
