@@ -13,6 +13,8 @@
  * OUTPUT/epoch-K.safetensors after every epoch, OUTPUT/step-N.safetensors every --save-steps
  * samples (N counts samples, as DiffSynth's logger does) and at the end; each save also
  * rewrites OUTPUT/training-state.safetensors, from which --resume continues bit for bit.
+ * A run killed at any moment loses nothing saved (save_due), and a NaN or infinite loss or
+ * gradient stops it before anything more is written (diverged).
  *
  * Scheme 2 (differential LoRA): --preset-lora FILE[:STRENGTH] merges a LoRA (ostris' training
  * adapter) into the frozen weights before training; it is never saved.
