@@ -50,8 +50,8 @@ static int write_dataset(const char *dir) {
     return fclose(f);
 }
 
-/* Starts ./train on data into out (--resume out when resume is set), stdout and stderr to
- * out/../NAME.log; slow_ms > 0 sets ZIMAGE_TEST_SLOW_WRITE. Returns the child's pid. */
+/* Starts ./train on data into out (--resume out when resume is set), its stdout and stderr
+ * appended to log; slow_ms > 0 sets ZIMAGE_TEST_SLOW_WRITE. Returns the child's pid. */
 static pid_t start_train(const char *data, const char *out, int resume, int slow_ms, const char *log) {
     char bin[600], meta[600], slow[32];
     snprintf(bin, sizeof bin, "%s/train", zt_bin());
@@ -214,7 +214,7 @@ static int same_bytes(const char *a, const char *b) {
 }
 
 /* One kill: after delay_ms, or as soon as a temporary starting with tmp_prefix shows up in
- * dir (with writes slowed down). */
+ * OUTPUT/tmp_dir (with every write slowed down by 40 ms, so that the kill lands inside it). */
 typedef struct {
     int delay_ms;
     const char *tmp_dir, *tmp_prefix;   /* tmp_dir: "" for OUTPUT, "cache" */
@@ -315,6 +315,9 @@ TEST(train_crash_resume) {
     }
     closedir(d);
     CHECK(ok && nfiles == TOTAL / SAVE_STEPS + EPOCHS + 1, "%d files compared; the resumed run differs", nfiles);
+    /* every write a kill interrupted was done again, over the same temporary */
+    snprintf(a, sizeof a, "%s/cache", out);
+    CHECK(!has_tmp(out, "") && !has_tmp(a, ""), "temporaries left in %s", out);
 }
 
 /* NULL when zi_train_lora_step refuses a NaN and an infinite gradient, changing nothing;
