@@ -386,3 +386,19 @@ TEST(train_nan_stops) {
     }
     loader_close(&sl);
 }
+
+/* A safetensors write that fails (here the rename: the target is a directory) names the file
+ * and leaves no temporary behind (test_image checks the same of the PNG writer). */
+TEST(st_write_failure_leaves_no_temporary) {
+    char dir[600], target[700];
+    snprintf(dir, sizeof dir, "%s/wfail", zt_tmpdir());
+    snprintf(target, sizeof target, "%s/out.safetensors", dir);
+    CHECK(mkdir(dir, 0777) == 0 && mkdir(target, 0777) == 0, "cannot make %s", target);
+    zi_stw *w = zi_stw_new();
+    float x[2] = {1, 2};
+    zi_stw_add_f32(w, "x", 1, (int64_t[]){2}, x);
+    int rc = zi_stw_write(w, target);
+    zi_stw_free(w);
+    CHECK(rc < 0 && strstr(zi_err(), target) && strstr(zi_err(), "rename"), "rc %d, '%s'", rc, zi_err());
+    CHECK(!has_tmp(dir, ""), "a temporary is left in %s", dir);
+}
