@@ -60,6 +60,25 @@ void zi_lin_backward(const zi_lin *l, const float *x, const float *dy, int M, fl
     }
 }
 
+char *zi_lora_arg(const char *arg, float *strength) {
+    char *file = zi_strdup(arg), *colon = strrchr(file, ':');
+    *strength = 1.0f;
+    if (colon && colon[1]) {
+        char *end;
+        double v = strtod(colon + 1, &end);
+        if (!*end) {
+            if (!isfinite(v)) {
+                zi_seterr("%s: LoRA strength must be a finite number", arg);
+                free(file);
+                return NULL;
+            }
+            *strength = (float)v;
+            *colon = 0;
+        }
+    }
+    return file;
+}
+
 /* ---------------------------------------------------------------- key names */
 /* Prefixes that only say which model the key belongs to. */
 static const char *const prefixes[] = {
@@ -208,8 +227,12 @@ static int load_group(zi_lora *l, const key_group *g, float meta_alpha) {
     }
     /* A [rank, in] (or a 1x1 conv [rank, in, 1, 1]), B [out, rank] */
     const zi_tensor *a = g->down, *b = g->up;
-    int64_t a_in = a->ndim >= 2 ? a->numel / a->shape[0] : 0, b_r = b->ndim >= 2 ? b->numel / b->shape[0] : 0;
-    if (a->ndim < 2 || b->ndim < 2 || b_r != a->shape[0]) {
+    if (a->ndim < 2 || b->ndim < 2 || a->numel == 0 || b->numel == 0) {
+        zi_seterr("%s: LoRA module %s: down and up must be non-empty matrices", path, g->name);
+        return -1;
+    }
+    int64_t a_in = a->numel / a->shape[0], b_r = b->numel / b->shape[0];
+    if (b_r != a->shape[0]) {
         zi_seterr("%s: LoRA module %s: down and up shapes do not fit (rank %lld vs %lld)", path, g->name,
                   (long long)a->shape[0], (long long)b_r);
         return -1;
@@ -356,12 +379,13 @@ int zi_lora_apply(zi_lora *l, zi_lin *const *lins, int nlins, float strength, in
         return -1;
     }
     l->applied = zi_calloc((size_t)matched, sizeof *l->applied);
-    int rank = 0;
+    int rank = 0, unmatched = 0;
+    const char *first_unmatched = NULL;
     for (int i = 0; i < l->n; i++) {
         const zi_lora_module *m = &l->m[i];
         zi_lin *lin = find_lin(lins, nlins, m->name);
         if (!lin) {
-            if (verbose) fprintf(stderr, "warning: %s: no layer named %s in the model\n", l->path, m->name);
+            if (!unmatched++) first_unmatched = m->name;
             continue;
         }
         struct zi_lora_applied *ap = &l->applied[l->n_applied++];
@@ -381,8 +405,14 @@ int zi_lora_apply(zi_lora *l, zi_lin *const *lins, int nlins, float strength, in
         if (m->rank > rank) rank = m->rank;
     }
     if (verbose) {
-        for (int i = 0; i < l->n_unknown; i++)
-            fprintf(stderr, "warning: %s: key %s is not a LoRA weight we know; ignored\n", l->path, l->unknown[i]);
+        /* one line each, however many keys: a LoRA that also trains the text encoder has
+         * hundreds of lora_te_* keys */
+        if (unmatched)
+            fprintf(stderr, "warning: %s: %d modules match no layer of the model (first: %s); ignored\n", l->path,
+                    unmatched, first_unmatched);
+        if (l->n_unknown)
+            fprintf(stderr, "warning: %s: %d keys are no LoRA weight we know (first: %s); ignored\n", l->path,
+                    l->n_unknown, l->unknown[0]);
         fprintf(stderr, "lora %s: %d modules, rank %d, strength %g, %s\n", l->path, l->n_applied, rank,
                 strength, merge ? "merged" : "applied at run time");
     }

@@ -121,6 +121,11 @@ static int load_layer(zi_te *te, const char *prefix, int i) {
         snprintf(name, sizeof name, "layers.%d.%s.weight", i, lin_names[j]);
         const zi_tensor *t = need(te, prefix, name, 2, shapes[j][0], shapes[j][1]);
         if (!t) return -1;
+        if (t->dtype != ZI_F32 && t->dtype != ZI_BF16 && t->dtype != ZI_F16) {
+            zi_seterr("%s: %s%s is %s; weights must be F32, BF16 or F16", zi_st_path(te->st), prefix, name,
+                      zi_dtype_name(t->dtype));
+            return -1;
+        }
         l->lin[j].W = zi_tensor_mat(t);
         l->lin[j].name = zi_path("layers.%d.%s", i, lin_names[j]);
     }

@@ -710,8 +710,8 @@ int zi_dump_end(const char *path) {
     zi_stw *w = dump_writer;
     dump_writer = NULL;
     pthread_mutex_unlock(&dump_lock);
-    if (!w) return zi_seterr("%s: no dump was started", path), -1;
-    int rc = zi_stw_write(w, path);
+    if (!w) return zi_seterr("%s: no dump was started", path ? path : "dump"), -1;
+    int rc = path ? zi_stw_write(w, path) : 0;
     zi_stw_free(w);
     return rc;
 }

@@ -87,7 +87,7 @@ void zi_dump_begin(void);
 int zi_dump_active(void);
 void zi_dump(const char *name, int ndim, const int64_t *shape, const float *data);
 void zi_dump_i64(const char *name, int64_t n, const int64_t *data);
-int zi_dump_end(const char *path);              /* 0 or -1 (error set) */
+int zi_dump_end(const char *path);              /* 0 or -1 (error set); NULL discards the dump */
 
 /* ---------------------------------------------------------------- model-directory configs
  * Reads DIR/SUB/config.json (or scheduler_config.json). Numbers may sit at top level or

@@ -55,23 +55,6 @@ static float parse_float(const char *flag, const char *s, double lo, double hi) 
     return (float)v;
 }
 
-/* "FILE[:STRENGTH]": the strength is whatever follows the last ':' when it parses as a
- * number, so paths containing ':' still work. */
-static void parse_lora(const char *arg, char **file, float *strength) {
-    const char *colon = strrchr(arg, ':');
-    *strength = 1.0f;
-    if (colon && colon[1]) {
-        char *end;
-        double s = strtod(colon + 1, &end);
-        if (!*end) {
-            *file = strndup(arg, (size_t)(colon - arg));
-            *strength = (float)s;
-            return;
-        }
-    }
-    *file = zi_strdup(arg);
-}
-
 /* ---------------------------------------------------------------- --info */
 static void info_component(const char *dir, const char *sub) {
     char *path = zi_path("%s/%s", dir, sub);
@@ -157,8 +140,11 @@ static void eval_te(const char *dir, const zi_st *in, zi_stw *out) {
         zi_die("%s: te.ids must be a 1-D int64 tensor", zi_st_path(in));
     int L = (int)t->numel;
     int32_t *ids = zi_malloc((size_t)L * sizeof *ids);
-    for (int i = 0; i < L; i++)
-        ids[i] = t->dtype == ZI_I64 ? (int32_t)((const int64_t *)t->data)[i] : ((const int32_t *)t->data)[i];
+    for (int i = 0; i < L; i++) {
+        int64_t v = t->dtype == ZI_I64 ? ((const int64_t *)t->data)[i] : ((const int32_t *)t->data)[i];
+        if (v < 0 || v > INT32_MAX) zi_die("%s: te.ids[%d] = %lld is not a token id", zi_st_path(in), i, (long long)v);
+        ids[i] = (int32_t)v;
+    }
     char *path = zi_path("%s/text_encoder", dir);
     zi_te *te = zi_te_load(path);
     free(path);
@@ -177,6 +163,10 @@ static void eval_dit(const char *dir, const zi_params *p, const zi_st *in, zi_st
     zi_lora **loras = zi_calloc((size_t)p->n_lora + 1, sizeof *loras);
     zi_dit *dit = zi_load_dit(dir, p, loras);
     if (!dit) zi_die("%s", zi_err());
+    const zi_dit_cfg *c = zi_dit_config(dit);
+    if (tx->shape[0] != c->in_channels || tx->shape[1] != 1 || tt->numel != 1 || tc->shape[1] != c->cap_feat_dim)
+        zi_die("%s: expected dit.x [%d,1,h,w], dit.t [1], dit.cap [L,%d]", zi_st_path(in), c->in_channels,
+               c->cap_feat_dim);
     int h = (int)tx->shape[2], w = (int)tx->shape[3], L = (int)tc->shape[0];
     float *o = zi_malloc((size_t)tx->numel * sizeof *o);
     if (zi_dit_forward(dit, 1, (const float *const *)&x, &h, &w, t, (const float *const *)&cap, &L, &o))
@@ -195,6 +185,9 @@ static void eval_vae(const char *dir, const zi_st *in, zi_stw *out) {
     zi_vae *vae = zi_vae_load(path);
     free(path);
     if (!vae) zi_die("%s", zi_err());
+    if ((z && (tz->shape[0] != 1 || tz->shape[1] != zi_vae_latent_channels(vae))) ||
+        (img && (ti->shape[0] != 1 || ti->shape[1] != 3)))
+        zi_die("%s: expected vae.z [1,%d,h,w] and vae.img_in [1,3,H,W]", zi_st_path(in), zi_vae_latent_channels(vae));
     if (z) {
         int h = (int)tz->shape[2], w = (int)tz->shape[3], f = zi_vae_factor(vae);
         float *o = zi_vae_decode(vae, z, h, w);
@@ -278,7 +271,7 @@ int main(int argc, char **argv) {
         }
         else if (!strcmp(a, "--lora")) {
             if (p.n_lora == 64) zi_die("--lora: at most 64 LoRAs");
-            parse_lora(VALUE(), &lora_files[p.n_lora], &lora_strengths[p.n_lora]);
+            if (!(lora_files[p.n_lora] = zi_lora_arg(VALUE(), &lora_strengths[p.n_lora]))) zi_die("--lora: %s", zi_err());
             p.n_lora++;
         }
         else if (!strcmp(a, "--lora-merge")) p.lora_merge = 1;

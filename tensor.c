@@ -279,6 +279,7 @@ static void pool_start(int n) {            /* called with pool_job held */
 
 void zi_threads_init(int n) {
     if (n <= 0) n = default_threads();
+    if (in_job) return;                    /* the pool cannot be resized from inside a job */
     pthread_mutex_lock(&pool_job);
     if (!pool.started || pool.n != n) {
         pool_stop();
@@ -351,10 +352,11 @@ static float *scratch(int slot, size_t n) {
 }
 
 /* ---------------------------------------------------------------- GEMM
- * Goto/BLIS blocking. For each column block of C (at most NC wide) and each KC-deep slice of
- * K: op(B)'s slice is packed (and converted to fp32) into strips of NR columns, op(A)'s slice
- * into strips of MR rows (MC rows at a time), and the micro-kernel computes an MR x NR tile of
- * A·B in registers over the KC slice, then adds it into C.
+ * Goto/BLIS blocking. zi_gemm packs op(A) once (strips of MR rows for every KC-deep slice of
+ * K, shared by all threads), then splits C into rectangles (tasks). A task walks its columns
+ * in blocks of at most NC and K in slices of KC: op(B)'s KC x NC panel is packed, converting
+ * bf16/f16 to fp32, into strips of NR columns, and the micro-kernel computes each MR x NR tile
+ * of the slice's product in registers and adds it into C.
  * Determinism: every C element is summed over k in the same order (k = 0..K-1 within fixed
  * KC slices, slice results added to C in order) wherever its tile lands, so the result does
  * not depend on how M and N are split among threads. K is never split. */
@@ -751,6 +753,9 @@ void zi_linear(float *y, const float *x, int M, const zi_mat *W, const float *bi
  * exp(m - m'), P = exp(S - m') is added to l and P·V to the output. At the end out = O / l
  * and lse = m + log l. Blocks are fixed, so the result does not depend on the thread count. */
 enum { ATT_BQ = 256, ATT_BK = 128 };
+/* a task packs the key/value blocks up to its causal limit, which must fall on a key-block
+ * boundary: hence whole key blocks per query block */
+_Static_assert(ATT_BQ % ATT_BK == 0, "ATT_BQ must be a multiple of ATT_BK");
 
 /* floats of one packed key block (D x ATT_BK) and value block (ATT_BK x D), see pack_B_all */
 static size_t att_kstride(int D) { return (size_t)D * ((ATT_BK + NR - 1) / NR * NR); }

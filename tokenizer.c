@@ -546,8 +546,8 @@ static void encode_text(const zi_tokenizer *t, const uint8_t *s, size_t n, int p
 
 /* ================================================================ public API */
 
-int zi_tok_encode(const zi_tokenizer *t, const char *text, size_t len, int32_t **ids) {
-    *ids = NULL;
+/* 0, or -1 with an error naming the first invalid byte of text[0..len) */
+static int check_utf8(const char *text, size_t len) {
     const uint8_t *s = (const uint8_t *)text;
     for (size_t i = 0; i < len;) {
         int k = utf8_seq(s + i, len - i);
@@ -557,6 +557,13 @@ int zi_tok_encode(const zi_tokenizer *t, const char *text, size_t len, int32_t *
         }
         i += (size_t)k;
     }
+    return 0;
+}
+
+int zi_tok_encode(const zi_tokenizer *t, const char *text, size_t len, int32_t **ids) {
+    *ids = NULL;
+    if (check_utf8(text, len)) return -1;
+    const uint8_t *s = (const uint8_t *)text;
     encoder e = { 0 };
     encode_text(t, s, len, 0, &e);
     free(e.w.sym);
@@ -570,6 +577,8 @@ char *zi_tok_chat_text(const char *prompt) {
 }
 
 int zi_tok_chat(const zi_tokenizer *t, const char *prompt, int max_len, int32_t **ids) {
+    *ids = NULL;
+    if (check_utf8(prompt, strlen(prompt))) return -1;   /* byte offsets of the prompt, not the template */
     char *text = zi_tok_chat_text(prompt);
     int n = zi_tok_encode(t, text, strlen(text), ids);
     free(text);

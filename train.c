@@ -224,16 +224,6 @@ static int parse_args(int argc, char **argv, options *o) {
 }
 
 /* "FILE[:STRENGTH]" -> FILE (malloc'd) and the strength (1 without one). */
-static char *lora_arg(const char *arg, float *strength) {
-    char *file = zi_strdup(arg), *colon = strrchr(file, ':');
-    *strength = 1.0f;
-    if (colon && colon[1]) {
-        char *end;
-        double v = strtod(colon + 1, &end);
-        if (!*end) { *strength = (float)v; *colon = 0; }
-    }
-    return file;
-}
 
 /* ================================================================ files */
 
@@ -680,7 +670,7 @@ static int train(const options *o) {
     /* DiffSynth's --preset_lora_path (scheme 2): fused into the frozen weights at strength 1
      * (in their dtype), before the trained LoRA is attached */
     float preset_strength = 1.0f;
-    char *preset_file = o->preset_lora ? lora_arg(o->preset_lora, &preset_strength) : NULL;
+    char *preset_file = o->preset_lora ? zi_lora_arg(o->preset_lora, &preset_strength) : NULL;
     zi_lora *preset = data && preset_file ? zi_lora_load(preset_file) : NULL;
     free(preset_file);
     int preset_ok = !o->preset_lora ||
@@ -729,9 +719,9 @@ static int train(const options *o) {
 static int eval(const options *o) {
     if (!o->eval_out || !o->eval_lora) { zi_seterr("--eval needs --eval-out and --lora"); return -1; }
     float strength;
-    char *file = lora_arg(o->eval_lora, &strength);
+    char *file = zi_lora_arg(o->eval_lora, &strength);
     char *dit_dir = zi_path("%s/transformer", o->model_dir);
-    zi_st *in = zi_st_open(o->eval_in);
+    zi_st *in = file ? zi_st_open(o->eval_in) : NULL;
     zi_dit *dit = in ? zi_dit_load(dit_dir) : NULL;
     zi_lora *l = dit ? zi_lora_load(file) : NULL;
     free(dit_dir);
@@ -755,6 +745,7 @@ static int eval(const options *o) {
     int h = (int)tx->shape[2], w = (int)tx->shape[3], L = (int)tc->shape[0];
     int64_t n = tx->numel;
     x0 = zi_tensor_f32(tx); noise = zi_tensor_f32(tn); sig = zi_tensor_f32(ts); cap = zi_tensor_f32(tc);
+    if (!x0 || !noise || !sig || !cap) { zi_seterr("%s: train.* inputs must be float tensors", o->eval_in); goto done; }
     xt = zi_malloc(n * sizeof(float)); out = zi_malloc(n * sizeof(float)); dout = zi_malloc(n * sizeof(float));
     int nlin = zi_dit_nlin(dit);
     zi_lin **lins = zi_malloc((size_t)nlin * sizeof *lins);

@@ -281,6 +281,10 @@ typedef struct zi_lora {
     struct zi_lora_applied *applied;
 } zi_lora;
 
+/* "FILE[:STRENGTH]" as --lora takes it: the strength is what follows the last ':' when that
+ * parses as a number (so paths containing ':' still work), else 1. Returns the file name
+ * (malloc'd), or NULL (error set) when the strength is not finite. */
+char *zi_lora_arg(const char *arg, float *strength);
 /* Reads any of the formats listed in lora.c (a fused ComfyUI qkv becomes to_q/to_k/to_v). */
 zi_lora *zi_lora_load(const char *path);
 float zi_lora_scale(const zi_lora_module *m);   /* alpha/rank, or 1 without alpha */
