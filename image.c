@@ -704,8 +704,19 @@ static int png_text_chunk(zbuf *b, const char *key, const char *val) {
     return 0;
 }
 
-/* Writes buf to path through a temporary file in the same directory, fsync'd, then renamed
- * over path: readers never see a half-written file, and a failure leaves no output. */
+/* fsync of the directory holding path, so that a rename into it survives a power cut */
+static int sync_dir(const char *path) {
+    const char *slash = strrchr(path, '/');
+    char *dir = slash ? zi_path("%.*s", (int)(slash - path) + (slash == path), path) : zi_strdup(".");
+    int fd = open(dir, O_RDONLY | O_DIRECTORY), rc = fd < 0 ? -1 : fsync(fd);
+    if (fd >= 0) close(fd);
+    free(dir);
+    return rc;
+}
+
+/* Writes buf to path through a temporary file in the same directory, fsync'd, renamed over
+ * path, then the directory fsync'd: readers never see a half-written file, a failure leaves no
+ * output, and the new file survives a power cut. */
 static int write_atomic(const char *path, const uint8_t *buf, size_t n) {
     static atomic_uint counter;
     size_t plen = strlen(path) + 32;
@@ -734,11 +745,12 @@ static int write_atomic(const char *path, const uint8_t *buf, size_t n) {
     if (what) {
         zi_seterr("%s: %s failed: %s", path, what, strerror(errno));
         unlink(tmp);
-        free(tmp);
-        return -1;
+    } else if (sync_dir(path)) {
+        zi_seterr("%s: fsync of its directory failed: %s", path, strerror(errno));
+        what = "fsync";
     }
     free(tmp);
-    return 0;
+    return what ? -1 : 0;
 }
 
 int zi_png_write_image(const char *path, const zi_image *im, const char *const *text_kv, int n_kv) {

@@ -597,6 +597,25 @@ static int write_all(int fd, const void *p, size_t n) {
     return 0;
 }
 
+/* fsync of the directory holding path, so that a rename into it survives a power cut */
+static int sync_dir(const char *path) {
+    const char *slash = strrchr(path, '/');
+    char *dir = slash ? zi_path("%.*s", (int)(slash - path) + (slash == path), path) : zi_strdup(".");
+    int fd = open(dir, O_RDONLY | O_DIRECTORY), rc = fd < 0 ? -1 : fsync(fd);
+    if (fd >= 0) close(fd);
+    free(dir);
+    return rc;
+}
+
+/* Test hook: ZIMAGE_TEST_SLOW_WRITE=MS sleeps MS milliseconds between writing a file's
+ * temporary and renaming it, so that test/test_crash.c can kill a writer inside that window. */
+static void test_slow_write(void) {
+    const char *ms = getenv("ZIMAGE_TEST_SLOW_WRITE");
+    if (ms && atoi(ms) > 0) usleep((useconds_t)atoi(ms) * 1000);
+}
+
+/* The file is written to PATH.tmp, fsync'd, renamed over PATH, and the directory fsync'd:
+ * a reader (or a run killed at any moment) sees the old file or the new one, never a part. */
 int zi_stw_write(zi_stw *w, const char *path) {
     stw_tensor **order = zi_malloc((size_t)(w->n ? w->n : 1) * sizeof *order);
     for (int i = 0; i < w->n; i++) order[i] = &w->t[i];
@@ -632,22 +651,25 @@ int zi_stw_write(zi_stw *w, const char *path) {
     unsigned char len8[8];
     for (int i = 0; i < 8; i++) len8[i] = (unsigned char)((uint64_t)h.n >> (8 * i));
 
+    /* a fixed temporary name: a writer killed half-way leaves PATH.tmp, which the next write
+     * of PATH truncates and reuses (one writer per path at a time) */
     char *tmp = zi_path("%s.tmp", path);
-    int rc = -1, fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    if (fd < 0) {
-        zi_seterr("%s: %s", tmp, strerror(errno));
-    } else {
-        rc = write_all(fd, len8, 8) || write_all(fd, h.s, h.n) ? -1 : 0;
-        for (int i = 0; i < w->n && !rc; i++) rc = write_all(fd, order[i]->data, order[i]->nbytes);
-        if (!rc) rc = fsync(fd);
-        if (close(fd)) rc = -1;
-        if (rc) zi_seterr("%s: write failed: %s", tmp, strerror(errno));
-        if (!rc && rename(tmp, path)) {
-            zi_seterr("%s: rename from %s failed: %s", path, tmp, strerror(errno));
-            rc = -1;
-        }
-        if (rc) unlink(tmp);
+    const char *what = NULL;
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    if (fd < 0) what = "create";
+    else {
+        if (write_all(fd, len8, 8) || write_all(fd, h.s, h.n)) what = "write";
+        for (int i = 0; i < w->n && !what; i++)
+            if (write_all(fd, order[i]->data, order[i]->nbytes)) what = "write";
+        if (!what && fsync(fd)) what = "fsync";
+        if (close(fd) && !what) what = "close";
+        if (!what) test_slow_write();
+        if (!what && rename(tmp, path)) what = "rename";
+        if (what) { int e = errno; unlink(tmp); errno = e; }
+        else if (sync_dir(path)) what = "fsync of the directory";
     }
+    if (what) zi_seterr("%s: %s failed (temporary %s): %s", path, what, tmp, strerror(errno));
+    int rc = what ? -1 : 0;
     free(tmp);
     free(h.s);
     free(order);

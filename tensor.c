@@ -40,11 +40,23 @@ int zi_dtype_parse(const char *s, zi_dtype *out) {
 /* ---------------------------------------------------------------- errors and memory */
 static _Thread_local char errbuf[1024];
 
+/* The message is kept on one line: a control character in it (a file name or a prompt may
+ * hold a newline) is written as \n, \r, \t or \xHH. */
 void zi_seterr(const char *fmt, ...) {
+    char msg[sizeof errbuf];
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(errbuf, sizeof errbuf, fmt, ap);
+    vsnprintf(msg, sizeof msg, fmt, ap);
     va_end(ap);
+    size_t n = 0;
+    for (const unsigned char *p = (const unsigned char *)msg; *p && n + 5 < sizeof errbuf; p++) {
+        if (*p >= 0x20 && *p != 0x7f) errbuf[n++] = (char)*p;
+        else if (*p == '\n' || *p == '\r' || *p == '\t') {
+            errbuf[n++] = '\\';
+            errbuf[n++] = *p == '\n' ? 'n' : *p == '\r' ? 'r' : 't';
+        } else n += (size_t)snprintf(errbuf + n, sizeof errbuf - n, "\\x%02x", *p);
+    }
+    errbuf[n] = 0;
 }
 
 const char *zi_err(void) { return errbuf[0] ? errbuf : "unknown error"; }

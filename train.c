@@ -13,6 +13,8 @@
  * OUTPUT/epoch-K.safetensors after every epoch, OUTPUT/step-N.safetensors every --save-steps
  * samples (N counts samples, as DiffSynth's logger does) and at the end; each save also
  * rewrites OUTPUT/training-state.safetensors, from which --resume continues bit for bit.
+ * A run killed at any moment loses nothing saved (save_due), and a NaN or infinite loss or
+ * gradient stops it before anything more is written (diverged).
  *
  * Scheme 2 (differential LoRA): --preset-lora FILE[:STRENGTH] merges a LoRA (ostris' training
  * adapter) into the frozen weights before training; it is never saved.
@@ -24,6 +26,7 @@
 #include "zimage.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <math.h>
 #include <stdio.h>
@@ -31,6 +34,7 @@
 #include <string.h>
 #include <strings.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #define STATE_FILE "training-state.safetensors"
 
@@ -223,13 +227,23 @@ static int parse_args(int argc, char **argv, options *o) {
 
 /* ================================================================ files */
 
+/* mkdir -p; each directory made is fsync'd into its parent ("DIR/.." is the parent of a real
+ * directory), so that a power cut does not take it and the checkpoints in it away */
 static int mkdirs(const char *path) {
     char *p = zi_strdup(path);
     for (char *s = p + 1;; s++) {
         if (*s != '/' && *s) continue;
         char c = *s;
         *s = 0;
-        if (mkdir(p, 0777) && errno != EEXIST) {
+        if (mkdir(p, 0777) == 0) {
+            char *parent = zi_path("%s/..", p);
+            int fd = open(parent, O_RDONLY | O_DIRECTORY);
+            if (fd >= 0) {
+                (void)fsync(fd);    /* best effort, as the directory exists either way */
+                close(fd);
+            }
+            free(parent);
+        } else if (errno != EEXIST) {
             zi_seterr("%s: cannot create directory: %s", p, strerror(errno));
             free(p);
             return -1;
@@ -453,27 +467,32 @@ typedef struct {
 } worker;
 
 /* Forward and backward of one example at grid point (σ, weight): accumulates the gradients
- * (scaled by grad_scale) into the LoRA's g and returns the loss, NAN on error. */
-static float train_sample(worker *wk, const sample *s, float sigma, float weight, float grad_scale,
-                          uint64_t noise_seed) {
+ * (scaled by grad_scale) into the LoRA's g and sets *loss. Returns 0 or -1 (error set). */
+static int train_sample(worker *wk, const sample *s, float sigma, float weight, float grad_scale, uint64_t noise_seed,
+                        float *loss) {
     int64_t n = (int64_t)wk->C * s->h * s->w;
     zi_randn(wk->noise, n, noise_seed, ZI_RNG_CPU);
     zi_train_noisy(wk->xt, s->x0, wk->noise, sigma, n);
     float t = zi_flow_t(sigma);
     const float *x = wk->xt, *cap = s->cap;
     float *out = wk->out;
-    if (zi_dit_forward(wk->dit, 1, &x, &s->h, &s->w, &t, &cap, &s->L, &out)) return NAN;
-    float loss = zi_train_loss(wk->out, s->x0, wk->noise, n, weight, grad_scale, wk->dout);
-    if (zi_dit_backward(wk->dit, wk->dout)) return NAN;
-    return loss;
+    if (zi_dit_forward(wk->dit, 1, &x, &s->h, &s->w, &t, &cap, &s->L, &out)) return -1;
+    *loss = zi_train_loss(wk->out, s->x0, wk->noise, n, weight, grad_scale, wk->dout);
+    return zi_dit_backward(wk->dit, wk->dout);
 }
 
-/* Scheme 3: the example gives its prompt and size; x_T is fresh noise (distill.c). */
-static float distill_sample(worker *wk, zi_train_lora *lora, const sample *s, float grad_scale, uint64_t noise_seed) {
+/* Scheme 3: the example gives its prompt and size; x_T is fresh noise (distill.c). Sets *loss;
+ * returns 0 or -1 (error set). zi_distill_sample answers NAN both for an error and for a loss
+ * that diverged; an error is the one that leaves a message in place of the one set here. */
+static int distill_sample(worker *wk, zi_train_lora *lora, const sample *s, float grad_scale, uint64_t noise_seed,
+                          float *loss) {
+    static const char *const no_error = "distill: no error";
     zi_randn(wk->noise, (int64_t)wk->C * s->h * s->w, noise_seed, ZI_RNG_CPU);
     zi_distill_input in = { .h = s->h, .w = s->w, .L = s->L, .Ln = wk->Ln, .cap = s->cap, .neg = wk->neg };
-    return zi_distill_sample(wk->dit, lora, wk->teacher, &wk->sched, wk->dcfg, &in, wk->noise, grad_scale,
-                             wk->grad_ckpt);
+    zi_seterr("%s", no_error);
+    *loss = zi_distill_sample(wk->dit, lora, wk->teacher, &wk->sched, wk->dcfg, &in, wk->noise, grad_scale,
+                              wk->grad_ckpt);
+    return isnan(*loss) && strcmp(zi_err(), no_error) ? -1 : 0;
 }
 
 /* ================================================================ checkpoints */
@@ -482,15 +501,34 @@ typedef struct {
     const options *o;
     zi_train_lora *lora;
     const char *config;
+    int64_t per_epoch, total;   /* samples */
 } saver;
 
-static int save(const saver *sv, const char *name, const zi_train_pos *pos) {
-    char *path = zi_path("%s/%s", sv->o->output, name), *state = zi_path("%s/" STATE_FILE, sv->o->output);
-    int rc = zi_lora_save(&sv->lora->lora, path, sv->o->save_format, sv->o->save_dtype, "Tongyi-MAI/Z-Image-Turbo");
-    if (!rc) rc = zi_train_state_save(sv->lora, pos, sv->config, state);
-    if (!rc && !sv->o->quiet) fprintf(stderr, "saved %s\n", path);
-    free(path);
-    free(state);
+/* The checkpoints due once pos->sample samples are done: step-N every --save-steps samples and
+ * at the end, epoch-K at the end of epoch K. All of them are written before the state that
+ * records the position (which holds the LoRA weights itself), so that a state never stands past
+ * a checkpoint that is missing: a run killed anywhere in between resumes from the previous
+ * state, redoes the samples since, and writes the same files again, the same bytes. Every file
+ * is written to a temporary, fsync'd and renamed (zi_stw_write). */
+static int save_due(const saver *sv, const zi_train_pos *pos) {
+    const options *o = sv->o;
+    int64_t s = pos->sample;
+    char *names[2];
+    int n = 0;
+    if (o->save_steps && (s % o->save_steps == 0 || s == sv->total))
+        names[n++] = zi_path("%s/step-%lld.safetensors", o->output, (long long)s);
+    if (s % sv->per_epoch == 0) names[n++] = zi_path("%s/epoch-%lld.safetensors", o->output, (long long)(s / sv->per_epoch - 1));
+    int rc = 0;
+    for (int i = 0; i < n && !rc; i++) {
+        rc = zi_lora_save(&sv->lora->lora, names[i], o->save_format, o->save_dtype, "Tongyi-MAI/Z-Image-Turbo");
+        if (!rc && !o->quiet) fprintf(stderr, "saved %s\n", names[i]);
+    }
+    if (n && !rc) {
+        char *state = zi_path("%s/" STATE_FILE, o->output);
+        rc = zi_train_state_save(sv->lora, pos, sv->config, state);
+        free(state);
+    }
+    for (int i = 0; i < n; i++) free(names[i]);
     return rc;
 }
 
@@ -538,58 +576,64 @@ static void progress(const options *o, const zi_train_lora *lora, const zi_train
             fmt_time(per * (double)(total_steps - lora->step), b2, sizeof b2));
 }
 
+/* A NaN or an infinity in the loss or the gradients stops the run before the optimizer step
+ * and before any save: the checkpoints and the state on disk stay those of the last good step.
+ * Puts "step N (sample S): " before the current error. */
+static int diverged(const zi_train_lora *lora, int64_t sample) {
+    char *why = zi_strdup(zi_err());
+    zi_seterr("step %lld (sample %lld): %s; stopped, the checkpoints saved before it are kept",
+              (long long)lora->step + 1, (long long)sample, why);
+    free(why);
+    return -1;
+}
+
 /* The epochs from pos on: shuffled passes over rows × repeat examples, an optimizer step
  * every --gradient-accumulation-steps samples and at the end of each epoch, saves. */
 static int train_loop(const options *o, worker *wk, const saver *sv, const sample *data, int rows, zi_train_pos *pos) {
     zi_train_lora *lora = sv->lora;
     static float sigmas[ZI_TRAIN_GRID], weights[ZI_TRAIN_GRID];
     zi_train_grid(ZI_TRAIN_GRID, 3.0f, sigmas, weights);
-    int64_t per_epoch = (int64_t)rows * o->repeat;
+    int64_t per_epoch = sv->per_epoch;
     int64_t total_steps = (per_epoch + o->accum - 1) / o->accum * o->epochs, steps_at_start = lora->step;
     int *perm = zi_malloc((size_t)per_epoch * sizeof *perm);
     double t0 = zi_now(), step_loss = 0;
-    char name[64];
-    int ok = 1;
+    int rc = 0;
     if (!o->quiet)
         fprintf(stderr, "training %d LoRA modules (%lld parameters) on %d examples x %d, %d epochs: %lld steps\n",
                 lora->lora.n, (long long)lora->n_params, rows, o->repeat, o->epochs, (long long)total_steps);
-    for (int epoch = (int)(pos->sample / per_epoch); ok && epoch < o->epochs; epoch++) {
+    for (int epoch = (int)(pos->sample / per_epoch); !rc && epoch < o->epochs; epoch++) {
         zi_train_perm(perm, (int)per_epoch, o->seed, epoch);
-        for (int64_t j = pos->sample - epoch * per_epoch; ok && j < per_epoch; j++) {
+        for (int64_t j = pos->sample - epoch * per_epoch; !rc && j < per_epoch; j++) {
             int gi = zi_train_timestep(o->seed, pos->sample, ZI_TRAIN_GRID);
             /* accelerate divides every loss by the accumulation steps, also in the shorter
              * last step of an epoch */
             const sample *s = &data[perm[j] % rows];
             uint64_t noise_seed = zi_train_noise_seed(o->seed, pos->sample);
-            float loss = wk->teacher ? distill_sample(wk, lora, s, 1.0f / (float)o->accum, noise_seed)
-                                     : train_sample(wk, s, sigmas[gi], weights[gi], 1.0f / (float)o->accum, noise_seed);
-            if (isnan(loss)) { ok = 0; break; }
+            float loss;
+            rc = wk->teacher ? distill_sample(wk, lora, s, 1.0f / (float)o->accum, noise_seed, &loss)
+                             : train_sample(wk, s, sigmas[gi], weights[gi], 1.0f / (float)o->accum, noise_seed, &loss);
+            if (!rc && !isfinite(loss)) {
+                zi_seterr("the loss is %s", isnan(loss) ? "NaN" : "infinite");
+                rc = diverged(lora, pos->sample + 1);
+            }
+            if (rc) break;
             pos->sample++;
             pos->loss_sum += loss;
             pos->partial = 1;
             step_loss += loss;
             if ((j + 1) % o->accum == 0 || j + 1 == per_epoch) {
-                zi_train_lora_step(lora, o->lr, o->weight_decay);
+                if (zi_train_lora_step(lora, o->lr, o->weight_decay)) { rc = diverged(lora, pos->sample); break; }
                 zi_train_lora_zero_grad(lora);
                 pos->partial = 0;
                 if (!o->quiet)
                     progress(o, lora, pos, epoch, step_loss / (double)(j % o->accum + 1), total_steps, steps_at_start, t0);
                 step_loss = 0;
             }
-            if (o->save_steps && pos->sample % o->save_steps == 0) {
-                snprintf(name, sizeof name, "step-%lld.safetensors", (long long)pos->sample);
-                ok = save(sv, name, pos) == 0;
-            }
+            rc = save_due(sv, pos);
         }
-        snprintf(name, sizeof name, "epoch-%d.safetensors", epoch);
-        ok = ok && save(sv, name, pos) == 0;
     }
     free(perm);
-    if (ok && o->save_steps && pos->sample % o->save_steps) {
-        snprintf(name, sizeof name, "step-%lld.safetensors", (long long)pos->sample);
-        ok = save(sv, name, pos) == 0;
-    }
-    return ok ? 0 : -1;
+    return rc;
 }
 
 /* Scheme 3: the teacher (the --lora-checkpoint file, attached only for its trajectories),
@@ -651,7 +695,7 @@ static int train(const options *o) {
             if ((int64_t)C * data[i].h * data[i].w > maxn) maxn = (int64_t)C * data[i].h * data[i].w;
         worker wk = { .dit = dit, .C = C, .xt = zi_malloc(maxn * sizeof(float)), .noise = zi_malloc(maxn * sizeof(float)),
                       .out = zi_malloc(maxn * sizeof(float)), .dout = zi_malloc(maxn * sizeof(float)) };
-        saver sv = { o, lora, config };
+        saver sv = { o, lora, config, (int64_t)meta.n * o->repeat, (int64_t)meta.n * o->repeat * o->epochs };
         if (!o->distill || distill_setup(o, &wk, cfg->cap_feat_dim) == 0) rc = train_loop(o, &wk, &sv, data, meta.n, &pos);
         free(wk.xt); free(wk.noise); free(wk.out); free(wk.dout);
         zi_lora_free(wk.teacher);

@@ -489,9 +489,17 @@ void zi_adamw(float *w, const float *g, float *m, float *v, int64_t n, int64_t s
     zi_parallel_for(n, 65536, adamw_range, &c);
 }
 
-void zi_train_lora_step(zi_train_lora *t, double lr, double weight_decay) {
+int zi_train_lora_step(zi_train_lora *t, double lr, double weight_decay) {
+    /* a NaN or an infinity would spread through the moments into every later step: refused,
+     * so that the weights and moments stay those of the last good step */
+    for (int64_t i = 0; i < t->n_params; i++)
+        if (!isfinite(t->g[i])) {
+            zi_seterr("a gradient is %s", isnan(t->g[i]) ? "NaN" : "infinite");
+            return -1;
+        }
     t->step++;
     zi_adamw(t->w, t->g, t->m, t->v, t->n_params, t->step, zi_train_lr(lr, t->step), 0.9, 0.999, 1e-8, weight_decay);
+    return 0;
 }
 
 /* ================================================================ loss */

@@ -358,8 +358,9 @@ zi_train_lora *zi_train_lora_of(const zi_lora *src, zi_lin *const *lins, int nli
 int zi_train_lora_load_weights(zi_train_lora *t, const zi_lora *src);
 void zi_train_lora_zero_grad(zi_train_lora *t);
 /* One AdamW step on the gradients in g (betas 0.9, 0.999, eps 1e-8; DiffSynth's weight decay
- * is 0.01) at the ConstantLR rate for step t->step + 1. g is left as it is. */
-void zi_train_lora_step(zi_train_lora *t, double lr, double weight_decay);
+ * is 0.01) at the ConstantLR rate for step t->step + 1. g is left as it is. A NaN or an
+ * infinity in g: -1 ("a gradient is NaN"), nothing changed. */
+int zi_train_lora_step(zi_train_lora *t, double lr, double weight_decay);
 void zi_train_lora_free(zi_train_lora *t);              /* detaches the adapters */
 
 /* torch.optim.lr_scheduler.ConstantLR (factor 1/3, 5 iterations): the rate of optimizer step

@@ -410,6 +410,14 @@ TEST(train_data_errors) {
     CHECK(rc != 0 && strstr(log, "row 1") && strstr(log, "bad.png"), "unreadable image:\n%s", log);
     rc = zt_sh(log, sizeof log, "%s/train " TINY " --dataset-base-path %s --bogus 1", zt_bin(), data);
     CHECK(rc != 0 && strstr(log, "--bogus"), "unknown flag:\n%s", log);
+    /* an error stays on one line, also when a file name holds a newline */
+    f = fopen(meta, "w");
+    fputs("image,prompt\n\"new\nline.png\",y\n", f);
+    fclose(f);
+    rc = zt_sh(log, sizeof log, "%s/train " TINY " --dataset-base-path %s --dataset-metadata-path %s "
+               "--output-path %s/run-err -q", zt_bin(), data, meta, zt_tmpdir());
+    CHECK(rc == 1 && strstr(log, "new\\nline.png") && strchr(log, '\n') == log + strlen(log) - 1,
+          "a newline in a file name:\n%s", log);
 }
 
 /* One training step's loss and LoRA gradients against PyTorch (oracle/gen_golden.py). */
@@ -470,7 +478,7 @@ TEST(train_preset_lora_strength) {
         else
             snprintf(extra, sizeof extra, "--seed 3");
         CHECK(run_train(log, sizeof log, data, out[k], extra) == 0, "train failed:\n%s", log);
-        snprintf(path[k], sizeof path[k], "%s/epoch-0.safetensors", out[k]);
+        snprintf(path[k], sizeof path[k], "%s/run-preset-s%d/epoch-0.safetensors", zt_tmpdir(), k);
     }
     CHECK(same_tensors(path[0], path[1]), "a preset at strength 0 changed the training");
     zi_st *a = zi_st_open(path[0]), *b = zi_st_open(path[2]);
