@@ -20,7 +20,11 @@
  * size; from fresh noise the teacher (the DiT + the --lora-checkpoint LoRA, frozen) runs
  * --teacher-steps Euler steps at --teacher-cfg against the negative prompt "", and the trained
  * LoRA (started from the same checkpoint) learns to follow its path in --student-steps steps at
- * --student-cfg. */
+ * --student-cfg.
+ *
+ * Previews (--sample-every N): every N optimizer steps the DiT, with the LoRA being trained
+ * and without the preset, renders --sample-prompt through zimage.c's sampler and VAE into
+ * OUTPUT/sample-STEP.png. */
 #include "zimage.h"
 
 #include <errno.h>
