@@ -228,6 +228,10 @@ float *zi_denoise(zi_dit *dit, const float *pos, int Lp, const float *neg, int L
                    .guidance = p->cfg > 1 ? p->cfg - 1.0 : 0.0, .cfg_norm = p->cfg_norm, .cfg_trunc = p->cfg_trunc,
                    .n = (int64_t)cfg->in_channels * h * w, .quiet = p->quiet };
     if (d.guidance > 0 && !neg) { zi_seterr("zi_denoise: cfg %g needs the negative prompt's features", p->cfg); return NULL; }
+    if (z0 && d.n % 16) {   /* see below */
+        zi_seterr("img2img: %lld latent values, not a multiple of 16 (torch's generator is not modelled)", (long long)d.n);
+        return NULL;
+    }
     float *sigmas = zi_malloc(((size_t)p->steps + 1) * sizeof *sigmas);
     zi_flow_sigmas(p->steps, p->shift, sigmas);
     float *x = zi_malloc((size_t)d.n * sizeof *x);
@@ -235,8 +239,9 @@ float *zi_denoise(zi_dit *dit, const float *pos, int Lp, const float *neg, int L
         zi_randn(x, d.n, p->seed, p->rng_cuda ? ZI_RNG_CUDA : ZI_RNG_CPU);
     } else {
         /* the generator's first n normals were the posterior sample's (zi_encode_image), the
-         * next n are the noise; n is a multiple of 16, so they equal the second half of 2n
-         * normals. scheduler.scale_noise: x = σ·noise + (1 − σ)·z0 at the first step's σ. */
+         * next n are the noise; n being a multiple of 16, torch's randn(n) consumed exactly n
+         * uniforms (no redrawn tail, sampler.c), so they are the second half of 2n normals.
+         * scheduler.scale_noise: x = σ·noise + (1 − σ)·z0 at the first step's σ. */
         float *r = zi_malloc(2 * (size_t)d.n * sizeof *r), s = sigmas[start];
         zi_randn(r, 2 * d.n, p->seed, ZI_RNG_CPU);
         for (int64_t i = 0; i < d.n; i++) x[i] = s * r[d.n + i] + (1.0f - s) * z0[i];
