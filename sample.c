@@ -32,6 +32,9 @@ static const char usage[] =
 "      --rng cpu|cuda     noise identical to torch.randn on that device's generator (cpu)\n"
 "      --lora FILE[:S]    apply a LoRA with strength S (1); repeatable\n"
 "      --lora-merge       merge LoRAs into the weights (bf16 rounding) instead of run-time adapters\n"
+"      --init-image FILE  img2img from this PNG/JPEG (diffusers' ZImageImg2ImgPipeline); its size is\n"
+"                         the output size (multiples of 16; -W/-H, when given, must equal it)\n"
+"      --strength S       img2img: the share of the schedule to run, (0, 1]; 1 = from pure noise (0.6)\n"
 "  -t, --threads N        worker threads (all cores)\n"
 "      --dump FILE        write every intermediate tensor to a safetensors file\n"
 "  -q                     no progress output\n";
@@ -46,13 +49,13 @@ static long parse_int(const char *flag, const char *s, long lo, long hi) {
     return v;
 }
 
-static float parse_float(const char *flag, const char *s, double lo, double hi) {
+static double parse_number(const char *flag, const char *s, double lo, double hi) {
     char *end;
     errno = 0;
     double v = strtod(s, &end);
     if (errno || end == s || *end || !(v >= lo && v <= hi))
         zi_die("%s: expected a number in [%g, %g], got '%s'", flag, lo, hi, s);
-    return (float)v;
+    return v;
 }
 
 /* ---------------------------------------------------------------- --info */
@@ -246,7 +249,7 @@ int main(int argc, char **argv) {
     zi_params p = zi_params_default();
     char *lora_files[64];
     float lora_strengths[64];
-    int seed_given = 0;
+    int seed_given = 0, size_given = 0;
 
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
@@ -254,14 +257,14 @@ int main(int argc, char **argv) {
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) { fputs(usage, stdout); return 0; }
         else if (!strcmp(a, "-o") || !strcmp(a, "--output")) output = VALUE();
         else if (!strcmp(a, "-n") || !strcmp(a, "--negative")) p.negative = VALUE();
-        else if (!strcmp(a, "-W") || !strcmp(a, "--width")) p.width = (int)parse_int(a, VALUE(), 16, 16384);
-        else if (!strcmp(a, "-H") || !strcmp(a, "--height")) p.height = (int)parse_int(a, VALUE(), 16, 16384);
+        else if (!strcmp(a, "-W") || !strcmp(a, "--width")) { p.width = (int)parse_int(a, VALUE(), 16, 16384); size_given = 1; }
+        else if (!strcmp(a, "-H") || !strcmp(a, "--height")) { p.height = (int)parse_int(a, VALUE(), 16, 16384); size_given = 1; }
         else if (!strcmp(a, "--steps")) p.steps = (int)parse_int(a, VALUE(), 1, 10000);
-        else if (!strcmp(a, "--cfg")) p.cfg = parse_float(a, VALUE(), 0, 1000);
-        else if (!strcmp(a, "--guidance")) p.cfg = parse_float(a, VALUE(), 0, 1000) + 1.0f;
-        else if (!strcmp(a, "--cfg-norm")) p.cfg_norm = parse_float(a, VALUE(), 0, 1000);
-        else if (!strcmp(a, "--cfg-trunc")) p.cfg_trunc = parse_float(a, VALUE(), 0, 1);
-        else if (!strcmp(a, "--shift")) p.shift = parse_float(a, VALUE(), 1e-3, 1000);
+        else if (!strcmp(a, "--cfg")) p.cfg = parse_number(a, VALUE(), 0, 1000);
+        else if (!strcmp(a, "--guidance")) p.cfg = parse_number(a, VALUE(), 0, 1000) + 1.0f;
+        else if (!strcmp(a, "--cfg-norm")) p.cfg_norm = parse_number(a, VALUE(), 0, 1000);
+        else if (!strcmp(a, "--cfg-trunc")) p.cfg_trunc = parse_number(a, VALUE(), 0, 1);
+        else if (!strcmp(a, "--shift")) p.shift = parse_number(a, VALUE(), 1e-3, 1000);
         else if (!strcmp(a, "--sampler")) p.sampler = VALUE();
         else if (!strcmp(a, "--seed")) { p.seed = (uint64_t)parse_int(a, VALUE(), 0, LONG_MAX); seed_given = 1; }
         else if (!strcmp(a, "--rng")) {
@@ -275,6 +278,8 @@ int main(int argc, char **argv) {
             p.n_lora++;
         }
         else if (!strcmp(a, "--lora-merge")) p.lora_merge = 1;
+        else if (!strcmp(a, "--init-image")) p.init_image = VALUE();
+        else if (!strcmp(a, "--strength")) p.strength = parse_number(a, VALUE(), 0, 1);
         else if (!strcmp(a, "-t") || !strcmp(a, "--threads")) threads = (int)parse_int(a, VALUE(), 1, 1024);
         else if (!strcmp(a, "--dump")) p.dump = VALUE();
         else if (!strcmp(a, "-q")) p.quiet = 1;
@@ -307,6 +312,13 @@ int main(int argc, char **argv) {
         p.seed &= 0xffffffffu;
     }
     p.prompt = pos[1];
+    if (p.init_image && !size_given) {     /* the output takes the init image's size */
+        zi_image im;
+        if (zi_image_load(p.init_image, &im)) zi_die("--init-image: %s", zi_err());
+        p.width = im.w;
+        p.height = im.h;
+        zi_image_free(&im);
+    }
     if (!seed_given && !p.quiet) fprintf(stderr, "seed: %llu\n", (unsigned long long)p.seed);
     if (zi_generate_png(pos[0], &p, output)) zi_die("%s", zi_err());
     return 0;

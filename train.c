@@ -22,7 +22,11 @@
  * size; from fresh noise the teacher (the DiT + the --lora-checkpoint LoRA, frozen) runs
  * --teacher-steps Euler steps at --teacher-cfg against the negative prompt "", and the trained
  * LoRA (started from the same checkpoint) learns to follow its path in --student-steps steps at
- * --student-cfg. */
+ * --student-cfg.
+ *
+ * Previews (--sample-every N): every N optimizer steps the DiT, with the LoRA being trained
+ * and without the preset, renders --sample-prompt through zimage.c's sampler and VAE into
+ * OUTPUT/sample-STEP.png. */
 #include "zimage.h"
 
 #include <errno.h>
@@ -44,12 +48,19 @@ typedef struct {
     int repeat, epochs, accum, rank, height, width, threads, quiet, grad_ckpt;
     int64_t max_pixels, save_steps;
     double lr, weight_decay;
-    const char *targets, *lora_checkpoint, *preset_lora, *output, *resume, *save_format;
+    const char *targets, *lora_checkpoint, *preset_lora, *output, *resume, *lora_format;
     zi_dtype save_dtype;
     uint64_t seed;
     const char *eval_in, *eval_out, *eval_lora;
     int distill;            /* --task trajectory-imitation (scheme 3) */
     zi_distill_cfg dcfg;
+    /* previews: every sample_every optimizer steps (0 = none); steps 0 and cfg < 0 mean the
+     * defaults of the scheme, width 0 the default size */
+    int64_t sample_every;
+    const char *sample_prompt;
+    int sample_steps, sample_w, sample_h;
+    double sample_cfg;
+    uint64_t sample_seed;
 } options;
 
 /* One training example, encoded: latents x0 [C, h, w] and prompt features cap [L, D]. */
@@ -81,10 +92,19 @@ static void usage(void) {
         "  --use-gradient-checkpointing   recompute block activations in the backward (less memory)\n"
         "  --output-path DIR              checkpoints and the encoding cache (./models)\n"
         "  --save-steps N                 also save step-N.safetensors every N samples\n"
-        "  --save-format diffsynth|diffusers  checkpoint layout (diffsynth)\n"
+        "  --lora-format FORMAT           checkpoint layout: diffsynth, diffusers, comfyui or kohya\n"
+        "                                 (diffsynth; --save-format is the same)\n"
         "  --save-dtype bf16|f16|f32      checkpoint dtype (bf16, as DiffSynth)\n"
         "  --resume DIR|FILE              continue from OUTPUT's training-state.safetensors\n"
         "  --seed N                       noise, timesteps, shuffling, LoRA init (0)\n"
+        "  --sample-every N               preview OUTPUT/sample-STEP.png every N optimizer steps with\n"
+        "                                 the LoRA being trained (without the --preset-lora)\n"
+        "  --sample-prompt TEXT           the previews' prompt (required with --sample-every)\n"
+        "  --sample-steps N --sample-cfg F  Euler steps and classic cfg (against \"\"): what the LoRA\n"
+        "                                 is for: 30 and 2 for plain SFT; 8 and 1 with --preset-lora;\n"
+        "                                 --student-steps/--student-cfg for trajectory imitation\n"
+        "  --sample-seed N                the previews' noise (0, the same for every preview)\n"
+        "  --sample-size WxH              (--width x --height when given, else 512x512)\n"
         "  -t, --threads N                worker threads (all cores)\n"
         "  -q                             no progress output\n");
 }
@@ -131,7 +151,7 @@ static const char *const ignored_flags[] = {
 static int parse_args(int argc, char **argv, options *o) {
     *o = (options){ .repeat = 1, .epochs = 1, .accum = 1, .rank = 32, .max_pixels = 1024 * 1024, .lr = 1e-4,
                     .weight_decay = 0.01, .targets = "to_q,to_k,to_v,to_out.0,w1,w2,w3", .output = "./models",
-                    .save_format = "diffsynth", .save_dtype = ZI_BF16, .dcfg = zi_distill_default() };
+                    .lora_format = "diffsynth", .save_dtype = ZI_BF16, .dcfg = zi_distill_default(), .sample_cfg = -1 };
     double cfg;
     for (int i = 1; i < argc; i++) {
         char *a = argv[i], *val = NULL;
@@ -182,7 +202,19 @@ static int parse_args(int argc, char **argv, options *o) {
         else if (!strcmp(flag, "--student-cfg")) { rc = parse_double(flag, val, &cfg); o->dcfg.student_cfg = (float)cfg; }
         else if (!strcmp(flag, "--output-path")) o->output = val;
         else if (!strcmp(flag, "--resume")) o->resume = val;
-        else if (!strcmp(flag, "--save-format")) o->save_format = val;
+        else if (!strcmp(flag, "--lora-format") || !strcmp(flag, "--save-format")) o->lora_format = val;
+        else if (!strcmp(flag, "--sample-every")) rc = parse_int64(flag, val, 1, &o->sample_every);
+        else if (!strcmp(flag, "--sample-prompt")) o->sample_prompt = val;
+        else if (!strcmp(flag, "--sample-steps")) rc = parse_int(flag, val, 1, &o->sample_steps);
+        else if (!strcmp(flag, "--sample-cfg")) rc = parse_double(flag, val, &o->sample_cfg);
+        else if (!strcmp(flag, "--sample-seed")) { rc = parse_int64(flag, val, 0, &v64); o->sample_seed = (uint64_t)v64; }
+        else if (!strcmp(flag, "--sample-size")) {
+            char end;
+            if (sscanf(val, "%dx%d%c", &o->sample_w, &o->sample_h, &end) != 2 || o->sample_w < 16 || o->sample_h < 16) {
+                zi_seterr("--sample-size: '%s' is not WIDTHxHEIGHT", val);
+                rc = -1;
+            }
+        }
         else if (!strcmp(flag, "--eval")) o->eval_in = val;
         else if (!strcmp(flag, "--eval-out")) o->eval_out = val;
         else if (!strcmp(flag, "--lora")) o->eval_lora = val;
@@ -208,10 +240,14 @@ static int parse_args(int argc, char **argv, options *o) {
     if (!o->model_dir) { zi_seterr("no MODEL_DIR given (see train --help)"); return -1; }
     if ((o->height > 0) != (o->width > 0)) { zi_seterr("--height and --width go together"); return -1; }
     if (o->height % 16 || o->width % 16) { zi_seterr("--height/--width: %dx%d is not a multiple of 16", o->width, o->height); return -1; }
-    if (strcmp(o->save_format, "diffsynth") && strcmp(o->save_format, "diffusers")) {
-        zi_seterr("--save-format: '%s' is not diffsynth or diffusers", o->save_format);
+    static const char *const formats[] = {"diffsynth", "diffusers", "comfyui", "kohya"};
+    int format_ok = 0;
+    for (int k = 0; k < 4; k++) format_ok |= !strcmp(o->lora_format, formats[k]);
+    if (!format_ok) {
+        zi_seterr("--lora-format: '%s' is not diffsynth, diffusers, comfyui or kohya", o->lora_format);
         return -1;
     }
+    if (o->sample_every && !o->sample_prompt) { zi_seterr("--sample-every needs --sample-prompt"); return -1; }
     if (o->distill && !o->lora_checkpoint) {
         zi_seterr("--task trajectory-imitation: --lora-checkpoint (the SFT LoRA: teacher and start) is required");
         return -1;
@@ -302,15 +338,20 @@ static uint64_t cache_key(const encoders *e, const char *image, const struct sta
     return fnv_str(h, prompt);
 }
 
+static int load_text_encoder(encoders *e) {
+    if (e->te) return 0;
+    char *te_dir = zi_path("%s/text_encoder", e->o->model_dir);
+    e->tok = zi_tok_load(e->o->model_dir);
+    e->te = e->tok ? zi_te_load(te_dir) : NULL;
+    free(te_dir);
+    return e->te ? 0 : -1;
+}
+
 static int load_encoders(encoders *e) {
     if (e->vae) return 0;
-    const char *dir = e->o->model_dir;
-    char *te_dir = zi_path("%s/text_encoder", dir), *vae_dir = zi_path("%s/vae", dir);
+    char *vae_dir = zi_path("%s/vae", e->o->model_dir);
     if (!e->o->quiet) fprintf(stderr, "loading the text encoder and the VAE to encode the dataset\n");
-    e->tok = zi_tok_load(dir);
-    e->te = e->tok ? zi_te_load(te_dir) : NULL;
-    e->vae = e->te ? zi_vae_load(vae_dir) : NULL;
-    free(te_dir);
+    e->vae = load_text_encoder(e) == 0 ? zi_vae_load(vae_dir) : NULL;
     free(vae_dir);
     return e->vae ? 0 : -1;
 }
@@ -322,23 +363,28 @@ static void free_encoders(encoders *e) {
     e->vae = NULL; e->te = NULL; e->tok = NULL;
 }
 
-/* The features of the negative prompt "" (DiffSynth's default), for scheme 3's guidance. */
-static float *encode_negative(const options *o, int D, int *L) {
-    encoders e = { .o = o };
+/* Features of a prompt that is not an example's: scheme 3's negative prompt, the previews'. */
+typedef struct {
+    const char *text;
+    float *f;               /* [L, D] */
+    int L;
+} features;
+
+/* The chat-templated prompt through the text encoder (loaded), D wide as the DiT takes it. */
+static int encode_text(encoders *e, int D, features *t) {
     int32_t *ids = NULL;
-    float *f = NULL;
-    if (load_encoders(&e) == 0 && (*L = zi_tok_chat(e.tok, "", ZI_MAX_TOKENS, &ids)) > 0) {
-        if (zi_te_dim(e.te) != D) zi_seterr("%s: text features are %d wide, the DiT takes %d", o->model_dir, zi_te_dim(e.te), D);
-        else f = zi_te_encode(e.te, ids, *L);
-    }
+    t->L = zi_tok_chat(e->tok, t->text, ZI_MAX_TOKENS, &ids);
+    if (t->L < 0) zi_seterr("prompt is not valid UTF-8");
+    else if (zi_te_dim(e->te) != D)
+        zi_seterr("%s: text features are %d wide, the DiT takes %d", e->o->model_dir, zi_te_dim(e->te), D);
+    else t->f = zi_te_encode(e->te, ids, t->L);
     free(ids);
-    free_encoders(&e);
-    return f;
+    return t->f ? 0 : -1;
 }
 
 /* DiffSynth's data pipeline for one row: image -> RGB -> training size -> [-1, 1] -> VAE
  * posterior mean -> (mean − shift)·scale; prompt -> chat template -> text encoder. */
-static int encode(encoders *e, const char *image, const char *prompt, int row, sample *s) {
+static int encode(encoders *e, const char *image, const char *prompt, int D, int row, sample *s) {
     const char *meta = e->o->metadata;
     zi_image im = {0}, crop = {0};
     if (zi_image_load(image, &im)) { row_error(meta, row); return -1; }
@@ -366,16 +412,10 @@ static int encode(encoders *e, const char *image, const char *prompt, int row, s
     for (int64_t i = 0; i < (int64_t)C * s->h * s->w; i++) mean[i] = (mean[i] - shift) * scale;
     s->x0 = mean;
 
-    int32_t *ids = NULL;
-    int L = zi_tok_chat(e->tok, prompt, ZI_MAX_TOKENS, &ids);
-    s->cap = L > 0 ? zi_te_encode(e->te, ids, L) : NULL;
-    free(ids);
-    if (!s->cap) {
-        if (L < 0) zi_seterr("prompt is not valid UTF-8");
-        row_error(meta, row);
-        return -1;
-    }
-    s->L = L;
+    features t = { .text = prompt };
+    if (encode_text(e, D, &t)) { row_error(meta, row); return -1; }
+    s->cap = t.f;
+    s->L = t.L;
     return 0;
 }
 
@@ -407,9 +447,10 @@ static int cache_write(const char *path, int C, const sample *s, int D, const ch
     return rc;
 }
 
-/* Every row encoded (from the cache where possible); the encoders are loaded only when
- * something is missing and freed before returning, so that training holds the DiT alone. */
-static sample *encode_dataset(const options *o, const zi_train_meta *meta, int C, int D) {
+/* Every row encoded (from the cache where possible), and the n_extra prompts of extra; the
+ * encoders are loaded only when something is missing (the VAE only for images) and freed
+ * before returning, so that training holds the DiT alone. */
+static sample *encode_dataset(const options *o, const zi_train_meta *meta, int C, int D, features *extra, int n_extra) {
     encoders e = { .o = o, .model = realpath(o->model_dir, NULL) };
     if (!e.model) { zi_seterr("%s: %s", o->model_dir, strerror(errno)); return NULL; }
     char *cache_dir = zi_path("%s/cache", o->output);
@@ -426,11 +467,7 @@ static sample *encode_dataset(const options *o, const zi_train_meta *meta, int C
                                  (unsigned long long)cache_key(&e, image, &st, meta->items[i].prompt));
             if (cache_read(path, C, D, &s[i]) == 0) cached++;
             else {
-                ok = load_encoders(&e) == 0 && encode(&e, image, meta->items[i].prompt, i + 1, &s[i]) == 0;
-                if (ok && zi_te_dim(e.te) != D) {
-                    zi_seterr("%s: text features are %d wide, the DiT takes %d", o->model_dir, zi_te_dim(e.te), D);
-                    ok = 0;
-                }
+                ok = load_encoders(&e) == 0 && encode(&e, image, meta->items[i].prompt, D, i + 1, &s[i]) == 0;
                 ok = ok && cache_write(path, C, &s[i], D, image, meta->items[i].prompt) == 0;
                 if (ok && !o->quiet) fprintf(stderr, "\rencoded %d/%d", i + 1, meta->n);
             }
@@ -441,6 +478,7 @@ static sample *encode_dataset(const options *o, const zi_train_meta *meta, int C
     if (ok && !o->quiet)
         fprintf(stderr, "%sdataset: %d examples (%d from the cache in %s)\n", cached < meta->n ? "\n" : "", meta->n,
                 cached, cache_dir);
+    for (int i = 0; ok && i < n_extra; i++) ok = load_text_encoder(&e) == 0 && encode_text(&e, D, &extra[i]) == 0;
     free_encoders(&e);
     free(e.model);
     free(cache_dir);
@@ -462,7 +500,7 @@ typedef struct {
     zi_lora *teacher;
     const zi_distill_cfg *dcfg;
     zi_distill_sched sched;
-    float *neg;
+    const float *neg;
     int Ln, grad_ckpt;
 } worker;
 
@@ -520,7 +558,7 @@ static int save_due(const saver *sv, const zi_train_pos *pos) {
     if (s % sv->per_epoch == 0) names[n++] = zi_path("%s/epoch-%lld.safetensors", o->output, (long long)(s / sv->per_epoch - 1));
     int rc = 0;
     for (int i = 0; i < n && !rc; i++) {
-        rc = zi_lora_save(&sv->lora->lora, names[i], o->save_format, o->save_dtype, "Tongyi-MAI/Z-Image-Turbo");
+        rc = zi_lora_save(&sv->lora->lora, names[i], o->lora_format, o->save_dtype, "Tongyi-MAI/Z-Image-Turbo");
         if (!rc && !o->quiet) fprintf(stderr, "saved %s\n", names[i]);
     }
     if (n && !rc) {
@@ -537,6 +575,78 @@ static char *fmt_time(double s, char *buf, size_t n) {
     if (t >= 3600) snprintf(buf, n, "%ld:%02ld:%02ld", t / 3600, t / 60 % 60, t % 60);
     else snprintf(buf, n, "%ld:%02ld", t / 60, t % 60);
     return buf;
+}
+
+/* ================================================================ previews */
+
+/* --sample-every: the DiT with the LoRA being trained (its run-time adapters) renders the
+ * preview prompt through zimage.c's sampler (zi_denoise) and VAE (zi_decode). What a LoRA is
+ * judged by is the model it is meant for: scheme 2's preset (the training adapter) is lifted
+ * out of the weights for the preview and merged again after (zi_lora_remove restores the
+ * original weights, and merging again gives the same bits). Training is off meanwhile (a
+ * CFG pair is a batch of two, which the training forward refuses), between optimizer steps,
+ * where nothing is kept; the training's random numbers are hashes of counters, untouched. */
+typedef struct {
+    const options *o;
+    zi_dit *dit;
+    zi_lora *preset;        /* merged scheme 2 LoRA, or NULL */
+    float preset_strength;
+    zi_lin **lins;
+    int nlin;
+    const features *pos, *neg;  /* neg: "" when cfg > 1, else NULL */
+    int h, w, factor;       /* latent size, VAE factor */
+    zi_params p;
+} previewer;
+
+/* Fills pv's settings (the scheme's defaults where not given) and checks the size. */
+static int preview_setup(const options *o, previewer *pv) {
+    int W = o->sample_w ? o->sample_w : o->width ? o->width : 512;
+    int H = o->sample_w ? o->sample_h : o->height ? o->height : 512;
+    if (zi_check_size(o->model_dir, W, H, &pv->factor)) return -1;
+    pv->h = H / pv->factor;
+    pv->w = W / pv->factor;
+    zi_params *p = &pv->p;
+    *p = zi_params_default();
+    p->prompt = o->sample_prompt;
+    p->width = W;
+    p->height = H;
+    p->steps = o->sample_steps ? o->sample_steps : o->distill ? o->dcfg.student_steps : o->preset_lora ? 8 : 30;
+    p->cfg = o->sample_cfg >= 0 ? (float)o->sample_cfg : o->distill ? o->dcfg.student_cfg : o->preset_lora ? 1.0f : 2.0f;
+    p->seed = o->sample_seed;
+    p->shift = (float)zi_model_shift(o->model_dir);
+    p->quiet = 1;
+    if (!o->quiet)
+        fprintf(stderr, "previews every %lld steps: %dx%d, %d steps, cfg %g, seed %llu\n", (long long)o->sample_every, W, H,
+                p->steps, p->cfg, (unsigned long long)p->seed);
+    return 0;
+}
+
+static int preview(const previewer *pv, int64_t step) {
+    const options *o = pv->o;
+    zi_dit_set_training(pv->dit, 0, 0);
+    if (pv->preset) zi_lora_remove(pv->preset);
+    float *lat = zi_denoise(pv->dit, pv->pos->f, pv->pos->L, pv->neg ? pv->neg->f : NULL, pv->neg ? pv->neg->L : 0,
+                            pv->h, pv->w, NULL, &pv->p);
+    int rc = lat ? 0 : -1;
+    if (pv->preset && zi_lora_apply(pv->preset, pv->lins, pv->nlin, pv->preset_strength, 1, 0) < 0) rc = -1;
+    zi_dit_set_training(pv->dit, 1, o->grad_ckpt);
+    float *img = rc ? NULL : zi_decode(o->model_dir, lat, pv->h, pv->w);   /* loaded and freed: memory */
+    free(lat);
+    if (!img) return -1;
+    int W = pv->p.width, H = pv->p.height;
+    uint8_t *rgb = zi_malloc((size_t)3 * W * H);
+    zi_image_from_float(img, W, H, rgb);
+    free(img);
+    char *path = zi_path("%s/sample-%lld.png", o->output, (long long)step);
+    char *text = zi_path("%s\nSteps: %d, Sampler: euler, CFG scale: %g, Seed: %llu, Size: %dx%d, LoRA training step: %lld",
+                         pv->p.prompt, pv->p.steps, pv->p.cfg, (unsigned long long)pv->p.seed, W, H, (long long)step);
+    const char *kv[2] = {"parameters", text};
+    rc = zi_png_write(path, rgb, W, H, kv, 1);      /* atomic: a temporary file renamed */
+    if (!rc && !o->quiet) fprintf(stderr, "preview %s\n", path);
+    free(text);
+    free(path);
+    free(rgb);
+    return rc;
 }
 
 /* ================================================================ training */
@@ -589,7 +699,8 @@ static int diverged(const zi_train_lora *lora, int64_t sample) {
 
 /* The epochs from pos on: shuffled passes over rows × repeat examples, an optimizer step
  * every --gradient-accumulation-steps samples and at the end of each epoch, saves. */
-static int train_loop(const options *o, worker *wk, const saver *sv, const sample *data, int rows, zi_train_pos *pos) {
+static int train_loop(const options *o, worker *wk, const saver *sv, const previewer *pv, const sample *data, int rows,
+                      zi_train_pos *pos) {
     zi_train_lora *lora = sv->lora;
     static float sigmas[ZI_TRAIN_GRID], weights[ZI_TRAIN_GRID];
     zi_train_grid(ZI_TRAIN_GRID, 3.0f, sigmas, weights);
@@ -628,6 +739,12 @@ static int train_loop(const options *o, worker *wk, const saver *sv, const sampl
                 if (!o->quiet)
                     progress(o, lora, pos, epoch, step_loss / (double)(j % o->accum + 1), total_steps, steps_at_start, t0);
                 step_loss = 0;
+                if (pv && lora->step % o->sample_every == 0) {
+                    double t1 = zi_now();
+                    rc = preview(pv, lora->step);
+                    t0 += zi_now() - t1;    /* the rates and ETA are the training's */
+                    if (rc) break;
+                }
             }
             rc = save_due(sv, pos);
         }
@@ -638,12 +755,15 @@ static int train_loop(const options *o, worker *wk, const saver *sv, const sampl
 
 /* Scheme 3: the teacher (the --lora-checkpoint file, attached only for its trajectories),
  * the schedules and, when either side is guided, the negative prompt's features. */
-static int distill_setup(const options *o, worker *wk, int D) {
+static int distill_setup(const options *o, worker *wk, const features *neg) {
     const zi_distill_cfg *c = &o->dcfg;
     wk->dcfg = c;
     wk->grad_ckpt = o->grad_ckpt;
     if (zi_distill_sched_init(&wk->sched, c) || !(wk->teacher = zi_lora_load(o->lora_checkpoint))) return -1;
-    if ((c->teacher_cfg != 1.0f || c->student_cfg != 1.0f) && !(wk->neg = encode_negative(o, D, &wk->Ln))) return -1;
+    if (c->teacher_cfg != 1.0f || c->student_cfg != 1.0f) {
+        wk->neg = neg->f;
+        wk->Ln = neg->L;
+    }
     if (!o->quiet)
         fprintf(stderr, "trajectory imitation: teacher %s, %d steps at cfg %g; student %d steps at cfg %g\n",
                 o->lora_checkpoint, c->teacher_steps, c->teacher_cfg, c->student_steps, c->student_cfg);
@@ -658,13 +778,20 @@ static int train(const options *o) {
         zi_train_meta_free(&meta);
         return -1;
     }
+    previewer pv = { .o = o };
     char *dit_dir = zi_path("%s/transformer", o->model_dir);
-    zi_dit *dit = mkdirs(o->output) ? NULL : zi_dit_load(dit_dir);
+    zi_dit *dit = mkdirs(o->output) || (o->sample_every && preview_setup(o, &pv)) ? NULL : zi_dit_load(dit_dir);
     free(dit_dir);
     if (!dit) { zi_train_meta_free(&meta); return -1; }
     const zi_dit_cfg *cfg = zi_dit_config(dit);
     int C = cfg->in_channels, nlin = zi_dit_nlin(dit), rc = -1;
-    sample *data = encode_dataset(o, &meta, C, cfg->cap_feat_dim);
+    /* prompts encoded beside the dataset: the negative "" (scheme 3's guidance, guided
+     * previews) and the preview prompt */
+    features extra[2] = {{.text = ""}, {.text = o->sample_prompt}};
+    int need_neg = (o->distill && (o->dcfg.teacher_cfg != 1.0f || o->dcfg.student_cfg != 1.0f)) ||
+                   (o->sample_every && pv.p.cfg > 1);
+    features *todo = need_neg ? extra : extra + 1;
+    sample *data = encode_dataset(o, &meta, C, cfg->cap_feat_dim, todo, need_neg + (o->sample_every ? 1 : 0));
     zi_lin **lins = zi_malloc((size_t)nlin * sizeof *lins);
     for (int i = 0; i < nlin; i++) lins[i] = zi_dit_lin_at(dit, i);
     /* DiffSynth's --preset_lora_path (scheme 2): fused into the frozen weights at strength 1
@@ -676,7 +803,6 @@ static int train(const options *o) {
     int preset_ok = !o->preset_lora ||
                     (preset && zi_lora_apply(preset, lins, nlin, preset_strength, 1, !o->quiet) > 0);
     zi_train_lora *lora = data && preset_ok ? zi_train_lora_new(lins, nlin, o->targets, o->rank, o->seed) : NULL;
-    free(lins);
 
     /* everything a resumed run must share with the run that wrote the state */
     char config[1024];
@@ -696,14 +822,18 @@ static int train(const options *o) {
         worker wk = { .dit = dit, .C = C, .xt = zi_malloc(maxn * sizeof(float)), .noise = zi_malloc(maxn * sizeof(float)),
                       .out = zi_malloc(maxn * sizeof(float)), .dout = zi_malloc(maxn * sizeof(float)) };
         saver sv = { o, lora, config, (int64_t)meta.n * o->repeat, (int64_t)meta.n * o->repeat * o->epochs };
-        if (!o->distill || distill_setup(o, &wk, cfg->cap_feat_dim) == 0) rc = train_loop(o, &wk, &sv, data, meta.n, &pos);
+        pv.dit = dit; pv.preset = preset; pv.preset_strength = preset_strength; pv.lins = lins; pv.nlin = nlin;
+        pv.pos = &extra[1]; pv.neg = pv.p.cfg > 1 ? &extra[0] : NULL;
+        if (!o->distill || distill_setup(o, &wk, &extra[0]) == 0)
+            rc = train_loop(o, &wk, &sv, o->sample_every ? &pv : NULL, data, meta.n, &pos);
         free(wk.xt); free(wk.noise); free(wk.out); free(wk.dout);
         zi_lora_free(wk.teacher);
         zi_distill_sched_free(&wk.sched);
-        free(wk.neg);
     }
     zi_train_lora_free(lora);
     zi_lora_free(preset);
+    free(lins);
+    for (int i = 0; i < 2; i++) free(extra[i].f);
     for (int i = 0; data && i < meta.n; i++) { free(data[i].x0); free(data[i].cap); }
     free(data);
     zi_dit_free(dit);

@@ -3,7 +3,13 @@
  *
  * Order and memory: the text encoder is loaded, encodes the prompt (and the negative prompt
  * when guidance is on) and is unmapped before the DiT is loaded; the DiT is unmapped before
- * the VAE decodes. Only one large component is resident at a time.
+ * the VAE decodes. Only one large component is resident at a time. img2img (diffusers'
+ * ZImageImg2ImgPipeline) encodes the init image with the VAE between the text encoder and
+ * the DiT.
+ *
+ * The stages are public so that a program holding a DiT (train's previews) samples through
+ * the same code: zi_denoise (the sampler loop on a loaded DiT and precomputed features) and
+ * zi_decode (the VAE); zi_generate is encode_prompts + zi_load_dit + zi_denoise + zi_decode.
  */
 #include "zimage.h"
 
@@ -16,6 +22,7 @@ zi_params zi_params_default(void) {
     return (zi_params){
         .negative = "", .width = 1024, .height = 1024, .steps = 8, .cfg = 1.0f,
         .cfg_norm = 0.0f, .cfg_trunc = 1.0f, .shift = 0.0f, .sampler = "euler",
+        .strength = 0.6,
     };
 }
 
@@ -56,9 +63,32 @@ out:
     return rc;
 }
 
+/* ---------------------------------------------------------------- image -> latents (img2img) */
+float *zi_encode_image(const char *dir, const zi_image *im, uint64_t seed) {
+    char *vaedir = zi_path("%s/vae", dir);
+    zi_vae *vae = zi_vae_load(vaedir);
+    free(vaedir);
+    if (!vae) return NULL;
+    int C = zi_vae_latent_channels(vae), f = zi_vae_factor(vae), h = im->h / f, w = im->w / f;
+    float *px = zi_malloc((size_t)3 * im->w * im->h * sizeof *px), *mean = NULL, *logvar = NULL;
+    zi_image_to_float(im->px, im->w, im->h, px, 0);
+    int rc = zi_vae_encode(vae, px, im->h, im->w, &mean, &logvar);
+    free(px);
+    if (rc) { zi_vae_free(vae); return NULL; }
+    /* latent_dist.sample(generator): mean + exp(logvar/2)·ε with ε the generator's first
+     * C·h·w normals; then (z − shift)·scale */
+    int64_t n = (int64_t)C * h * w;
+    float *eps = zi_malloc((size_t)n * sizeof *eps), scale = zi_vae_scaling(vae), shift = zi_vae_shift(vae);
+    zi_randn(eps, n, seed, ZI_RNG_CPU);
+    for (int64_t i = 0; i < n; i++) mean[i] = (mean[i] + expf(0.5f * logvar[i]) * eps[i] - shift) * scale;
+    free(eps); free(logvar);
+    zi_vae_free(vae);
+    zi_dump("image_latents", 4, (int64_t[]){1, C, h, w}, mean);
+    return mean;
+}
+
 /* ---------------------------------------------------------------- latents -> image */
-/* Decodes latents [C, h, w] to an image [3, H, W] in [0, 1] (before 8-bit rounding). */
-static float *decode_latents(const char *dir, const float *latents, int h, int w) {
+float *zi_decode(const char *dir, const float *latents, int h, int w) {
     char *vaedir = zi_path("%s/vae", dir);
     zi_vae *vae = zi_vae_load(vaedir);
     free(vaedir);
@@ -124,9 +154,7 @@ static void on_step(void *ctx, int step, const float *x) {
 }
 
 /* ---------------------------------------------------------------- the pipeline */
-/* Image sizes must be multiples of the VAE's factor times the DiT's patch (16); checked from
- * the configs before anything large is loaded. */
-static int check_size(const char *dir, const zi_params *p, int *vae_factor) {
+int zi_check_size(const char *dir, int width, int height, int *vae_factor) {
     zj *vcfg = zi_config_load(dir, "vae"), *tcfg = zi_config_load(dir, "transformer");
     int rc = -1, blocks[16], patch[4];
     if (!vcfg || !tcfg) goto out;
@@ -134,8 +162,8 @@ static int check_size(const char *dir, const zi_params *p, int *vae_factor) {
     if (nb < 1 || np < 1) { zi_seterr("%s: vae or transformer config lacks block_out_channels/all_patch_size", dir); goto out; }
     *vae_factor = 1 << (nb - 1);
     int mult = *vae_factor * patch[0];
-    if (p->width % mult || p->height % mult || p->width <= 0 || p->height <= 0) {
-        zi_seterr("--width/--height: %dx%d is not a multiple of %d", p->width, p->height, mult);
+    if (width % mult || height % mult || width <= 0 || height <= 0) {
+        zi_seterr("--width/--height: %dx%d is not a multiple of %d", width, height, mult);
         goto out;
     }
     rc = 0;
@@ -145,7 +173,7 @@ out:
     return rc;
 }
 
-static double scheduler_shift(const char *dir) {
+double zi_model_shift(const char *dir) {
     zj *s = zi_config_load(dir, "scheduler");
     double shift = s ? zi_cfg_num(s, "shift", 3.0) : 3.0;
     zj_free(s);
@@ -175,6 +203,85 @@ zi_dit *zi_load_dit(const char *dir, const zi_params *p, zi_lora **loras) {
     return NULL;
 }
 
+/* img2img's first step (diffusers' get_timesteps, in Python floats): about strength·steps of
+ * the schedule's last steps are run. */
+int zi_img2img_start(int steps, double strength) {
+    double init = fmin(steps * strength, steps);
+    return (int)fmax(steps - init, 0.0);
+}
+
+float *zi_denoise(zi_dit *dit, const float *pos, int Lp, const float *neg, int Ln, int h, int w,
+                  const float *z0, const zi_params *p) {
+    zi_sampler sampler;
+    if (zi_sampler_parse(p->sampler, &sampler)) {
+        zi_seterr("--sampler: unknown sampler '%s' (euler, heun, dpmpp_2m)", p->sampler);
+        return NULL;
+    }
+    if (p->steps < 1 || p->shift <= 0) { zi_seterr("zi_denoise: steps %d, shift %g", p->steps, p->shift); return NULL; }
+    int start = z0 ? zi_img2img_start(p->steps, p->strength) : 0;
+    if (start >= p->steps) {
+        zi_seterr("--strength %g leaves none of the %d steps to run", p->strength, p->steps);
+        return NULL;
+    }
+    const zi_dit_cfg *cfg = zi_dit_config(dit);
+    denoiser d = { .dit = dit, .pos = pos, .neg = neg, .Lp = Lp, .Ln = Ln, .h = h, .w = w,
+                   .guidance = p->cfg > 1 ? p->cfg - 1.0 : 0.0, .cfg_norm = p->cfg_norm, .cfg_trunc = p->cfg_trunc,
+                   .n = (int64_t)cfg->in_channels * h * w, .quiet = p->quiet };
+    if (d.guidance > 0 && !neg) { zi_seterr("zi_denoise: cfg %g needs the negative prompt's features", p->cfg); return NULL; }
+    if (z0 && d.n % 16) {   /* see below */
+        zi_seterr("img2img: %lld latent values, not a multiple of 16 (torch's generator is not modelled)", (long long)d.n);
+        return NULL;
+    }
+    float *sigmas = zi_malloc(((size_t)p->steps + 1) * sizeof *sigmas);
+    zi_flow_sigmas(p->steps, p->shift, sigmas);
+    float *x = zi_malloc((size_t)d.n * sizeof *x);
+    if (!z0) {
+        zi_randn(x, d.n, p->seed, p->rng_cuda ? ZI_RNG_CUDA : ZI_RNG_CPU);
+    } else {
+        /* the generator's first n normals were the posterior sample's (zi_encode_image), the
+         * next n are the noise; n being a multiple of 16, torch's randn(n) consumed exactly n
+         * uniforms (no redrawn tail, sampler.c), so they are the second half of 2n normals.
+         * scheduler.scale_noise: x = σ·noise + (1 − σ)·z0 at the first step's σ. */
+        float *r = zi_malloc(2 * (size_t)d.n * sizeof *r), s = sigmas[start];
+        zi_randn(r, 2 * d.n, p->seed, ZI_RNG_CPU);
+        for (int64_t i = 0; i < d.n; i++) x[i] = s * r[d.n + i] + (1.0f - s) * z0[i];
+        free(r);
+    }
+    zi_dump("latents.init", 4, (int64_t[]){1, cfg->in_channels, h, w}, x);
+    d.out2 = zi_malloc(2 * (size_t)d.n * sizeof(float));
+    d.evals = zi_sampler_evals(sampler, p->steps - start);
+    d.t0 = zi_now();
+    int rc = zi_sample(sampler, sigmas + start, p->steps - start, x, d.n, velocity, on_step, &d);
+    free(sigmas);
+    free(d.out2);
+    if (rc) { free(x); return NULL; }
+    return x;
+}
+
+/* --init-image: 8-bit RGB of exactly the requested size. diffusers' image processor would
+ * resize to the image's own size floored to a multiple of 16 (a no-op at such sizes) and then
+ * fails unless that equals the requested size; we ask for the sizes to be equal instead. */
+static int load_init_image(const zi_params *p, zi_image *im) {
+    if (zi_image_load(p->init_image, im)) return -1;
+    if (im->w != p->width || im->h != p->height) {
+        zi_seterr("--init-image: %s is %dx%d, the image to make is %dx%d (they must be equal)", p->init_image, im->w,
+                  im->h, p->width, p->height);
+        zi_image_free(im);
+        return -1;
+    }
+    if (!(p->strength > 0 && p->strength <= 1)) {
+        zi_seterr("--strength: %g is not in (0, 1]", p->strength);
+        zi_image_free(im);
+        return -1;
+    }
+    if (p->rng_cuda) {
+        zi_seterr("--init-image: only the CPU generator (--rng cpu) is supported");
+        zi_image_free(im);
+        return -1;
+    }
+    return 0;
+}
+
 float *zi_generate(const char *dir, const zi_params *p) {
     zi_sampler sampler;
     if (zi_sampler_parse(p->sampler, &sampler)) {
@@ -183,44 +290,27 @@ float *zi_generate(const char *dir, const zi_params *p) {
     }
     if (p->steps < 1) { zi_seterr("--steps: must be at least 1"); return NULL; }
     int factor;
-    if (check_size(dir, p, &factor)) return NULL;
+    if (zi_check_size(dir, p->width, p->height, &factor)) return NULL;
+    zi_image init = {0};
+    if (p->init_image && load_init_image(p, &init)) return NULL;
     if (p->dump) zi_dump_begin();
 
-    denoiser d = { .guidance = p->cfg > 1 ? p->cfg - 1.0 : 0.0, .cfg_norm = p->cfg_norm,
-                   .cfg_trunc = p->cfg_trunc, .quiet = p->quiet };
-    float *pos = NULL, *neg = NULL, *latents = NULL, *img = NULL;
+    zi_params q = *p;
+    if (q.shift <= 0) q.shift = (float)zi_model_shift(dir);
+    int h = p->height / factor, w = p->width / factor, Lp, Ln = 0;
+    float *pos = NULL, *neg = NULL, *z0 = NULL, *latents = NULL, *img = NULL;
     zi_lora **loras = zi_calloc((size_t)p->n_lora + 1, sizeof *loras);
     zi_dit *dit = NULL;
-    if (encode_prompts(dir, p->prompt, p->negative, &pos, &d.Lp, d.guidance > 0 ? &neg : NULL, &d.Ln)) goto out;
-
+    if (encode_prompts(dir, p->prompt, p->negative, &pos, &Lp, p->cfg > 1 ? &neg : NULL, &Ln)) goto out;
+    if (p->init_image && !(z0 = zi_encode_image(dir, &init, p->seed))) goto out;
     if (!(dit = zi_load_dit(dir, p, loras))) goto out;
-    const zi_dit_cfg *cfg = zi_dit_config(dit);
-    d.dit = dit; d.pos = pos; d.neg = neg;
-    d.h = p->height / factor; d.w = p->width / factor;
-    d.n = (int64_t)cfg->in_channels * d.h * d.w;
-    latents = zi_malloc((size_t)d.n * sizeof *latents);
-    zi_randn(latents, d.n, p->seed, p->rng_cuda ? ZI_RNG_CUDA : ZI_RNG_CPU);
-    zi_dump("latents.init", 4, (int64_t[]){1, cfg->in_channels, d.h, d.w}, latents);
-
-    float *sigmas = zi_malloc(((size_t)p->steps + 1) * sizeof *sigmas);
-    zi_flow_sigmas(p->steps, p->shift > 0 ? p->shift : scheduler_shift(dir), sigmas);
-    d.out2 = zi_malloc(2 * (size_t)d.n * sizeof(float));
-    d.evals = zi_sampler_evals(sampler, p->steps);
-    d.t0 = zi_now();
-    int rc = zi_sample(sampler, sigmas, p->steps, latents, d.n, velocity, on_step, &d);
-    free(sigmas);
-    free(d.out2);
+    latents = zi_denoise(dit, pos, Lp, neg, Ln, h, w, z0, &q);
     for (int i = p->n_lora - 1; i >= 0; i--) zi_lora_free(loras[i]);
     zi_dit_free(dit);       /* unmapped before the VAE runs */
-    dit = NULL;
-    if (rc) goto out;
-    img = decode_latents(dir, latents, d.h, d.w);
+    if (latents) img = zi_decode(dir, latents, h, w);
 out:
-    if (dit) {
-        for (int i = p->n_lora - 1; i >= 0; i--) zi_lora_free(loras[i]);
-        zi_dit_free(dit);
-    }
-    free(loras); free(pos); free(neg); free(latents);
+    zi_image_free(&init);
+    free(loras); free(pos); free(neg); free(z0); free(latents);
     if (p->dump && zi_dump_end(img ? p->dump : NULL) && img) { free(img); img = NULL; }
     return img;
 }
@@ -232,7 +322,7 @@ int zi_generate_png(const char *dir, const zi_params *p, const char *path) {
     zi_image_from_float(img, p->width, p->height, rgb);
     free(img);
     /* the settings, in the "parameters" format that common image tools display */
-    size_t cap = strlen(p->prompt) + strlen(p->negative) + 512;
+    size_t cap = strlen(p->prompt) + strlen(p->negative) + (p->init_image ? strlen(p->init_image) : 0) + 600;
     for (int i = 0; i < p->n_lora; i++) cap += strlen(p->lora_files[i]) + 32;
     char *text = zi_malloc(cap);
     int n = snprintf(text, cap, "%s\n", p->prompt);
@@ -241,6 +331,7 @@ int zi_generate_png(const char *dir, const zi_params *p, const char *path) {
                   p->steps, p->sampler, p->cfg, (unsigned long long)p->seed, p->width, p->height);
     if (p->cfg_norm > 0) n += snprintf(text + n, cap - n, ", CFG norm: %g", p->cfg_norm);
     if (p->cfg_trunc < 1) n += snprintf(text + n, cap - n, ", CFG truncation: %g", p->cfg_trunc);
+    if (p->init_image) n += snprintf(text + n, cap - n, ", Init image: %s, Denoising strength: %g", p->init_image, p->strength);
     for (int i = 0; i < p->n_lora; i++)
         n += snprintf(text + n, cap - n, "%s%s:%g", i ? " " : ", Lora: ", p->lora_files[i], p->lora_strengths[i]);
     const char *kv[2] = {"parameters", text};

@@ -457,11 +457,36 @@ typedef struct {
     int lora_merge;         /* merge LoRAs into (copies of) the weights instead of run-time adapters */
     const char *dump;       /* write every intermediate here, or NULL */
     int quiet;              /* no progress on stderr */
+    const char *init_image; /* img2img: the starting image (PNG/JPEG, width x height), or NULL */
+    double strength;        /* img2img: how much of the schedule to run, (0, 1] (0.6) */
 } zi_params;
 
 zi_params zi_params_default(void);  /* the Turbo defaults: 1024², 8 steps, cfg 1, euler */
-/* Runs the pipeline; returns the image [3, H, W] in [0, 1] (malloc'd) or NULL. */
+/* Runs the pipeline; returns the image [3, H, W] in [0, 1] (malloc'd) or NULL.
+ * With p->init_image, img2img as diffusers' ZImageImg2ImgPipeline: the image (exactly
+ * width x height, 8-bit RGB) is encoded by the VAE and noised to the first of the last
+ * steps·strength steps, and those steps are run (only the CPU generator). */
 float *zi_generate(const char *model_dir, const zi_params *p);
+/* The stages of zi_generate, for programs that keep a DiT loaded (train's previews): */
+/* Checks that width x height is a multiple of the VAE factor times the DiT patch (from the
+ * configs); *vae_factor receives the VAE's factor. 0 or -1. */
+int zi_check_size(const char *model_dir, int width, int height, int *vae_factor);
+double zi_model_shift(const char *model_dir);   /* the scheduler config's shift (3 without one) */
+/* img2img: the step to start from, int(max(steps − min(steps·strength, steps), 0)) */
+int zi_img2img_start(int steps, double strength);
+/* The sampler loop on a loaded DiT (training off): latent size h x w, prompt features pos
+ * [Lp, D] and, when p->cfg > 1, the negative prompt's neg [Ln, D]; p gives steps, cfg, sampler,
+ * seed and shift (> 0; see zi_model_shift). From the seed's noise, or, when z0 (the init
+ * image's latents [C, h, w], zi_encode_image) is given, img2img at p->strength. Returns the
+ * final latents [C, h, w] (malloc'd) or NULL. */
+float *zi_denoise(zi_dit *dit, const float *pos, int Lp, const float *neg, int Ln, int h, int w, const float *z0,
+                  const zi_params *p);
+/* img2img: the VAE posterior sample of an RGB image (sizes multiples of the VAE factor) with the
+ * CPU generator's first normals of seed, as (z − shift)·scale [C, H/f, W/f]; loads and frees
+ * MODEL_DIR/vae. NULL on error. */
+float *zi_encode_image(const char *model_dir, const zi_image *im, uint64_t seed);
+/* Latents [C, h, w] -> image [3, f·h, f·w] in [0, 1] (malloc'd); loads and frees MODEL_DIR/vae. */
+float *zi_decode(const char *model_dir, const float *latents, int h, int w);
 /* MODEL_DIR/transformer with p's LoRAs applied (loras[p->n_lora] receives them;
  * free them with zi_lora_free, last first, before zi_dit_free). NULL on error. */
 zi_dit *zi_load_dit(const char *model_dir, const zi_params *p, zi_lora **loras);

@@ -10,6 +10,7 @@
 # usage: DEPS=dir python3 gen_golden.py OUTDIR
 #        ONLY=sampler python3 gen_golden.py OUTDIR   (just the sampler-*.safetensors files: no models, no DEPS)
 #        ONLY=distill GOLDEN=test/golden python3 gen_golden.py OUTDIR   (just distill-0.safetensors, from GOLDEN's tiny model)
+#        ONLY=img2img GOLDEN=test/golden python3 gen_golden.py OUTDIR   (just pipe-img2img.safetensors, likewise)
 #
 # File naming follows the evaluation convention of the C tools: every golden file holds the
 # inputs of one component and its expected outputs, under these tensor names:
@@ -22,6 +23,11 @@
 #   pipe-N:  metadata "args" (JSON: prompt, negative, seed, steps, cfg, width, height, cfg_norm,
 #            cfg_trunc, rng, loras) and tensors ids, prompt_embeds, negative_embeds (when cfg > 1),
 #            latents.init, latents.step{i} (after step i), image [3,H,W] in [0,1] (before 8-bit rounding)
+#   pipe-img2img: diffusers' ZImageImg2ImgPipeline on GOLDEN's tiny model, as pipe-N plus "init_image" (a file in
+#            test/golden, opened with PIL's convert("RGB")) and "strength" in the args; image_latents [1,16,h,w]
+#            ((posterior sample - shift) * scale) and latents.init (the noised start); latents.step{i} counts the
+#            steps actually run (from 0). Its prompt_embeds / negative_embeds are pipe-2's, handed to the pipeline
+#            (see img2img_golden: transformers 5.17's Qwen3 differs from te-N's by 1e-3 on the tiny encoder).
 #   tokenizer-cases.json: [{text, ids (no template), chat (templated text), chat_ids}]
 #   scheduler.json: [{steps, shift, sigmas, timesteps}] from FlowMatchEulerDiscreteScheduler with the pipeline's sigmas
 #   rng.safetensors: DEV.SEED.SHAPE = torch.randn(SHAPE, generator=torch.Generator(DEV).manual_seed(SEED))
@@ -57,7 +63,7 @@ os.makedirs(OUT, exist_ok=True)
 from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler, DPMSolverMultistepScheduler
 
 BASE_SEED = 1234
-ONLY = os.environ.get("ONLY")   # ONLY=sampler / ONLY=distill: only that section
+ONLY = os.environ.get("ONLY")   # ONLY=sampler / distill / img2img: only that section
 
 def f32(d):
     return {k: (v.detach().to(torch.float32).contiguous() if v.is_floating_point() else v.detach().contiguous())
@@ -194,6 +200,72 @@ def distill_golden(golden):
 
 if ONLY == "distill":
     distill_golden(os.environ.get("GOLDEN", OUT))
+    sys.exit(0)
+
+# ---------------------------------------------------------------- img2img (diffusers' ZImageImg2ImgPipeline)
+# The tiny model of GOLDEN/tiny-zimage loaded from its bf16 files (upcast to float32: the same values as the
+# in-memory models of pipe-N), the init image GOLDEN/img2img-init.png opened as PIL's convert("RGB") (64x48,
+# a multiple of 16, so the image processor's resize is the identity). Recorded beside pipe-N's tensors:
+# image_latents ((posterior sample - shift) * scale, the generator's first draw) and latents.init (the noised
+# start: scheduler.scale_noise at the first kept step, the generator's second draw).
+# The text features are not recomputed: they are pipe-2's ("a dog", negative ""), handed to the pipeline as
+# prompt_embeds / negative_prompt_embeds. The reason: transformers 5.17's Qwen3 gives this tiny text encoder's
+# features 1e-3 away from those of te-N / pipe-N (the first decoder layer already differs; embeddings agree, and
+# sdpa/eager or float32 loading change nothing), and this file tests img2img, not a second text encoder.
+IMG2IMG = dict(prompt="a dog", negative="", seed=11, steps=6, cfg=2.0, width=64, height=48,
+               init_image="img2img-init.png", strength=0.6)
+
+def img2img_golden(golden):
+    from PIL import Image
+    from transformers import AutoTokenizer, Qwen3ForCausalLM
+    from diffusers import AutoencoderKL, ZImageImg2ImgPipeline, ZImageTransformer2DModel
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    def safe_open_meta(path):
+        with safe_open(path, "pt") as f:
+            return f.metadata()
+    import diffusers.pipelines.z_image.pipeline_z_image_img2img as p2p
+    model = os.path.join(golden, "tiny-zimage")
+    tok = AutoTokenizer.from_pretrained(os.path.join(model, "tokenizer"))
+    # loaded as float32 (not loaded as bf16 and cast): buffers computed at construction, such as the text
+    # encoder's RoPE frequencies, would otherwise keep bf16 rounding
+    te = Qwen3ForCausalLM.from_pretrained(os.path.join(model, "text_encoder"), dtype=torch.float32).eval().model
+    dit = ZImageTransformer2DModel.from_pretrained(os.path.join(model, "transformer"), torch_dtype=torch.float32).eval()
+    vae = AutoencoderKL.from_pretrained(os.path.join(model, "vae"), torch_dtype=torch.float32).eval()
+    sch = FlowMatchEulerDiscreteScheduler.from_pretrained(os.path.join(model, "scheduler"))
+    pipe = ZImageImg2ImgPipeline(scheduler=sch, vae=vae, text_encoder=te, tokenizer=tok, transformer=dit)
+    pipe.set_progress_bar_config(disable=True)
+    c = IMG2IMG
+    feats = load_file(os.path.join(golden, "pipe-2.safetensors"))
+    assert json.loads(safe_open_meta(os.path.join(golden, "pipe-2.safetensors"))["args"])["prompt"] == c["prompt"]
+    rec, steps_lat = {}, []
+    orig_retrieve, orig_prepare = p2p.retrieve_latents, pipe.prepare_latents
+    def retrieve(*a, **k):
+        r = orig_retrieve(*a, **k); rec["image_latents"] = (r - vae.config.shift_factor) * vae.config.scaling_factor
+        return r
+    def prepare(*a, **k):
+        r = orig_prepare(*a, **k); rec["latents.init"] = r.clone(); return r
+    p2p.retrieve_latents, pipe.prepare_latents = retrieve, prepare
+    def cb(p, i, t, kw):
+        steps_lat.append(kw["latents"].clone()); return {}
+    image = Image.open(os.path.join(golden, c["init_image"])).convert("RGB")
+    res = pipe(prompt_embeds=[feats["prompt_embeds"]], negative_prompt_embeds=[feats["negative_embeds"]],
+               image=image, strength=c["strength"],
+               height=c["height"], width=c["width"], num_inference_steps=c["steps"], guidance_scale=c["cfg"] - 1.0,
+               generator=torch.Generator("cpu").manual_seed(c["seed"]), output_type="pt",
+               callback_on_step_end=cb, max_sequence_length=512)
+    p2p.retrieve_latents = orig_retrieve
+    chat_text = tok.apply_chat_template([{"role": "user", "content": c["prompt"]}], tokenize=False,
+                                        add_generation_prompt=True, enable_thinking=True)
+    d = {"ids": torch.tensor(tok(chat_text)["input_ids"], dtype=torch.int64),
+         "prompt_embeds": feats["prompt_embeds"], "negative_embeds": feats["negative_embeds"],
+         "image_latents": rec["image_latents"], "latents.init": rec["latents.init"], "image": res.images[0]}
+    for i, l in enumerate(steps_lat):
+        d[f"latents.step{i}"] = l
+    save("pipe-img2img.safetensors", d, args=dict(c, rng="cpu", loras=[], cfg_norm=0.0, cfg_trunc=1.0))
+
+if ONLY == "img2img":
+    img2img_golden(os.environ.get("GOLDEN", OUT))
     sys.exit(0)
 
 # ---------------------------------------------------------------- samplers on a synthetic velocity field

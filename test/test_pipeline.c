@@ -73,6 +73,14 @@ static int run_golden_pipe(const char *name, char *png, size_t pngcap, const cha
              zj_num(a, "seed", 0), zj_num(a, "steps", 8), zj_num(a, "cfg", 1), zj_num(a, "width", 64),
              zj_num(a, "height", 64), zj_num(a, "cfg_norm", 0), zj_num(a, "cfg_trunc", 1), zj_str(a, "rng", "cpu"),
              dump, png);
+    const char *init = zj_str(a, "init_image", NULL);     /* img2img */
+    if (init) {
+        char path[1024];
+        snprintf(path, sizeof path, "test/golden/%s", init);
+        strcat(cmd, " --init-image");
+        shq(cmd, sizeof cmd, path);
+        snprintf(cmd + strlen(cmd), sizeof cmd - strlen(cmd), " --strength %.17g", zj_num(a, "strength", 0.6));
+    }
     const zj *loras = zj_get(a, "loras");
     for (int i = 0; !loras_override && loras && i < loras->n; i++) {
         char l[1024];
@@ -150,6 +158,20 @@ TEST(pipe_2_cfg_norm_trunc) {
 TEST(pipe_lora_two_stacked) {
     char png[512];
     CHECK(run_golden_pipe("pipe-lora.safetensors", png, sizeof png, NULL), "pipe-lora differs");
+}
+
+/* img2img (diffusers' ZImageImg2ImgPipeline): the VAE's posterior sample of the init image,
+ * the noised start at the strength's first step, every step run, the image. */
+TEST(pipe_img2img) {
+    char png[512];
+    CHECK(run_golden_pipe("pipe-img2img.safetensors", png, sizeof png, NULL), "pipe-img2img differs");
+    char out[4096];
+    int rc = zt_sh(out, sizeof out, "%s/sample %s 'a dog' -q --init-image test/golden/img2img-init.png -W 64 -H 64 -o %s/x.png",
+                   zt_bin(), MODEL, zt_tmpdir());
+    CHECK(rc != 0 && strstr(out, "64x48"), "an init image of another size must be refused: %s", out);
+    rc = zt_sh(out, sizeof out, "%s/sample %s 'a dog' -q --init-image test/golden/img2img-init.png --steps 4 "
+               "--strength 0 -o %s/x.png", zt_bin(), MODEL, zt_tmpdir());
+    CHECK(rc != 0 && strstr(out, "--strength"), "strength 0 (no step to run) must be refused: %s", out);
 }
 
 /* Scheme 4 (training.md §11): an SFT LoRA plus a DistillPatch-style LoRA, both in DiffSynth's

@@ -519,3 +519,123 @@ TEST(train_trajectory_imitation) {
           strstr(log, "--lora-checkpoint"), "no checkpoint: %s", log);
     CHECK(run_train(log, sizeof log, data, out, "--task dpo") != 0 && strstr(log, "--task"), "unknown task: %s", log);
 }
+
+/* ================================================================ previews (--sample-every) */
+
+/* Previews every 2 optimizer steps write sample-STEP.png (the size asked for) and change nothing
+ * of the training: the LoRA and the training state equal a run without previews, bit for bit.
+ * Twice: plain SFT (default cfg 2: a CFG batch of two, training switched off around it) and
+ * with scheme 2's preset LoRA (lifted out of the weights for each preview, merged back). */
+TEST(train_previews_change_nothing) {
+    const char *data = write_dataset();
+    CHECK(data, "could not write the dataset");
+    char preset[800];
+    snprintf(preset, sizeof preset, "--preset-lora %s:0.7", zt_golden("lora-b-aitoolkit.safetensors"));
+    const char *scheme[2] = {"", preset};
+    for (int k = 0; k < 2; k++) {
+        char out[2][600], log[8192], extra[1600], pa[700], pb[700];
+        for (int v = 0; v < 2; v++) {
+            snprintf(out[v], sizeof out[v], "%s/run-preview-%d-%d", zt_tmpdir(), k, v);
+            snprintf(extra, sizeof extra, "--dataset-repeat 3 --learning-rate 1e-3 --seed 5 %s %s", scheme[k],
+                     v ? "--sample-every 2 --sample-prompt 'a dog, running' --sample-size 32x48 --sample-steps 3" : "");
+            CHECK(run_train(log, sizeof log, data, out[v], extra) == 0, "train failed:\n%s", log);
+        }
+        static const char *const files[] = {"epoch-0.safetensors", "training-state.safetensors"};
+        for (int i = 0; i < 2; i++) {
+            snprintf(pa, sizeof pa, "%s/%s", out[0], files[i]);
+            snprintf(pb, sizeof pb, "%s/%s", out[1], files[i]);
+            CHECK(same_tensors(pa, pb), "scheme %d: %s differs with previews", k + 1, files[i]);
+        }
+        for (int step = 2; step <= 6; step += 2) {
+            zi_image im;
+            snprintf(pa, sizeof pa, "%s/sample-%d.png", out[1], step);
+            CHECK(zi_image_load(pa, &im) == 0, "%s", zi_err());
+            CHECK(im.w == 32 && im.h == 48, "%s is %dx%d", pa, im.w, im.h);
+            zi_image_free(&im);
+        }
+        snprintf(pa, sizeof pa, "%s/sample-1.png", out[1]);
+        CHECK(zt_sh(NULL, 0, "test ! -e %s", pa) == 0, "a preview at step 1");
+    }
+    char log[8192], out[600];
+    snprintf(out, sizeof out, "%s/run-preview-bad", zt_tmpdir());
+    CHECK(run_train(log, sizeof log, data, out, "--sample-every 2") != 0 && strstr(log, "--sample-prompt"),
+          "--sample-every without a prompt:\n%s", log);
+    CHECK(run_train(log, sizeof log, data, out, "--sample-every 2 --sample-prompt x --sample-size 40x40") != 0 &&
+          strstr(log, "multiple of 16"), "a preview size that is no multiple of 16:\n%s", log);
+}
+
+/* --lora-format (alias --save-format) writes the other layouts; each loads back. */
+TEST(train_lora_format) {
+    const char *data = write_dataset();
+    CHECK(data, "could not write the dataset");
+    static const char *const fmt[3][2] = {{"--lora-format", "kohya"}, {"--save-format", "diffusers"},
+                                          {"--lora-format", "comfyui"}};
+    for (int k = 0; k < 3; k++) {
+        char out[600], log[8192], extra[200], path[700];
+        snprintf(out, sizeof out, "%s/run-format-%d", zt_tmpdir(), k);
+        snprintf(extra, sizeof extra, "%s %s", fmt[k][0], fmt[k][1]);
+        CHECK(run_train(log, sizeof log, data, out, extra) == 0, "train failed:\n%s", log);
+        snprintf(path, sizeof path, "%s/epoch-0.safetensors", out);
+        zi_lora *l = zi_lora_load(path);
+        CHECK(l && l->n == 42 && l->n_unknown == 0, "%s: %s", fmt[k][1], l ? "wrong modules" : zi_err());
+        zi_lora_free(l);
+    }
+    char log[8192], out[600];
+    snprintf(out, sizeof out, "%s/run-format-bad", zt_tmpdir());
+    CHECK(run_train(log, sizeof log, data, out, "--lora-format safetensors") != 0 && strstr(log, "--lora-format"),
+          "unknown format:\n%s", log);
+}
+
+/* ================================================================ the "done when" */
+
+/* A dataset of PNGs and JPEGs of odd sizes (37x53 RGBA and 100x61 gray PNGs, written here;
+ * 61x45 baseline and progressive 4:2:0 JPEGs of test/data/jpeg), two of them in a
+ * subfolder, listed in a JSONL file: training lowers the loss on a fixed batch, and
+ * ./sample --lora loads the LoRA it wrote. */
+TEST(train_odd_sizes_png_jpeg) {
+    char dir[600], path[800], log[8192];
+    snprintf(dir, sizeof dir, "%s/odd", zt_tmpdir());
+    CHECK(zt_sh(log, sizeof log, "mkdir -p %s/jpg && cp test/data/jpeg/b420.jpg test/data/jpeg/prog420.jpg %s/jpg/",
+                dir, dir) == 0, "%s", log);
+    static const int size[2][3] = {{37, 53, 4}, {100, 61, 1}};   /* w, h, channels */
+    for (int k = 0; k < 2; k++) {
+        zi_image im = { .w = size[k][0], .h = size[k][1], .c = size[k][2] };
+        im.px = malloc((size_t)im.w * im.h * im.c);
+        for (int y = 0; y < im.h; y++)
+            for (int x = 0; x < im.w; x++)
+                for (int c = 0; c < im.c; c++)
+                    im.px[((size_t)y * im.w + x) * im.c + c] =
+                        (uint8_t)(c == 3 ? 255 - x : 127 + 100 * sin(0.2 * x * (k + 1) + 0.7 * c) * cos(0.15 * y));
+        snprintf(path, sizeof path, "%s/%s.png", dir, k ? "gray" : "rgba");
+        int rc = zi_png_write_image(path, &im, NULL, 0);
+        zi_image_free(&im);
+        CHECK(rc == 0, "%s", zi_err());
+    }
+    snprintf(path, sizeof path, "%s/meta.jsonl", dir);
+    FILE *f = fopen(path, "w");
+    CHECK(f, "cannot write %s", path);
+    fputs("{\"image\": \"rgba.png\", \"prompt\": \"waves, \\\"soft\\\"\"}\n{\"image\": \"gray.png\", \"prompt\": \"gray stripes\"}\n"
+          "{\"image\": \"jpg/b420.jpg\", \"prompt\": \"a photo\"}\n{\"image\": \"jpg/prog420.jpg\", \"prompt\": \"a photo, progressive\"}\n", f);
+    fclose(f);
+    char out[700];
+    snprintf(out, sizeof out, "%s/run", dir);
+    int rc = zt_sh(log, sizeof log, "%s/train " TINY " --dataset-base-path %s --dataset-metadata-path %s --output-path %s "
+                   "--lora-rank 4 --dataset-repeat 20 --learning-rate 1e-2 --seed 2", zt_bin(), dir, path, out);
+    CHECK(rc == 0 && strstr(log, "dataset: 4 examples"), "train failed:\n%s", log);
+    char batch[800], lora[800], l0[820], l1[820];
+    snprintf(batch, sizeof batch, "%s/batch.safetensors", dir);
+    CHECK(write_fixed_batch(out, batch) == 0, "no cached encoding in %s/cache", out);
+    snprintf(lora, sizeof lora, "%s/epoch-0.safetensors", out);
+    snprintf(l0, sizeof l0, "%s:0", lora);
+    snprintf(l1, sizeof l1, "%s:1", lora);
+    float before = eval_loss(batch, l0), after = eval_loss(batch, l1);
+    fprintf(stderr, "    fixed-batch loss: base %.6f, trained %.6f\n", before, after);
+    CHECK(after < 0.8f * before, "loss %g -> %g did not go down", before, after);
+    snprintf(path, sizeof path, "%s/sample.png", dir);
+    rc = zt_sh(log, sizeof log, "%s/sample " TINY " 'a photo' -W 32 -H 32 --steps 2 --seed 1 --lora %s -o %s", zt_bin(),
+               lora, path);
+    CHECK(rc == 0 && strstr(log, "42 modules"), "sample --lora failed:\n%s", log);
+    zi_image im;
+    CHECK(zi_image_load(path, &im) == 0 && im.w == 32 && im.h == 32, "no 32x32 image from sample: %s", zi_err());
+    zi_image_free(&im);
+}
