@@ -14,6 +14,8 @@
 #include "tensor.h"
 #include "safetensors.h"
 
+#include <stdio.h>
+
 /* ================================================================ Linear layers (lora.c)
  * Every Linear of the text encoder and the DiT is a zi_lin, named as in the diffusers /
  * transformers checkpoint (e.g. "layers.0.attention.to_q"), so LoRA files can find it.
@@ -379,6 +381,26 @@ float zi_train_loss(const float *out, const float *x0, const float *noise, int64
 typedef struct { int64_t sample; double loss_sum; int partial; } zi_train_pos;
 int zi_train_state_save(const zi_train_lora *t, const zi_train_pos *pos, const char *config, const char *path);
 int zi_train_state_load(zi_train_lora *t, zi_train_pos *pos, const char *config, const char *path);
+
+
+/* ================================================================ convert.c
+ * Safetensors written as a stream, for files larger than memory: the header first (names,
+ * dtypes, shapes; the tensors' data follows in the order given, without gaps), then the caller
+ * writes each tensor's bytes in that order. */
+typedef struct {
+    const char *name;
+    zi_dtype dtype;
+    int ndim;
+    int64_t shape[ZI_MAXDIM];
+} zi_st_entry;
+int64_t zi_st_entry_bytes(const zi_st_entry *e);
+/* 0, or -1 with an error naming path (used in messages only). */
+int zi_st_write_header(FILE *f, const zi_st_entry *e, int n, const char *path);
+/* `sample --convert`: copies the directory in_dir (a model directory, or one component) to
+ * out_dir with every float32 tensor of its .safetensors files rounded to bfloat16; index files
+ * get the new total_size, other files are copied. Tensor by tensor through the mmap, whose pages
+ * are dropped once converted: the memory used stays small. 0 or -1. */
+int zi_convert_bf16(const char *in_dir, const char *out_dir, int verbose);
 
 
 /* ================================================================ zimage.c */
