@@ -117,6 +117,11 @@ const zi_dit_cfg *zi_dit_config(const zi_dit *m);
  * on bad sizes or position ids past axes_lens. */
 int zi_dit_forward(const zi_dit *m, int B, const float *const *x, const int *h, const int *w,
                    const float *t, const float *const *cap, const int *L, float *const *out);
+/* Outside training the feed-forward runs over at most `rows` tokens at a time (default
+ * ZI_DIT_FFN_TILE; <= 0: all at once): its [rows, 8·dim/3] intermediates are the largest
+ * activations at 1024². The results do not change. */
+#define ZI_DIT_FFN_TILE 2048
+void zi_dit_set_ffn_tile(zi_dit *m, int rows);
 /* The model's Linear layers by diffusers module name ("layers.0.attention.to_q",
  * "noise_refiner.1.adaLN_modulation.0", "all_x_embedder.2-1", ...), for LoRA. */
 int zi_dit_nlin(const zi_dit *m);
