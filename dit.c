@@ -382,11 +382,43 @@ static void acts_free(block_acts *a) {
     for (size_t i = 0; i < sizeof own / sizeof own[0]; i++) free(own[i]);
 }
 
+/* Row-wise products with one vector per segment, split over the threads by rows:
+ * y[r, :] ⊙= v_s (src NULL) or y[r, :] += v_s ⊙ src[r, :], v_s = vec + s·stride for the rows r
+ * of segment s. Every element is one operation of its own: the same bits for any split. */
+typedef struct {
+    float *y;
+    const float *src;
+    const segs *sg;
+    int D;
+    const float *vec;
+    int64_t stride;
+} rows_job;
+
+static void rows_range(void *ctx, int64_t r0, int64_t r1) {
+    const rows_job *j = ctx;
+    int D = j->D;
+    for (int s = 0; s < j->sg->n; s++) {
+        int64_t lo = j->sg->off[s] > r0 ? j->sg->off[s] : r0;
+        int64_t hi = j->sg->off[s] + j->sg->len[s] < r1 ? j->sg->off[s] + j->sg->len[s] : r1;
+        const float *v = j->vec + s * j->stride;
+        for (int64_t r = lo; r < hi; r++) {
+            float *y = j->y + r * D;
+            if (j->src)
+                for (int d = 0; d < D; d++) y[d] += v[d] * j->src[r * D + d];
+            else
+                for (int d = 0; d < D; d++) y[d] *= v[d];
+        }
+    }
+}
+
+static void rows_apply(float *y, const float *src, const segs *sg, int D, const float *vec, int64_t stride) {
+    rows_job j = { y, src, sg, D, vec, stride };
+    zi_parallel_for(segs_rows(sg), 16, rows_range, &j);
+}
+
 /* y[r, :] ⊙= v_s for every row r of segment s, with v_s = vec + s·stride. */
 static void mul_rows(float *y, const segs *sg, int D, const float *vec, int64_t stride) {
-    for (int s = 0; s < sg->n; s++)
-        for (int r = sg->off[s]; r < sg->off[s] + sg->len[s]; r++)
-            for (int d = 0; d < D; d++) y[(int64_t)r * D + d] *= vec[s * stride + d];
+    rows_apply(y, NULL, sg, D, vec, stride);
 }
 
 /* Backward of y = u ⊙ v row by row (mul_rows, v_s = vec + s·stride; no vec: y = u):
@@ -413,9 +445,7 @@ static void add_rows(float *x, const float *y, const segs *sg, int D, const floa
         zi_add(x, x, y, (int64_t)segs_rows(sg) * D);
         return;
     }
-    for (int s = 0; s < sg->n; s++)
-        for (int r = sg->off[s]; r < sg->off[s] + sg->len[s]; r++)
-            for (int d = 0; d < D; d++) x[(int64_t)r * D + d] += gate[s * stride + d] * y[(int64_t)r * D + d];
+    rows_apply(x, y, sg, D, gate, stride);
 }
 
 /* ---------------------------------------------------------------- training state
