@@ -5,6 +5,7 @@
  * (process CPU time), which on a machine shared with other jobs is the steadier figure. */
 #include "../tensor.h"
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -58,6 +59,7 @@ static void fma_loop(void *ctx, int64_t begin, int64_t end) {
 }
 
 static double peak, peak_cpu;   /* FLOP per wall second (all threads), per CPU second */
+static double bpeak, bpeak_cpu; /* the same for bf16 dot products (0: the CPU has none) */
 
 /* FLOP/s of independent FMA chains, one per thread */
 static void measure_peak(void) {
@@ -69,6 +71,64 @@ static void measure_peak(void) {
         double flop = 2.0 * VLEN * CHAINS * iters * T, f = flop / (zi_now() - t0), fc = flop / (cpu_now() - c0);
         peak = f > peak ? f : peak;
         peak_cpu = fc > peak_cpu ? fc : peak_cpu;
+    }
+}
+
+/* The bf16 dot-product peak, measured like the FMA peak: independent chains of vdpbf16ps
+ * (64 FLOP each: 16 lanes x 2 products), or of AMX tile products where the fast path uses AMX
+ * (16 x 16 x 32 x 2 FLOP each). */
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+static void dp_loop(void *ctx, int64_t begin, int64_t end) {
+    int64_t iters = *(const int64_t *)ctx;
+    for (int64_t t = begin; t < end; t++) {
+        __m512bh a = (__m512bh)_mm512_set1_epi32(0x3f803f80), b = a;
+        __m512 c[CHAINS];
+        for (int i = 0; i < CHAINS; i++) c[i] = _mm512_setzero_ps();
+        for (int64_t k = 0; k < iters; k++) {
+            for (int i = 0; i < CHAINS; i++) c[i] = _mm512_dpbf16_ps(c[i], a, b);
+            __asm__ volatile("" : VREG(c[0]), VREG(c[1]), VREG(c[2]), VREG(c[3]), VREG(c[4]), VREG(c[5]),
+                                  VREG(c[6]), VREG(c[7]), VREG(c[8]), VREG(c[9]), VREG(c[10]), VREG(c[11]));
+        }
+        for (int i = 0; i < CHAINS; i++) peak_sink += c[i][0];
+    }
+}
+#endif
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+static void amx_loop(void *ctx, int64_t begin, int64_t end) {
+    int64_t iters = *(const int64_t *)ctx;
+    struct { uint8_t palette, start_row, zero[14]; uint16_t colsb[16]; uint8_t rows[16]; } cfg = { .palette = 1 };
+    for (int i = 0; i < 8; i++) cfg.colsb[i] = 64, cfg.rows[i] = 16;
+    static const uint16_t ones[16 * 32] = {0};
+    for (int64_t t = begin; t < end; t++) {
+        _tile_loadconfig(&cfg);
+        _tile_loadd(4, ones, 64); _tile_loadd(5, ones, 64); _tile_loadd(6, ones, 64); _tile_loadd(7, ones, 64);
+        _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+        for (int64_t k = 0; k < iters; k++) {
+            _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7); _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
+        }
+        _tile_release();
+    }
+}
+#endif
+
+static void measure_bf16_peak(void) {
+    int T = zi_nthreads();
+    zi_range_fn fn = NULL;
+    double flop_per_iter = 0;
+    int64_t iters = 0;
+#if defined(__AVX512BF16__)
+    fn = dp_loop, flop_per_iter = 64.0 * CHAINS, iters = 20000000;
+#endif
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+    if (!strcmp(zi_fast_kernel(), "amx")) fn = amx_loop, flop_per_iter = 4 * 16 * 16 * 32 * 2.0, iters = 2000000;
+#endif
+    for (int rep = 0; fn && rep < 3; rep++) {
+        double t0 = zi_now(), c0 = cpu_now();
+        zi_parallel_for(T, 1, fn, &iters);
+        double flop = flop_per_iter * iters * T, f = flop / (zi_now() - t0), fc = flop / (cpu_now() - c0);
+        bpeak = f > bpeak ? f : bpeak;
+        bpeak_cpu = fc > bpeak_cpu ? fc : bpeak_cpu;
     }
 }
 
@@ -101,25 +161,38 @@ static double measure_bandwidth(void) {
     return best;
 }
 
-/* wall time, GFLOP/s and % of peak; then the same per CPU second */
-static void report(const char *name, double flop, double wall, double cpu) {
+/* wall time, GFLOP/s and % of the peak pk (pk_cpu per CPU second); then the same per CPU second */
+static void report_of(const char *name, double flop, double wall, double cpu, double pk, double pk_cpu) {
     printf("%-34s %8.1f ms %7.1f GFLOP/s %5.1f%% of peak | per CPU-s %7.1f GFLOP/s %5.1f%%\n", name, wall * 1e3,
-           flop / wall * 1e-9, 100 * flop / wall / peak, flop / cpu * 1e-9, 100 * flop / cpu / peak_cpu);
+           flop / wall * 1e-9, 100 * flop / wall / pk, flop / cpu * 1e-9, 100 * flop / cpu / pk_cpu);
     fflush(stdout);
+}
+
+static void report(const char *name, double flop, double wall, double cpu) {
+    report_of(name, flop, wall, cpu, peak, peak_cpu);
 }
 
 static int selected(const char *filter, const char *name) { return !filter || strstr(name, filter); }
 
 /* y[M, N] = x[M, K] · Wᵀ with W [N, K] in bf16, like a Linear layer */
-static void bench_linear(const char *filter, int M, int K, int N) {
+/* fast = 1: the same with zi_set_fast(1) (bf16 activations too), as a percentage of the bf16
+ * peak (of the fp32 peak where the CPU has no bf16 dot products), and its error against the
+ * exact path: max |fast - exact| / max |exact| over the output. */
+static void bench_linear(const char *filter, int M, int K, int N, int fast) {
     char name[64];
-    snprintf(name, sizeof name, "gemm bf16 %dx%dx%d", M, N, K);
+    snprintf(name, sizeof name, "gemm %s %dx%dx%d", fast ? "fast" : "bf16", M, N, K);
     if (!selected(filter, name)) return;
     float *x = malloc((size_t)M * K * 4), *y = malloc((size_t)M * N * 4);
     uint16_t *w = malloc((size_t)N * K * 2);
     for (size_t i = 0; i < (size_t)M * K; i++) x[i] = (float)((i * 7919) % 1000) * 1e-3f - 0.5f;
     for (size_t i = 0; i < (size_t)N * K; i++) w[i] = zi_f32_to_bf16((float)((i * 104729) % 1000) * 1e-3f - 0.5f);
     zi_mat W = { w, ZI_BF16, N, K };
+    float *exact = NULL;
+    if (fast) {
+        exact = malloc((size_t)M * N * 4);
+        zi_linear(exact, x, M, &W, NULL);
+    }
+    zi_set_fast(fast);
     zi_linear(y, x, M < 64 ? M : 64, &W, NULL);   /* warm-up: page the weight in, pack buffers */
     double best = 1e30, best_cpu = 1e30;
     int reps = (double)M * N * K < 2e10 ? 3 : 1;
@@ -130,8 +203,20 @@ static void bench_linear(const char *filter, int M, int K, int N) {
         best = t < best ? t : best;
         best_cpu = c < best_cpu ? c : best_cpu;
     }
-    report(name, 2.0 * M * N * K, best, best_cpu);
-    free(x); free(y); free(w);
+    zi_set_fast(0);
+    if (!fast) {
+        report(name, 2.0 * M * N * K, best, best_cpu);
+        free(x); free(y); free(w);
+        return;
+    }
+    report_of(name, 2.0 * M * N * K, best, best_cpu, bpeak ? bpeak : peak, bpeak ? bpeak_cpu : peak_cpu);
+    double d = 0, m = 0;
+    for (size_t i = 0; i < (size_t)M * N; i++) {
+        d = fmax(d, fabs((double)y[i] - exact[i]));
+        m = fmax(m, fabs((double)exact[i]));
+    }
+    printf("%-34s error vs exact: max %.2e of max |exact| %.3g (%.1e relative)\n", "", d, m, d / m);
+    free(x); free(y); free(w); free(exact);
 }
 
 /* self-attention of S tokens, H heads of D, as in the DiT */
@@ -182,11 +267,16 @@ int main(int argc, char **argv) {
     measure_peak();
     printf("threads %d, fp32 FMA peak %.1f GFLOP/s (per CPU-s %.1f), memory read %.1f GB/s\n", zi_nthreads(),
            peak * 1e-9, peak_cpu * 1e-9, measure_bandwidth() * 1e-9);
+    measure_bf16_peak();
+    if (bpeak) printf("bf16 peak (%s) %.1f GFLOP/s (per CPU-s %.1f): the reference of the 'gemm fast' lines\n",
+                      zi_fast_kernel(), bpeak * 1e-9, bpeak_cpu * 1e-9);
+    else printf("no bf16 dot products: 'gemm fast' (kernel %s) is given as %% of the fp32 peak\n", zi_fast_kernel());
     fflush(stdout);
-    bench_linear(filter, 1024, 3840, 3840);
+    bench_linear(filter, 1024, 3840, 3840, 0);
     static const int Ms[3] = { 288, 1056, 4128 }, KN[3][2] = { {3840, 3840}, {3840, 10240}, {10240, 3840} };
-    for (int i = 0; i < 3; i++)
-        for (int j = 0; j < 3; j++) bench_linear(filter, Ms[i], KN[j][0], KN[j][1]);
+    for (int f = 0; f < 2; f++)
+        for (int i = 0; i < 3; i++)
+            for (int j = 0; j < 3; j++) bench_linear(filter, Ms[i], KN[j][0], KN[j][1], f);
     for (int i = 0; i < 3; i++) bench_attention(filter, Ms[i], 30, 128);
     bench_conv(filter, 128, 256, 256);
     bench_conv(filter, 512, 64, 64);
