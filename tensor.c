@@ -681,10 +681,16 @@ static void amx_configure(void) {
     done = 1;
 }
 
-/* acc[32][32] = A strip · B strip: C tiles 0..3 (2 x 2 of 16 x 16), A tiles 4, 5, B tiles 6, 7 */
-static void amx_block(int kcp, const uint16_t *a, const uint16_t *b, float *acc) {
+/* c[32][32] (rows ldc floats apart) = A strip · B strip, + c itself when add: C tiles 0..3
+ * (2 x 2 of 16 x 16), A tiles 4, 5, B tiles 6, 7. Adding in the tiles spares a pass over C. */
+static void amx_block(int kcp, const uint16_t *a, const uint16_t *b, float *c, int64_t ldc, int add) {
     amx_configure();
-    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+    if (add) {
+        _tile_loadd(0, c, ldc * 4); _tile_loadd(1, c + 16, ldc * 4);
+        _tile_loadd(2, c + 16 * ldc, ldc * 4); _tile_loadd(3, c + 16 * ldc + 16, ldc * 4);
+    } else {
+        _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+    }
     for (int k = 0; k < kcp; k += 32) {
         _tile_loadd(4, a + k, kcp * 2);
         _tile_loadd(5, a + 16 * kcp + k, kcp * 2);
@@ -693,8 +699,8 @@ static void amx_block(int kcp, const uint16_t *a, const uint16_t *b, float *acc)
         _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7);
         _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
     }
-    _tile_stored(0, acc, FNR * 4); _tile_stored(1, acc + 16, FNR * 4);
-    _tile_stored(2, acc + 16 * FNR, FNR * 4); _tile_stored(3, acc + 16 * FNR + 16, FNR * 4);
+    _tile_stored(0, c, ldc * 4); _tile_stored(1, c + 16, ldc * 4);
+    _tile_stored(2, c + 16 * ldc, ldc * 4); _tile_stored(3, c + 16 * ldc + 16, ldc * 4);
 }
 #endif
 
@@ -783,6 +789,10 @@ static void pack_A_bf16(uint16_t *ap, const gemm_args *g, int i0, int mr, int p0
         int p = 0;
         if (i < mr && !g->transA) {
             const float *s = g->A + (int64_t)(i0 + i) * g->lda + p0;
+#if defined(__AVX512BF16__)
+            for (; p + 32 <= kc; p += 32)      /* vcvtne2ps2bf16: also nearest-even (denormals flushed) */
+                _mm512_storeu_si512(ap + p, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(s + p + 16), _mm512_loadu_ps(s + p)));
+#endif
             for (; p < kc; p++) ap[p] = zi_f32_to_bf16(s[p]);
         } else if (i < mr) {
             for (; p < kc; p++) ap[p] = zi_f32_to_bf16(g->A[(int64_t)(p0 + p) * g->lda + i0 + i]);
@@ -838,13 +848,19 @@ static void gemm_tile_bf16(const gemm_args *g, int i0, int m, int j0, int n, con
             for (int ir = 0; ir < m; ir += FMR) {
                 int mr = m - ir < FMR ? m - ir : FMR;
                 const uint16_t *a = A + (size_t)pc * pa->Mp + (size_t)(i0 + ir - pa->r0) * kcp;
+                float *c = g->C + (int64_t)(i0 + ir) * g->ldc + j0 + jr, beta = pc == 0 ? g->beta : 1.0f;
 #ifdef ZI_AMX
-                if (amx_usable) amx_block(kcp, a, bp, acc);
+                /* a whole block (which blocks are whole depends on M and N alone, not on the
+                 * split among threads) with alpha = 1 and beta 0 or 1: straight into C */
+                if (amx_usable && mr == FMR && nr == FNR && g->alpha == 1.0f && (beta == 0.0f || beta == 1.0f)) {
+                    amx_block(kcp, a, bp, c, g->ldc, beta == 1.0f);
+                    continue;
+                }
+                if (amx_usable) amx_block(kcp, a, bp, acc, FNR, 0);
                 else
 #endif
                 dot_block(kcp, a, bp, acc, mr);
-                tile_store(acc, FNR, g->C + (int64_t)(i0 + ir) * g->ldc + j0 + jr, g->ldc, mr, nr, g->alpha,
-                           pc == 0 ? g->beta : 1.0f);
+                tile_store(acc, FNR, c, g->ldc, mr, nr, g->alpha, beta);
             }
         }
     }

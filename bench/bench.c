@@ -83,14 +83,16 @@ static void dp_loop(void *ctx, int64_t begin, int64_t end) {
     int64_t iters = *(const int64_t *)ctx;
     for (int64_t t = begin; t < end; t++) {
         __m512bh a = (__m512bh)_mm512_set1_epi32(0x3f803f80), b = a;
-        __m512 c[CHAINS];
-        for (int i = 0; i < CHAINS; i++) c[i] = _mm512_setzero_ps();
+        __m512 c0 = _mm512_setzero_ps(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0, c7 = c0,
+               c8 = c0, c9 = c0, c10 = c0, c11 = c0;
         for (int64_t k = 0; k < iters; k++) {
-            for (int i = 0; i < CHAINS; i++) c[i] = _mm512_dpbf16_ps(c[i], a, b);
-            __asm__ volatile("" : VREG(c[0]), VREG(c[1]), VREG(c[2]), VREG(c[3]), VREG(c[4]), VREG(c[5]),
-                                  VREG(c[6]), VREG(c[7]), VREG(c[8]), VREG(c[9]), VREG(c[10]), VREG(c[11]));
+#define DP(c) c = _mm512_dpbf16_ps(c, a, b);
+            DP(c0) DP(c1) DP(c2) DP(c3) DP(c4) DP(c5) DP(c6) DP(c7) DP(c8) DP(c9) DP(c10) DP(c11)
+#undef DP
+            __asm__ volatile("" : VREG(c0), VREG(c1), VREG(c2), VREG(c3), VREG(c4), VREG(c5),
+                                  VREG(c6), VREG(c7), VREG(c8), VREG(c9), VREG(c10), VREG(c11));
         }
-        for (int i = 0; i < CHAINS; i++) peak_sink += c[i][0];
+        peak_sink += _mm512_reduce_add_ps(c0 + c1 + c2 + c3 + c4 + c5 + c6 + c7 + c8 + c9 + c10 + c11);
     }
 }
 #endif
