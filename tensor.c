@@ -805,7 +805,7 @@ static void pack_A_bf16(uint16_t *ap, const gemm_args *g, int i0, int mr, int p0
 static void pack_B_bf16(uint16_t *bp, const gemm_args *g, int p0, int kc, int kcp, int j0, int nr) {
     size_t es = zi_dtype_size(g->bt);
     const char *B = g->B;
-    memset(bp, 0, (size_t)kcp * FNR * sizeof *bp);
+    if (nr < FNR || kc < kcp) memset(bp, 0, (size_t)kcp * FNR * sizeof *bp);   /* else all written below */
     if (g->transB) {                       /* B stored [N, K]: column j of op(B) is contiguous */
         int j = 0;
 #if defined(__AVX2__) && defined(__F16C__)
@@ -835,32 +835,39 @@ static void pack_B_bf16(uint16_t *bp, const gemm_args *g, int p0, int kc, int kc
     }
 }
 
-/* the fast path's gemm_tile: C[i0 .. i0+m, j0 .. j0+n] with op(A) packed in bf16 strips */
+/* the fast path's gemm_tile: C[i0 .. i0+m, j0 .. j0+n] with op(A) packed in bf16 strips. As in
+ * gemm_tile_pb, a KC x NC panel of op(B) is packed (in FNR-column strips) and stays in L2 while
+ * each row strip of A, in L1, meets all its column strips. */
 static void gemm_tile_bf16(const gemm_args *g, int i0, int m, int j0, int n, const packed_A *pa) {
-    uint16_t *bp = (uint16_t *)scratch(0, (size_t)FKC * FNR / 2);
+    uint16_t *bp = (uint16_t *)scratch(0, (size_t)FKC * NC / 2);
     float acc[FMR * FNR] __attribute__((aligned(64)));
     const uint16_t *A = (const uint16_t *)pa->p;
-    for (int jr = 0; jr < n; jr += FNR) {
-        int nr = n - jr < FNR ? n - jr : FNR;
+    for (int jc = 0; jc < n; jc += NC) {
+        int nc = n - jc < NC ? n - jc : NC;
         for (int pc = 0; pc < g->K; pc += FKC) {
             int kc = g->K - pc < FKC ? g->K - pc : FKC, kcp = (kc + 31) & ~31;
-            pack_B_bf16(bp, g, pc, kc, kcp, j0 + jr, nr);
+            for (int jr = 0; jr < nc; jr += FNR)
+                pack_B_bf16(bp + (size_t)jr * kcp, g, pc, kc, kcp, j0 + jc + jr, nc - jr < FNR ? nc - jr : FNR);
             for (int ir = 0; ir < m; ir += FMR) {
                 int mr = m - ir < FMR ? m - ir : FMR;
                 const uint16_t *a = A + (size_t)pc * pa->Mp + (size_t)(i0 + ir - pa->r0) * kcp;
-                float *c = g->C + (int64_t)(i0 + ir) * g->ldc + j0 + jr, beta = pc == 0 ? g->beta : 1.0f;
+                for (int jr = 0; jr < nc; jr += FNR) {
+                    int nr = nc - jr < FNR ? nc - jr : FNR;
+                    const uint16_t *b = bp + (size_t)jr * kcp;
+                    float *c = g->C + (int64_t)(i0 + ir) * g->ldc + j0 + jc + jr, beta = pc == 0 ? g->beta : 1.0f;
 #ifdef ZI_AMX
-                /* a whole block (which blocks are whole depends on M and N alone, not on the
-                 * split among threads) with alpha = 1 and beta 0 or 1: straight into C */
-                if (amx_usable && mr == FMR && nr == FNR && g->alpha == 1.0f && (beta == 0.0f || beta == 1.0f)) {
-                    amx_block(kcp, a, bp, c, g->ldc, beta == 1.0f);
-                    continue;
-                }
-                if (amx_usable) amx_block(kcp, a, bp, acc, FNR, 0);
-                else
+                    /* a whole block (which blocks are whole depends on M and N alone, not on the
+                     * split among threads) with alpha = 1 and beta 0 or 1: straight into C */
+                    if (amx_usable && mr == FMR && nr == FNR && g->alpha == 1.0f && (beta == 0.0f || beta == 1.0f)) {
+                        amx_block(kcp, a, b, c, g->ldc, beta == 1.0f);
+                        continue;
+                    }
+                    if (amx_usable) amx_block(kcp, a, b, acc, FNR, 0);
+                    else
 #endif
-                dot_block(kcp, a, bp, acc, mr);
-                tile_store(acc, FNR, c, g->ldc, mr, nr, g->alpha, beta);
+                    dot_block(kcp, a, b, acc, mr);
+                    tile_store(acc, FNR, c, g->ldc, mr, nr, g->alpha, beta);
+                }
             }
         }
     }
