@@ -321,8 +321,9 @@ void zi_parallel_for(int64_t n, int64_t grain, zi_range_fn fn, void *ctx) {
 
 /* Per-thread scratch buffers (64-byte aligned, grown on demand, freed at thread exit).
  * Slots: 0 = the GEMM's packed B panel, 1 = a packed A panel, 2 = attention tiles,
- * 3 = zi_gemm's packed op(A) (of the calling thread), 4 = attention's packed keys and values. */
-enum { SCRATCH_SLOTS = 5 };
+ * 3 = zi_gemm's packed op(A) (of the calling thread), 4 = attention's packed keys and values,
+ * 5 = the fast path's packed op(B) (of the calling thread). */
+enum { SCRATCH_SLOTS = 6 };
 typedef struct { float *p[SCRATCH_SLOTS]; size_t n[SCRATCH_SLOTS]; } scratch_set;
 static pthread_key_t scratch_key;
 static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
@@ -835,48 +836,9 @@ static void pack_B_bf16(uint16_t *bp, const gemm_args *g, int p0, int kc, int kc
     }
 }
 
-/* the fast path's gemm_tile: C[i0 .. i0+m, j0 .. j0+n] with op(A) packed in bf16 strips. As in
- * gemm_tile_pb, a KC x NC panel of op(B) is packed (in FNR-column strips) and stays in L2 while
- * each row strip of A, in L1, meets all its column strips. */
-static void gemm_tile_bf16(const gemm_args *g, int i0, int m, int j0, int n, const packed_A *pa) {
-    uint16_t *bp = (uint16_t *)scratch(0, (size_t)FKC * NC / 2);
-    float acc[FMR * FNR] __attribute__((aligned(64)));
-    const uint16_t *A = (const uint16_t *)pa->p;
-    for (int jc = 0; jc < n; jc += NC) {
-        int nc = n - jc < NC ? n - jc : NC;
-        for (int pc = 0; pc < g->K; pc += FKC) {
-            int kc = g->K - pc < FKC ? g->K - pc : FKC, kcp = (kc + 31) & ~31;
-            for (int jr = 0; jr < nc; jr += FNR)
-                pack_B_bf16(bp + (size_t)jr * kcp, g, pc, kc, kcp, j0 + jc + jr, nc - jr < FNR ? nc - jr : FNR);
-            for (int ir = 0; ir < m; ir += FMR) {
-                int mr = m - ir < FMR ? m - ir : FMR;
-                const uint16_t *a = A + (size_t)pc * pa->Mp + (size_t)(i0 + ir - pa->r0) * kcp;
-                for (int jr = 0; jr < nc; jr += FNR) {
-                    int nr = nc - jr < FNR ? nc - jr : FNR;
-                    const uint16_t *b = bp + (size_t)jr * kcp;
-                    float *c = g->C + (int64_t)(i0 + ir) * g->ldc + j0 + jc + jr, beta = pc == 0 ? g->beta : 1.0f;
-#ifdef ZI_AMX
-                    /* a whole block (which blocks are whole depends on M and N alone, not on the
-                     * split among threads) with alpha = 1 and beta 0 or 1: straight into C */
-                    if (amx_usable && mr == FMR && nr == FNR && g->alpha == 1.0f && (beta == 0.0f || beta == 1.0f)) {
-                        amx_block(kcp, a, b, c, g->ldc, beta == 1.0f);
-                        continue;
-                    }
-                    if (amx_usable) amx_block(kcp, a, b, acc, FNR, 0);
-                    else
-#endif
-                    dot_block(kcp, a, b, acc, mr);
-                    tile_store(acc, FNR, c, g->ldc, mr, nr, g->alpha, beta);
-                }
-            }
-        }
-    }
-}
-
 /* One call's rows [r0, r0 + ms): op(A) packed once into `pa` (shared by all tasks), then tasks
- * = rectangles of C of mb rows x nb columns (multiples of mr, nr: MR, NR, or FMR, FNR on the
- * fast path), each packing its own B panels. */
-typedef struct { const gemm_args *g; packed_A pa; int ms, mb, nmb, nb, fast; } gemm_job;
+ * = rectangles of C of mb rows x nb columns (multiples of MR, NR), each packing its own B panels. */
+typedef struct { const gemm_args *g; packed_A pa; int ms, mb, nmb, nb; } gemm_job;
 
 /* Strip s (rows r0 + s·MR .., mr <= MR of them) of op(A), every KC slice, into pa. */
 static void pack_A_strip(const packed_A *pa, const gemm_args *g, int s, int mr) {
@@ -886,21 +848,11 @@ static void pack_A_strip(const packed_A *pa, const gemm_args *g, int s, int mr) 
     }
 }
 
-/* The same in bf16 for the fast path (strips of FMR rows, slices padded to kcp) */
-static void pack_A_strip_bf16(const packed_A *pa, const gemm_args *g, int s, int mr) {
-    for (int pc = 0; pc < g->K; pc += FKC) {
-        int kc = g->K - pc < FKC ? g->K - pc : FKC, kcp = (kc + 31) & ~31;
-        pack_A_bf16((uint16_t *)pa->p + (size_t)pc * pa->Mp + (size_t)s * FMR * kcp, g, pa->r0 + s * FMR, mr, pc, kc, kcp);
-    }
-}
-
 static void pack_A_strips(void *ctx, int64_t begin, int64_t end) {
     const gemm_job *jb = ctx;
-    int h = jb->fast ? FMR : MR;
     for (int64_t s = begin; s < end; s++) {
-        int left = jb->ms - (int)s * h;
-        if (jb->fast) pack_A_strip_bf16(&jb->pa, jb->g, (int)s, left < h ? left : h);
-        else pack_A_strip(&jb->pa, jb->g, (int)s, left < h ? left : h);
+        int left = jb->ms - (int)s * MR;
+        pack_A_strip(&jb->pa, jb->g, (int)s, left < MR ? left : MR);
     }
 }
 
@@ -911,8 +863,7 @@ static void gemm_task(void *ctx, int64_t begin, int64_t end) {
         int i0 = jb->pa.r0 + (int)(t % jb->nmb) * jb->mb, j0 = (int)(t / jb->nmb) * jb->nb;
         int m = r1 - i0 < jb->mb ? r1 - i0 : jb->mb;
         int n = jb->g->N - j0 < jb->nb ? jb->g->N - j0 : jb->nb;
-        if (jb->fast) gemm_tile_bf16(jb->g, i0, m, j0, n, &jb->pa);
-        else gemm_tile(jb->g, i0, m, j0, n, &jb->pa);
+        gemm_tile(jb->g, i0, m, j0, n, &jb->pa);
     }
 }
 
@@ -928,6 +879,110 @@ static void run_tasks(int T, int64_t n, zi_range_fn fn, void *ctx) {
     else zi_parallel_for(n, 1, fn, ctx);
 }
 
+/* The fast path's zi_gemm. op(A) is packed in bf16 strips once per block of rows, as above;
+ * op(B) is packed once too, for a range of columns at a time, by all threads, and shared by the
+ * tasks: the bf16 kernels outrun the conversion, and repacking B in every task (as the exact
+ * path does) would cost a third of their time. Tasks are rectangles of C of mb x nb (multiples
+ * of 32 from the origin, so a block of C is whole or partial whatever the thread count). */
+typedef struct {
+    const gemm_args *g;
+    packed_A pa;                /* op(A) rows r0 .. r0+ms, bf16: slice pc at pc·Mp, strip at + i·kcp */
+    const uint16_t *pb;         /* op(B) columns c0 .. c0+nw, bf16: slice pc at pc·Nw, strip at + j·kcp */
+    int c0, nw, Nw, ms, mb, nmb, nb;
+} fast_job;
+
+static void fast_pack_A(void *ctx, int64_t begin, int64_t end) {
+    const fast_job *f = ctx;
+    for (int64_t s = begin; s < end; s++) {
+        int i = (int)s * FMR, mr = f->ms - i < FMR ? f->ms - i : FMR;
+        for (int pc = 0; pc < f->g->K; pc += FKC) {
+            int kc = f->g->K - pc < FKC ? f->g->K - pc : FKC, kcp = (kc + 31) & ~31;
+            pack_A_bf16((uint16_t *)f->pa.p + (size_t)pc * f->pa.Mp + (size_t)i * kcp, f->g, f->pa.r0 + i, mr, pc, kc, kcp);
+        }
+    }
+}
+
+static void fast_pack_B(void *ctx, int64_t begin, int64_t end) {
+    const fast_job *f = ctx;
+    for (int64_t s = begin; s < end; s++) {
+        int j = (int)s * FNR, nr = f->nw - j < FNR ? f->nw - j : FNR;
+        for (int pc = 0; pc < f->g->K; pc += FKC) {
+            int kc = f->g->K - pc < FKC ? f->g->K - pc : FKC, kcp = (kc + 31) & ~31;
+            pack_B_bf16((uint16_t *)f->pb + (size_t)pc * f->Nw + (size_t)j * kcp, f->g, pc, kc, kcp, f->c0 + j, nr);
+        }
+    }
+}
+
+/* C[i0 .. i0+m, j0 .. j0+n]: for each K slice, each 32-row strip of A (in L1) meets the task's
+ * column strips of B (in L2) */
+static void fast_tile(const fast_job *f, int i0, int m, int j0, int n) {
+    const gemm_args *g = f->g;
+    float acc[FMR * FNR] __attribute__((aligned(64)));
+    for (int pc = 0; pc < g->K; pc += FKC) {
+        int kc = g->K - pc < FKC ? g->K - pc : FKC, kcp = (kc + 31) & ~31;
+        float beta = pc == 0 ? g->beta : 1.0f;     /* later slices accumulate into C */
+        for (int ir = 0; ir < m; ir += FMR) {
+            int mr = m - ir < FMR ? m - ir : FMR;
+            const uint16_t *a = (const uint16_t *)f->pa.p + (size_t)pc * f->pa.Mp + (size_t)(i0 + ir - f->pa.r0) * kcp;
+            for (int jr = 0; jr < n; jr += FNR) {
+                int nr = n - jr < FNR ? n - jr : FNR;
+                const uint16_t *b = f->pb + (size_t)pc * f->Nw + (size_t)(j0 + jr - f->c0) * kcp;
+                float *c = g->C + (int64_t)(i0 + ir) * g->ldc + j0 + jr;
+#ifdef ZI_AMX
+                /* a whole block with alpha = 1 and beta 0 or 1: straight into C */
+                if (amx_usable && mr == FMR && nr == FNR && g->alpha == 1.0f && (beta == 0.0f || beta == 1.0f)) {
+                    amx_block(kcp, a, b, c, g->ldc, beta == 1.0f);
+                    continue;
+                }
+                if (amx_usable) amx_block(kcp, a, b, acc, FNR, 0);
+                else
+#endif
+                dot_block(kcp, a, b, acc, mr);
+                tile_store(acc, FNR, c, g->ldc, mr, nr, g->alpha, beta);
+            }
+        }
+    }
+}
+
+static void fast_task(void *ctx, int64_t begin, int64_t end) {
+    const fast_job *f = ctx;
+    for (int64_t t = begin; t < end; t++) {
+        int i0 = f->pa.r0 + (int)(t % f->nmb) * f->mb, j0 = f->c0 + (int)(t / f->nmb) * f->nb;
+        int m = f->pa.r0 + f->ms - i0 < f->mb ? f->pa.r0 + f->ms - i0 : f->mb;
+        int n = f->c0 + f->nw - j0 < f->nb ? f->c0 + f->nw - j0 : f->nb;
+        fast_tile(f, i0, m, j0, n);
+    }
+}
+
+static void gemm_fast(const gemm_args *g, int T) {
+    zi_fast_kernel();                          /* asks for the AMX state once */
+    int64_t Kp = g->K / FKC * FKC + ((g->K % FKC + 31) & ~31);   /* K padded to whole tiles per slice */
+    /* rows of op(A) and columns of op(B) packed at a time: 2·A_PACK_FLOATS bf16 each */
+    int per = (int)(2 * A_PACK_FLOATS / Kp) / FMR * FMR;
+    per = per < FMR ? FMR : per;
+    int ms_max = per < (g->M + FMR - 1) / FMR * FMR ? per : (g->M + FMR - 1) / FMR * FMR;
+    int nw_max = per < (g->N + FNR - 1) / FNR * FNR ? per : (g->N + FNR - 1) / FNR * FNR;
+    float *ap = scratch(3, (size_t)ms_max * Kp / 2), *bp = scratch(5, (size_t)nw_max * Kp / 2);
+    for (int r0 = 0; r0 < g->M; r0 += ms_max) {
+        fast_job f = { g, { ap, r0, 0 }, (const uint16_t *)bp, 0, 0, 0, g->M - r0 < ms_max ? g->M - r0 : ms_max, 0, 1, 0 };
+        f.pa.Mp = (f.ms + FMR - 1) / FMR * FMR;
+        run_tasks(T, f.pa.Mp / FMR, fast_pack_A, &f);
+        for (f.c0 = 0; f.c0 < g->N; f.c0 += nw_max) {
+            f.nw = g->N - f.c0 < nw_max ? g->N - f.c0 : nw_max;
+            f.Nw = (f.nw + FNR - 1) / FNR * FNR;
+            run_tasks(T, f.Nw / FNR, fast_pack_B, &f);
+            /* tasks: about three per thread, NC columns wide (each packed row of A is read by
+             * few tasks), rows split down to 2·FMR */
+            f.nb = NC / FNR * FNR < f.Nw ? NC / FNR * FNR : f.Nw;
+            int ncb = (f.nw + f.nb - 1) / f.nb, nmb = 1;
+            while (ncb * nmb < 3 * T && (f.ms + nmb) / (nmb + 1) >= 2 * FMR) nmb++;
+            f.mb = ((f.ms + nmb - 1) / nmb + FMR - 1) / FMR * FMR;
+            f.nmb = (f.ms + f.mb - 1) / f.mb;
+            run_tasks(T, (int64_t)ncb * f.nmb, fast_task, &f);
+        }
+    }
+}
+
 void zi_gemm(int transA, int transB, int M, int N, int K, float alpha,
              const float *A, int64_t lda, const void *B, zi_dtype bt, int64_t ldb,
              float beta, float *C, int64_t ldc) {
@@ -941,25 +996,25 @@ void zi_gemm(int transA, int transB, int M, int N, int K, float alpha,
     gemm_args g = { transA, transB, M, N, K, alpha, beta, A, lda, B, bt, ldb, C, ldc };
     int T = zi_nthreads();
     if ((double)M * N * K < 1e6) T = 1;        /* too small to be worth waking the pool */
-    int fast = zi_fast(), mr = fast ? FMR : MR, nr = fast ? FNR : NR;
-    if (fast) zi_fast_kernel();                /* asks for the AMX state once */
-    /* Tasks: about three per thread. Columns are split first (down to single nr strips), so
+    if (zi_fast()) {
+        gemm_fast(&g, T);
+        return;
+    }
+    /* Tasks: about three per thread. Columns are split first (down to single NR strips), so
      * that each B panel is converted once; rows only when there are too few strips. */
-    int want = 3 * T, strips = (N + nr - 1) / nr, spb = (strips + want - 1) / want;
-    spb = spb > NC / nr ? NC / nr : spb;
-    int nb = spb * nr, ncb = (N + nb - 1) / nb;
-    /* packed op(A): K floats a row, or K bf16 padded to whole AMX tiles per slice (two a float) */
-    int64_t row_floats = fast ? (K / FKC * FKC + ((K % FKC + 31) & ~31)) / 2 : K;
-    int ms_max = (int)(A_PACK_FLOATS / row_floats) / mr * mr;
-    if (ms_max < mr) ms_max = mr;
-    if (ms_max > (M + mr - 1) / mr * mr) ms_max = (M + mr - 1) / mr * mr;
-    float *ap = scratch(3, (size_t)ms_max * row_floats);
+    int want = 3 * T, strips = (N + NR - 1) / NR, spb = (strips + want - 1) / want;
+    spb = spb > NC / NR ? NC / NR : spb;
+    int nb = spb * NR, ncb = (N + nb - 1) / nb;
+    int ms_max = A_PACK_FLOATS / K / MR * MR;
+    if (ms_max < MR) ms_max = MR;
+    if (ms_max > (M + MR - 1) / MR * MR) ms_max = (M + MR - 1) / MR * MR;
+    float *ap = scratch(3, (size_t)ms_max * K);
     for (int r0 = 0; r0 < M; r0 += ms_max) {
         int ms = M - r0 < ms_max ? M - r0 : ms_max, nmb = 1;
-        while (ncb * nmb < want && (ms + nmb) / (nmb + 1) >= 4 * mr) nmb++;
-        int mb = ((ms + nmb - 1) / nmb + mr - 1) / mr * mr;
-        gemm_job jb = { &g, { ap, r0, (ms + mr - 1) / mr * mr }, ms, mb, (ms + mb - 1) / mb, nb, fast };
-        run_tasks(T, jb.pa.Mp / mr, pack_A_strips, &jb);
+        while (ncb * nmb < want && (ms + nmb) / (nmb + 1) >= 4 * MR) nmb++;
+        int mb = ((ms + nmb - 1) / nmb + MR - 1) / MR * MR;
+        gemm_job jb = { &g, { ap, r0, (ms + MR - 1) / MR * MR }, ms, mb, (ms + mb - 1) / mb, nb };
+        run_tasks(T, jb.pa.Mp / MR, pack_A_strips, &jb);
         run_tasks(T, (int64_t)ncb * jb.nmb, gemm_task, &jb);
     }
 }

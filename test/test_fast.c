@@ -50,6 +50,8 @@ static const shape shapes[] = {
     { 0, 0, 37, 70, 101, ZI_F32, 0.5f, 1.0f },          /* B [K, N] (convolutions), beta = 1 */
     { 1, 1, 45, 33, 400, ZI_F16, 2.0f, 0.25f },         /* op(A) transposed (backward) */
     { 1, 0, 5, 40, 7, ZI_F32, 1.0f, 0.0f },
+    { 0, 1, 33, 4500, 4000, ZI_BF16, 1.0f, 0.0f },      /* op(B) packed in two column ranges */
+    { 1, 0, 4300, 40, 3900, ZI_F32, 1.0f, 0.0f },       /* op(A) packed in two row blocks */
 };
 
 /* Fast against exact within a bf16 tolerance: each operand carries a relative rounding of up to
