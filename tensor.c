@@ -386,8 +386,8 @@ typedef struct {
     int64_t ldc;
 } gemm_args;
 
-/* C tile (mr x nr valid) = alpha·acc + beta·C (acc: rows ldacc apart); beta = 0: C is not read. The same formula
- * (one fma after the beta product) is used by the SIMD stores below. */
+/* C tile (mr x nr valid) = alpha·acc + beta·C (acc: rows ldacc apart); beta = 0: C is not
+ * read. The same formula (one fma after the beta product) is used by the SIMD stores below. */
 static void tile_store(const float *acc, int ldacc, float *C, int64_t ldc, int mr, int nr, float alpha, float beta) {
     for (int i = 0; i < mr; i++)
         for (int j = 0; j < nr; j++) {
