@@ -37,6 +37,9 @@ static const char usage[] =
 "                         the output size (multiples of 16; -W/-H, when given, must equal it)\n"
 "      --strength S       img2img: the share of the schedule to run, (0, 1]; 1 = from pure noise (0.6)\n"
 "  -t, --threads N        worker threads (all cores)\n"
+"      --fast             bf16 matrix products (fp32 sums; AMX / AVX512-BF16 where the CPU has\n"
+"                         them): faster there, slower elsewhere, not the golden numbers\n"
+"                         (also ZIMAGE_FAST=1)\n"
 "      --dump FILE        write every intermediate tensor to a safetensors file\n"
 "  -q                     no progress output\n";
 
@@ -282,6 +285,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--init-image")) p.init_image = VALUE();
         else if (!strcmp(a, "--strength")) p.strength = parse_number(a, VALUE(), 0, 1);
         else if (!strcmp(a, "-t") || !strcmp(a, "--threads")) threads = (int)parse_int(a, VALUE(), 1, 1024);
+        else if (!strcmp(a, "--fast")) zi_set_fast(1);
         else if (!strcmp(a, "--dump")) p.dump = VALUE();
         else if (!strcmp(a, "-q")) p.quiet = 1;
         else if (!strcmp(a, "--info")) info = VALUE();

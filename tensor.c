@@ -321,8 +321,9 @@ void zi_parallel_for(int64_t n, int64_t grain, zi_range_fn fn, void *ctx) {
 
 /* Per-thread scratch buffers (64-byte aligned, grown on demand, freed at thread exit).
  * Slots: 0 = the GEMM's packed B panel, 1 = a packed A panel, 2 = attention tiles,
- * 3 = zi_gemm's packed op(A) (of the calling thread), 4 = attention's packed keys and values. */
-enum { SCRATCH_SLOTS = 5 };
+ * 3 = zi_gemm's packed op(A) (of the calling thread), 4 = attention's packed keys and values,
+ * 5 = the fast path's packed op(B) (of the calling thread). */
+enum { SCRATCH_SLOTS = 6 };
 typedef struct { float *p[SCRATCH_SLOTS]; size_t n[SCRATCH_SLOTS]; } scratch_set;
 static pthread_key_t scratch_key;
 static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
@@ -385,13 +386,13 @@ typedef struct {
     int64_t ldc;
 } gemm_args;
 
-/* C tile (mr x nr valid) = alpha·acc + beta·C; beta = 0: C is not read. The same formula
- * (one fma after the beta product) is used by the SIMD stores below. */
-static void tile_store(const float *acc, float *C, int64_t ldc, int mr, int nr, float alpha, float beta) {
+/* C tile (mr x nr valid) = alpha·acc + beta·C (acc: rows ldacc apart); beta = 0: C is not
+ * read. The same formula (one fma after the beta product) is used by the SIMD stores below. */
+static void tile_store(const float *acc, int ldacc, float *C, int64_t ldc, int mr, int nr, float alpha, float beta) {
     for (int i = 0; i < mr; i++)
         for (int j = 0; j < nr; j++) {
             float *c = C + i * ldc + j;
-            *c = beta == 0 ? alpha * acc[i * NR + j] : fmaf(alpha, acc[i * NR + j], beta * *c);
+            *c = beta == 0 ? alpha * acc[i * ldacc + j] : fmaf(alpha, acc[i * ldacc + j], beta * *c);
         }
 }
 
@@ -429,7 +430,7 @@ static void micro(int kc, const float *a, const float *b, float *C, int64_t ldc,
         _mm512_storeu_ps(t + i * NR, acc[i][0]);
         _mm512_storeu_ps(t + i * NR + 16, acc[i][1]);
     }
-    tile_store(t, C, ldc, mr, nr, alpha, beta);
+    tile_store(t, NR, C, ldc, mr, nr, alpha, beta);
 }
 #elif defined(__AVX2__) && defined(__FMA__)
 static void micro(int kc, const float *a, const float *b, float *C, int64_t ldc, int mr, int nr,
@@ -463,7 +464,7 @@ static void micro(int kc, const float *a, const float *b, float *C, int64_t ldc,
         _mm256_storeu_ps(t + i * NR, acc[i][0]);
         _mm256_storeu_ps(t + i * NR + 8, acc[i][1]);
     }
-    tile_store(t, C, ldc, mr, nr, alpha, beta);
+    tile_store(t, NR, C, ldc, mr, nr, alpha, beta);
 }
 #elif defined(__ARM_NEON) && defined(__aarch64__)
 static void micro(int kc, const float *a, const float *b, float *C, int64_t ldc, int mr, int nr,
@@ -484,7 +485,7 @@ static void micro(int kc, const float *a, const float *b, float *C, int64_t ldc,
     float t[MR * NR];
     for (int i = 0; i < MR; i++)
         for (int j = 0; j < 3; j++) vst1q_f32(t + i * NR + 4 * j, acc[i][j]);
-    tile_store(t, C, ldc, mr, nr, alpha, beta);
+    tile_store(t, NR, C, ldc, mr, nr, alpha, beta);
 }
 #else
 static void micro(int kc, const float *a, const float *b, float *C, int64_t ldc, int mr, int nr,
@@ -493,7 +494,7 @@ static void micro(int kc, const float *a, const float *b, float *C, int64_t ldc,
     for (int p = 0; p < kc; p++, a += MR, b += NR)
         for (int i = 0; i < MR; i++)
             for (int j = 0; j < NR; j++) acc[i * NR + j] += a[i] * b[j];
-    tile_store(acc, C, ldc, mr, nr, alpha, beta);
+    tile_store(acc, NR, C, ldc, mr, nr, alpha, beta);
 }
 #endif
 
@@ -636,6 +637,205 @@ static void pack_B_all(float *dst, const gemm_args *g, int j0, int n) {
     }
 }
 
+/* ---------------------------------------------------------------- fast GEMM (opt-in: bf16 operands)
+ * zi_set_fast(1): op(A) and op(B) are rounded to bf16 (nearest even) and their products summed
+ * in fp32, by AMX tiles, AVX512-BF16 dot products (vdpbf16ps) or, on CPUs with neither, by a
+ * kernel that widens the bf16 operands to fp32 in registers. Same blocking as above (fixed KC
+ * slices added to C in order, K never split), with a 32 x 32 block of C per kernel call and
+ * slices padded with zeros to a multiple of 32 (an AMX tile's depth), so fast results too are
+ * the same for any thread count. Packed layouts (bf16 as uint16):
+ *   A strip [FMR rows][kcp]       row-major: an AMX A tile is 16 rows x 32 consecutive k;
+ *   B strip [kcp/2][FNR][2]       pairs of consecutive k per column: the layout of an AMX B tile
+ *                                 and of vdpbf16ps's second operand. */
+enum { FMR = 32, FNR = 32, FKC = 384 };
+_Static_assert(FKC % 32 == 0, "fast K slices must be whole AMX tiles deep");
+
+static int fast_on = -1;                   /* -1: not yet decided, read $ZIMAGE_FAST */
+
+void zi_set_fast(int on) { fast_on = on != 0; }
+
+int zi_fast(void) {
+    if (fast_on < 0) {
+        const char *e = getenv("ZIMAGE_FAST");
+        fast_on = e && atoi(e) > 0;
+    }
+    return fast_on;
+}
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
+#include <sys/syscall.h>
+#define ZI_AMX 1
+static int amx_usable;
+static pthread_once_t amx_once = PTHREAD_ONCE_INIT;
+
+/* Linux gives a process the 8 KB AMX tile state only on request (arch_prctl
+ * ARCH_REQ_XCOMP_PERM = 0x1023 for XFEATURE_XTILEDATA = 18); a refusal leaves the dot kernel. */
+static void amx_request(void) { amx_usable = syscall(SYS_arch_prctl, 0x1023, 18) == 0; }
+
+/* The tile configuration is per thread: each thread loads it once (8 tiles of 16 x 64 bytes). */
+static void amx_configure(void) {
+    static __thread int done;
+    if (done) return;
+    struct { uint8_t palette, start_row, zero[14]; uint16_t colsb[16]; uint8_t rows[16]; } cfg = { .palette = 1 };
+    for (int t = 0; t < 8; t++) cfg.colsb[t] = 64, cfg.rows[t] = 16;
+    _tile_loadconfig(&cfg);
+    done = 1;
+}
+
+/* c[32][32] (rows ldc floats apart) = A strip · B strip, + c itself when add: C tiles 0..3
+ * (2 x 2 of 16 x 16), A tiles 4, 5, B tiles 6, 7. Adding in the tiles spares a pass over C. */
+static void amx_block(int kcp, const uint16_t *a, const uint16_t *b, float *c, int64_t ldc, int add) {
+    amx_configure();
+    if (add) {
+        _tile_loadd(0, c, ldc * 4); _tile_loadd(1, c + 16, ldc * 4);
+        _tile_loadd(2, c + 16 * ldc, ldc * 4); _tile_loadd(3, c + 16 * ldc + 16, ldc * 4);
+    } else {
+        _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+    }
+    for (int k = 0; k < kcp; k += 32) {
+        _tile_loadd(4, a + k, kcp * 2);
+        _tile_loadd(5, a + 16 * kcp + k, kcp * 2);
+        _tile_loadd(6, b + k * FNR, FNR * 4);
+        _tile_loadd(7, b + k * FNR + 32, FNR * 4);
+        _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
+    }
+    _tile_stored(0, c, ldc * 4); _tile_stored(1, c + 16, ldc * 4);
+    _tile_stored(2, c + 16 * ldc, ldc * 4); _tile_stored(3, c + 16 * ldc + 16, ldc * 4);
+}
+#endif
+
+/* acc[i][0..FNR) for the rows i < mr (in blocks of 8: only those a partial strip needs):
+ * Σ_k a[i][k]·b[k][j], k in pairs */
+#if defined(__AVX512BF16__)
+static void dot_block(int kcp, const uint16_t *a, const uint16_t *b, float *acc, int mr) {
+    for (int i0 = 0; i0 < mr; i0 += 8) {
+        __m512 c[8][2];
+        for (int i = 0; i < 8; i++) c[i][0] = c[i][1] = _mm512_setzero_ps();
+        for (int kp = 0; kp < kcp / 2; kp++) {
+            __m512bh b0 = (__m512bh)_mm512_loadu_si512(b + kp * 2 * FNR);
+            __m512bh b1 = (__m512bh)_mm512_loadu_si512(b + kp * 2 * FNR + 32);
+            for (int i = 0; i < 8; i++) {
+                int32_t pair;                  /* a[i][2kp], a[i][2kp+1] */
+                memcpy(&pair, a + (size_t)(i0 + i) * kcp + 2 * kp, 4);
+                __m512bh ai = (__m512bh)_mm512_set1_epi32(pair);
+                c[i][0] = _mm512_dpbf16_ps(c[i][0], ai, b0);
+                c[i][1] = _mm512_dpbf16_ps(c[i][1], ai, b1);
+            }
+        }
+        for (int i = 0; i < 8; i++) {
+            _mm512_storeu_ps(acc + (i0 + i) * FNR, c[i][0]);
+            _mm512_storeu_ps(acc + (i0 + i) * FNR + 16, c[i][1]);
+        }
+    }
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+/* No bf16 arithmetic: a pair word (k even in the low half, k odd in the high half) becomes two
+ * fp32 vectors by a shift and a mask; blocks of 4 rows x 16 columns fill the 16 registers. */
+static void dot_block(int kcp, const uint16_t *a, const uint16_t *b, float *acc, int mr) {
+    const __m256i hi = _mm256_set1_epi32((int)0xffff0000u);
+    for (int i0 = 0; i0 < mr; i0 += 4)
+        for (int j0 = 0; j0 < FNR; j0 += 16) {
+            __m256 c[4][2];
+            for (int i = 0; i < 4; i++) c[i][0] = c[i][1] = _mm256_setzero_ps();
+            for (int kp = 0; kp < kcp / 2; kp++) {
+                __m256i b0 = _mm256_loadu_si256((const __m256i *)(b + kp * 2 * FNR + 2 * j0));
+                __m256i b1 = _mm256_loadu_si256((const __m256i *)(b + kp * 2 * FNR + 2 * j0 + 16));
+                __m256 b0e = _mm256_castsi256_ps(_mm256_slli_epi32(b0, 16)), b0o = _mm256_castsi256_ps(_mm256_and_si256(b0, hi));
+                __m256 b1e = _mm256_castsi256_ps(_mm256_slli_epi32(b1, 16)), b1o = _mm256_castsi256_ps(_mm256_and_si256(b1, hi));
+                for (int i = 0; i < 4; i++) {
+                    int32_t pair;
+                    memcpy(&pair, a + (size_t)(i0 + i) * kcp + 2 * kp, 4);
+                    __m256i w = _mm256_set1_epi32(pair);
+                    __m256 ae = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)), ao = _mm256_castsi256_ps(_mm256_and_si256(w, hi));
+                    c[i][0] = _mm256_fmadd_ps(ao, b0o, _mm256_fmadd_ps(ae, b0e, c[i][0]));
+                    c[i][1] = _mm256_fmadd_ps(ao, b1o, _mm256_fmadd_ps(ae, b1e, c[i][1]));
+                }
+            }
+            for (int i = 0; i < 4; i++) {
+                _mm256_storeu_ps(acc + (i0 + i) * FNR + j0, c[i][0]);
+                _mm256_storeu_ps(acc + (i0 + i) * FNR + j0 + 8, c[i][1]);
+            }
+        }
+}
+#else
+static void dot_block(int kcp, const uint16_t *a, const uint16_t *b, float *acc, int mr) {
+    for (int i = 0; i < mr; i++) {
+        float c[FNR] = {0};
+        for (int kp = 0; kp < kcp / 2; kp++) {
+            float ae = zi_bf16_to_f32(a[(size_t)i * kcp + 2 * kp]), ao = zi_bf16_to_f32(a[(size_t)i * kcp + 2 * kp + 1]);
+            for (int j = 0; j < FNR; j++)
+                c[j] += ae * zi_bf16_to_f32(b[kp * 2 * FNR + 2 * j]) + ao * zi_bf16_to_f32(b[kp * 2 * FNR + 2 * j + 1]);
+        }
+        memcpy(acc + i * FNR, c, sizeof c);
+    }
+}
+#endif
+
+const char *zi_fast_kernel(void) {
+#ifdef ZI_AMX
+    pthread_once(&amx_once, amx_request);
+    if (amx_usable) return "amx";
+#endif
+#if defined(__AVX512BF16__)
+    return "avx512bf16";
+#else
+    return "converting";
+#endif
+}
+
+/* op(A)[i0 .. i0+mr, p0 .. p0+kc] -> one bf16 strip [FMR][kcp], zero padded */
+static void pack_A_bf16(uint16_t *ap, const gemm_args *g, int i0, int mr, int p0, int kc, int kcp) {
+    for (int i = 0; i < FMR; i++, ap += kcp) {
+        int p = 0;
+        if (i < mr && !g->transA) {
+            const float *s = g->A + (int64_t)(i0 + i) * g->lda + p0;
+#if defined(__AVX512BF16__)
+            for (; p + 32 <= kc; p += 32)      /* vcvtne2ps2bf16: also nearest-even (denormals flushed) */
+                _mm512_storeu_si512(ap + p, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(s + p + 16), _mm512_loadu_ps(s + p)));
+#endif
+            for (; p < kc; p++) ap[p] = zi_f32_to_bf16(s[p]);
+        } else if (i < mr) {
+            for (; p < kc; p++) ap[p] = zi_f32_to_bf16(g->A[(int64_t)(p0 + p) * g->lda + i0 + i]);
+        }
+        for (; p < kcp; p++) ap[p] = 0;
+    }
+}
+
+/* op(B)[p0 .. p0+kc, j0 .. j0+nr] -> one bf16 strip [kcp/2][FNR][2], zero padded */
+static void pack_B_bf16(uint16_t *bp, const gemm_args *g, int p0, int kc, int kcp, int j0, int nr) {
+    size_t es = zi_dtype_size(g->bt);
+    const char *B = g->B;
+    if (nr < FNR || kc < kcp) memset(bp, 0, (size_t)kcp * FNR * sizeof *bp);   /* else all written below */
+    if (g->transB) {                       /* B stored [N, K]: column j of op(B) is contiguous */
+        int j = 0;
+#if defined(__AVX2__) && defined(__F16C__)
+        /* bf16 weights (the Linear layers): a pair of k is one 32-bit word, so the strip is an
+         * 8 x 8 word transpose per block, as in pack_B */
+        for (; g->bt == ZI_BF16 && kc % 16 == 0 && j + 8 <= nr; j += 8) {
+            const char *src = B + ((int64_t)(j0 + j) * g->ldb + p0) * 2;
+            for (int w = 0; 2 * w < kc; w += 8) {
+                __m256 r[8];
+                for (int t = 0; t < 8; t++) r[t] = _mm256_loadu_ps((const float *)(src + (int64_t)t * g->ldb * 2) + w);
+                transpose8(r);
+                for (int t = 0; t < 8; t++) _mm256_storeu_ps((float *)bp + (w + t) * FNR + j, r[t]);
+            }
+        }
+#endif
+        float col[FKC];
+        for (; j < nr; j++) {
+            zi_to_f32(col, B + ((int64_t)(j0 + j) * g->ldb + p0) * es, g->bt, (size_t)kc);
+            for (int p = 0; p < kc; p++) bp[(p / 2) * 2 * FNR + 2 * j + (p & 1)] = zi_f32_to_bf16(col[p]);
+        }
+    } else {                               /* B stored [K, N]: row p of op(B) is contiguous */
+        float row[FNR];
+        for (int p = 0; p < kc; p++) {
+            zi_to_f32(row, B + ((int64_t)(p0 + p) * g->ldb + j0) * es, g->bt, (size_t)nr);
+            for (int j = 0; j < nr; j++) bp[(p / 2) * 2 * FNR + 2 * j + (p & 1)] = zi_f32_to_bf16(row[j]);
+        }
+    }
+}
+
 /* One call's rows [r0, r0 + ms): op(A) packed once into `pa` (shared by all tasks), then tasks
  * = rectangles of C of mb rows x nb columns (multiples of MR, NR), each packing its own B panels. */
 typedef struct { const gemm_args *g; packed_A pa; int ms, mb, nmb, nb; } gemm_job;
@@ -679,6 +879,110 @@ static void run_tasks(int T, int64_t n, zi_range_fn fn, void *ctx) {
     else zi_parallel_for(n, 1, fn, ctx);
 }
 
+/* The fast path's zi_gemm. op(A) is packed in bf16 strips once per block of rows, as above;
+ * op(B) is packed once too, for a range of columns at a time, by all threads, and shared by the
+ * tasks: the bf16 kernels outrun the conversion, and repacking B in every task (as the exact
+ * path does) would cost a third of their time. Tasks are rectangles of C of mb x nb (multiples
+ * of 32 from the origin, so a block of C is whole or partial whatever the thread count). */
+typedef struct {
+    const gemm_args *g;
+    packed_A pa;                /* op(A) rows r0 .. r0+ms, bf16: slice pc at pc·Mp, strip at + i·kcp */
+    const uint16_t *pb;         /* op(B) columns c0 .. c0+nw, bf16: slice pc at pc·Nw, strip at + j·kcp */
+    int c0, nw, Nw, ms, mb, nmb, nb;
+} fast_job;
+
+static void fast_pack_A(void *ctx, int64_t begin, int64_t end) {
+    const fast_job *f = ctx;
+    for (int64_t s = begin; s < end; s++) {
+        int i = (int)s * FMR, mr = f->ms - i < FMR ? f->ms - i : FMR;
+        for (int pc = 0; pc < f->g->K; pc += FKC) {
+            int kc = f->g->K - pc < FKC ? f->g->K - pc : FKC, kcp = (kc + 31) & ~31;
+            pack_A_bf16((uint16_t *)f->pa.p + (size_t)pc * f->pa.Mp + (size_t)i * kcp, f->g, f->pa.r0 + i, mr, pc, kc, kcp);
+        }
+    }
+}
+
+static void fast_pack_B(void *ctx, int64_t begin, int64_t end) {
+    const fast_job *f = ctx;
+    for (int64_t s = begin; s < end; s++) {
+        int j = (int)s * FNR, nr = f->nw - j < FNR ? f->nw - j : FNR;
+        for (int pc = 0; pc < f->g->K; pc += FKC) {
+            int kc = f->g->K - pc < FKC ? f->g->K - pc : FKC, kcp = (kc + 31) & ~31;
+            pack_B_bf16((uint16_t *)f->pb + (size_t)pc * f->Nw + (size_t)j * kcp, f->g, pc, kc, kcp, f->c0 + j, nr);
+        }
+    }
+}
+
+/* C[i0 .. i0+m, j0 .. j0+n]: for each K slice, each 32-row strip of A (in L1) meets the task's
+ * column strips of B (in L2) */
+static void fast_tile(const fast_job *f, int i0, int m, int j0, int n) {
+    const gemm_args *g = f->g;
+    float acc[FMR * FNR] __attribute__((aligned(64)));
+    for (int pc = 0; pc < g->K; pc += FKC) {
+        int kc = g->K - pc < FKC ? g->K - pc : FKC, kcp = (kc + 31) & ~31;
+        float beta = pc == 0 ? g->beta : 1.0f;     /* later slices accumulate into C */
+        for (int ir = 0; ir < m; ir += FMR) {
+            int mr = m - ir < FMR ? m - ir : FMR;
+            const uint16_t *a = (const uint16_t *)f->pa.p + (size_t)pc * f->pa.Mp + (size_t)(i0 + ir - f->pa.r0) * kcp;
+            for (int jr = 0; jr < n; jr += FNR) {
+                int nr = n - jr < FNR ? n - jr : FNR;
+                const uint16_t *b = f->pb + (size_t)pc * f->Nw + (size_t)(j0 + jr - f->c0) * kcp;
+                float *c = g->C + (int64_t)(i0 + ir) * g->ldc + j0 + jr;
+#ifdef ZI_AMX
+                /* a whole block with alpha = 1 and beta 0 or 1: straight into C */
+                if (amx_usable && mr == FMR && nr == FNR && g->alpha == 1.0f && (beta == 0.0f || beta == 1.0f)) {
+                    amx_block(kcp, a, b, c, g->ldc, beta == 1.0f);
+                    continue;
+                }
+                if (amx_usable) amx_block(kcp, a, b, acc, FNR, 0);
+                else
+#endif
+                dot_block(kcp, a, b, acc, mr);
+                tile_store(acc, FNR, c, g->ldc, mr, nr, g->alpha, beta);
+            }
+        }
+    }
+}
+
+static void fast_task(void *ctx, int64_t begin, int64_t end) {
+    const fast_job *f = ctx;
+    for (int64_t t = begin; t < end; t++) {
+        int i0 = f->pa.r0 + (int)(t % f->nmb) * f->mb, j0 = f->c0 + (int)(t / f->nmb) * f->nb;
+        int m = f->pa.r0 + f->ms - i0 < f->mb ? f->pa.r0 + f->ms - i0 : f->mb;
+        int n = f->c0 + f->nw - j0 < f->nb ? f->c0 + f->nw - j0 : f->nb;
+        fast_tile(f, i0, m, j0, n);
+    }
+}
+
+static void gemm_fast(const gemm_args *g, int T) {
+    zi_fast_kernel();                          /* asks for the AMX state once */
+    int64_t Kp = g->K / FKC * FKC + ((g->K % FKC + 31) & ~31);   /* K padded to whole tiles per slice */
+    /* rows of op(A) and columns of op(B) packed at a time: 2·A_PACK_FLOATS bf16 each */
+    int per = (int)(2 * A_PACK_FLOATS / Kp) / FMR * FMR;
+    per = per < FMR ? FMR : per;
+    int ms_max = per < (g->M + FMR - 1) / FMR * FMR ? per : (g->M + FMR - 1) / FMR * FMR;
+    int nw_max = per < (g->N + FNR - 1) / FNR * FNR ? per : (g->N + FNR - 1) / FNR * FNR;
+    float *ap = scratch(3, (size_t)ms_max * Kp / 2), *bp = scratch(5, (size_t)nw_max * Kp / 2);
+    for (int r0 = 0; r0 < g->M; r0 += ms_max) {
+        fast_job f = { g, { ap, r0, 0 }, (const uint16_t *)bp, 0, 0, 0, g->M - r0 < ms_max ? g->M - r0 : ms_max, 0, 1, 0 };
+        f.pa.Mp = (f.ms + FMR - 1) / FMR * FMR;
+        run_tasks(T, f.pa.Mp / FMR, fast_pack_A, &f);
+        for (f.c0 = 0; f.c0 < g->N; f.c0 += nw_max) {
+            f.nw = g->N - f.c0 < nw_max ? g->N - f.c0 : nw_max;
+            f.Nw = (f.nw + FNR - 1) / FNR * FNR;
+            run_tasks(T, f.Nw / FNR, fast_pack_B, &f);
+            /* tasks: about three per thread, NC columns wide (each packed row of A is read by
+             * few tasks), rows split down to 2·FMR */
+            f.nb = NC / FNR * FNR < f.Nw ? NC / FNR * FNR : f.Nw;
+            int ncb = (f.nw + f.nb - 1) / f.nb, nmb = 1;
+            while (ncb * nmb < 3 * T && (f.ms + nmb) / (nmb + 1) >= 2 * FMR) nmb++;
+            f.mb = ((f.ms + nmb - 1) / nmb + FMR - 1) / FMR * FMR;
+            f.nmb = (f.ms + f.mb - 1) / f.mb;
+            run_tasks(T, (int64_t)ncb * f.nmb, fast_task, &f);
+        }
+    }
+}
+
 void zi_gemm(int transA, int transB, int M, int N, int K, float alpha,
              const float *A, int64_t lda, const void *B, zi_dtype bt, int64_t ldb,
              float beta, float *C, int64_t ldc) {
@@ -692,6 +996,10 @@ void zi_gemm(int transA, int transB, int M, int N, int K, float alpha,
     gemm_args g = { transA, transB, M, N, K, alpha, beta, A, lda, B, bt, ldb, C, ldc };
     int T = zi_nthreads();
     if ((double)M * N * K < 1e6) T = 1;        /* too small to be worth waking the pool */
+    if (zi_fast()) {
+        gemm_fast(&g, T);
+        return;
+    }
     /* Tasks: about three per thread. Columns are split first (down to single NR strips), so
      * that each B panel is converted once; rows only when there are too few strips. */
     int want = 3 * T, strips = (N + NR - 1) / NR, spb = (strips + want - 1) / want;

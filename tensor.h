@@ -72,6 +72,16 @@ void zi_gemm_ref(int transA, int transB, int M, int N, int K, float alpha,
                  const float *A, int64_t lda, const void *B, zi_dtype bt, int64_t ldb,
                  float beta, float *C, int64_t ldc);
 
+/* The opt-in fast path (`--fast` of sample and train, or ZIMAGE_FAST=1 in the environment):
+ * zi_gemm, hence zi_linear and zi_conv2d, rounds both operands to bfloat16 and sums their
+ * products in float32: on AMX tiles or AVX512-BF16 dot products where the CPU has them, else
+ * by widening bf16 to fp32 in registers. Off by default; off again, results are bit-identical
+ * to a run that never turned it on. Fast results are also the same for any thread count, but
+ * differ between kinds of CPU (each kernel sums in its own order). */
+void zi_set_fast(int on);
+int zi_fast(void);                  /* 1 when on (first call: $ZIMAGE_FAST unless zi_set_fast ran) */
+const char *zi_fast_kernel(void);   /* what the fast path runs on here: "amx", "avx512bf16", "converting" */
+
 /* A 2-D weight as stored in the checkpoint: [rows = out features, cols = in features]. */
 typedef struct {
     const void *data;

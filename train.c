@@ -45,7 +45,7 @@
 typedef struct {
     const char *model_dir;
     const char *base_path, *metadata;
-    int repeat, epochs, accum, rank, height, width, threads, quiet, grad_ckpt;
+    int repeat, epochs, accum, rank, height, width, threads, quiet, grad_ckpt, fast;
     int64_t max_pixels, save_steps;
     double lr, weight_decay;
     const char *targets, *lora_checkpoint, *preset_lora, *output, *resume, *lora_format;
@@ -106,6 +106,9 @@ static void usage(void) {
         "  --sample-seed N                the previews' noise (0, the same for every preview)\n"
         "  --sample-size WxH              (--width x --height when given, else 512x512)\n"
         "  -t, --threads N                worker threads (all cores)\n"
+        "  --fast                         bf16 matrix products (fp32 sums; AMX / AVX512-BF16 where the\n"
+        "                                 CPU has them): faster there, slower elsewhere, not the\n"
+        "                                 golden numbers (also ZIMAGE_FAST=1)\n"
         "  -q                             no progress output\n");
 }
 
@@ -167,7 +170,7 @@ static int parse_args(int argc, char **argv, options *o) {
         if (eq && flag[1] == '-') { *eq = 0; val = a + (eq - flag) + 1; }
         for (char *p = flag + 2; *p; p++)
             if (*p == '_') *p = '-';
-        static const char *const switches[] = {"-q", "--use-gradient-checkpointing", "-h", "--help"};
+        static const char *const switches[] = {"-q", "--use-gradient-checkpointing", "--fast", "-h", "--help"};
         int is_switch = 0;
         for (size_t k = 0; k < sizeof switches / sizeof switches[0]; k++) is_switch |= !strcmp(flag, switches[k]);
         if (!is_switch && !val) {
@@ -178,6 +181,7 @@ static int parse_args(int argc, char **argv, options *o) {
         int rc = 0;
         if (!strcmp(flag, "-h") || !strcmp(flag, "--help")) { usage(); exit(0); }
         else if (!strcmp(flag, "-q")) o->quiet = 1;
+        else if (!strcmp(flag, "--fast")) o->fast = 1;
         else if (!strcmp(flag, "--use-gradient-checkpointing")) o->grad_ckpt = 1;
         else if (!strcmp(flag, "--dataset-base-path")) o->base_path = val;
         else if (!strcmp(flag, "--dataset-metadata-path")) o->metadata = val;
@@ -919,6 +923,7 @@ int main(int argc, char **argv) {
         return 2;
     }
     zi_threads_init(o.threads);
+    if (o.fast) zi_set_fast(1);
     int rc = o.eval_in ? eval(&o) : train(&o);
     if (rc) fprintf(stderr, "error: %s\n", zi_err());
     return rc ? 1 : 0;

@@ -9,6 +9,7 @@
 #include "../test/mixed_text.h"
 #include "machine.h"
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -16,25 +17,38 @@
 
 static bench_machine mach;    /* peaks, for the percentages */
 
-/* wall time, GFLOP/s and % of peak; then the same per CPU second */
-static void report(const char *name, double flop, double wall, double cpu) {
+/* wall time, GFLOP/s and % of the peak pk (pk_cpu per CPU second); then the same per CPU second */
+static void report_of(const char *name, double flop, double wall, double cpu, double pk, double pk_cpu) {
     printf("%-34s %8.1f ms %7.1f GFLOP/s %5.1f%% of peak | per CPU-s %7.1f GFLOP/s %5.1f%%\n", name, wall * 1e3,
-           flop / wall * 1e-9, 100 * flop / wall / mach.peak, flop / cpu * 1e-9, 100 * flop / cpu / mach.peak_cpu);
+           flop / wall * 1e-9, 100 * flop / wall / pk, flop / cpu * 1e-9, 100 * flop / cpu / pk_cpu);
     fflush(stdout);
+}
+
+static void report(const char *name, double flop, double wall, double cpu) {
+    report_of(name, flop, wall, cpu, mach.peak, mach.peak_cpu);
 }
 
 static int selected(const char *filter, const char *name) { return !filter || strstr(name, filter); }
 
 /* y[M, N] = x[M, K] · Wᵀ with W [N, K] in bf16, like a Linear layer */
-static void bench_linear(const char *filter, int M, int K, int N) {
+/* fast = 1: the same with zi_set_fast(1) (bf16 activations too), as a percentage of the bf16
+ * peak (of the fp32 peak where the CPU has no bf16 dot products), and its error against the
+ * exact path: max |fast - exact| / max |exact| over the output. */
+static void bench_linear(const char *filter, int M, int K, int N, int fast) {
     char name[64];
-    snprintf(name, sizeof name, "gemm bf16 %dx%dx%d", M, N, K);
+    snprintf(name, sizeof name, "gemm %s %dx%dx%d", fast ? "fast" : "bf16", M, N, K);
     if (!selected(filter, name)) return;
     float *x = malloc((size_t)M * K * 4), *y = malloc((size_t)M * N * 4);
     uint16_t *w = malloc((size_t)N * K * 2);
     for (size_t i = 0; i < (size_t)M * K; i++) x[i] = (float)((i * 7919) % 1000) * 1e-3f - 0.5f;
     for (size_t i = 0; i < (size_t)N * K; i++) w[i] = zi_f32_to_bf16((float)((i * 104729) % 1000) * 1e-3f - 0.5f);
     zi_mat W = { w, ZI_BF16, N, K };
+    float *exact = NULL;
+    if (fast) {
+        exact = malloc((size_t)M * N * 4);
+        zi_linear(exact, x, M, &W, NULL);
+    }
+    zi_set_fast(fast);
     zi_linear(y, x, M < 64 ? M : 64, &W, NULL);   /* warm-up: page the weight in, pack buffers */
     double best = 1e30, best_cpu = 1e30;
     int reps = (double)M * N * K < 2e10 ? 3 : 1;
@@ -45,8 +59,21 @@ static void bench_linear(const char *filter, int M, int K, int N) {
         best = t < best ? t : best;
         best_cpu = c < best_cpu ? c : best_cpu;
     }
-    report(name, 2.0 * M * N * K, best, best_cpu);
-    free(x); free(y); free(w);
+    zi_set_fast(0);
+    if (!fast) {
+        report(name, 2.0 * M * N * K, best, best_cpu);
+        free(x); free(y); free(w);
+        return;
+    }
+    report_of(name, 2.0 * M * N * K, best, best_cpu, mach.bpeak ? mach.bpeak : mach.peak,
+              mach.bpeak ? mach.bpeak_cpu : mach.peak_cpu);
+    double d = 0, m = 0;
+    for (size_t i = 0; i < (size_t)M * N; i++) {
+        d = fmax(d, fabs((double)y[i] - exact[i]));
+        m = fmax(m, fabs((double)exact[i]));
+    }
+    printf("%-34s error vs exact: max %.2e of max |exact| %.3g (%.1e relative)\n", "", d, m, d / m);
+    free(x); free(y); free(w); free(exact);
 }
 
 /* self-attention of S tokens, H heads of D, as in the DiT */
@@ -122,11 +149,16 @@ int main(int argc, char **argv) {
     bench_measure(&mach);
     printf("threads %d, fp32 FMA peak %.1f GFLOP/s (per CPU-s %.1f), memory read %.1f GB/s\n", zi_nthreads(),
            mach.peak * 1e-9, mach.peak_cpu * 1e-9, mach.bandwidth * 1e-9);
+    if (mach.bpeak)
+        printf("bf16 peak (%s) %.1f GFLOP/s (per CPU-s %.1f): the reference of the 'gemm fast' lines\n",
+               zi_fast_kernel(), mach.bpeak * 1e-9, mach.bpeak_cpu * 1e-9);
+    else printf("no bf16 dot products: 'gemm fast' (kernel %s) is given as %% of the fp32 peak\n", zi_fast_kernel());
     fflush(stdout);
-    bench_linear(filter, 1024, 3840, 3840);
+    bench_linear(filter, 1024, 3840, 3840, 0);
     static const int Ms[3] = { 288, 1056, 4128 }, KN[3][2] = { {3840, 3840}, {3840, 10240}, {10240, 3840} };
-    for (int i = 0; i < 3; i++)
-        for (int j = 0; j < 3; j++) bench_linear(filter, Ms[i], KN[j][0], KN[j][1]);
+    for (int f = 0; f < 2; f++)
+        for (int i = 0; i < 3; i++)
+            for (int j = 0; j < 3; j++) bench_linear(filter, Ms[i], KN[j][0], KN[j][1], f);
     for (int i = 0; i < 3; i++) bench_attention(filter, Ms[i], 30, 128);
     bench_conv(filter, 128, 256, 256);
     bench_conv(filter, 512, 64, 64);

@@ -1,4 +1,5 @@
-/* machine.c: the machine's fp32 FMA peak and memory read bandwidth (machine.h). */
+/* machine.c: the machine's fp32 FMA peak, bf16 dot-product peak and memory read bandwidth
+ * (machine.h). */
 #include "machine.h"
 #include "../tensor.h"
 
@@ -66,6 +67,66 @@ static void measure_peak(double *peak, double *peak_cpu) {
     }
 }
 
+/* The bf16 dot-product peak, measured like the FMA peak: independent chains of vdpbf16ps
+ * (64 FLOP each: 16 lanes x 2 products), or of AMX tile products where the fast path uses AMX
+ * (16 x 16 x 32 x 2 FLOP each). */
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+static void dp_loop(void *ctx, int64_t begin, int64_t end) {
+    int64_t iters = *(const int64_t *)ctx;
+    for (int64_t t = begin; t < end; t++) {
+        __m512bh a = (__m512bh)_mm512_set1_epi32(0x3f803f80), b = a;
+        __m512 c0 = _mm512_setzero_ps(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0, c7 = c0,
+               c8 = c0, c9 = c0, c10 = c0, c11 = c0;
+        for (int64_t k = 0; k < iters; k++) {
+#define DP(c) c = _mm512_dpbf16_ps(c, a, b);
+            DP(c0) DP(c1) DP(c2) DP(c3) DP(c4) DP(c5) DP(c6) DP(c7) DP(c8) DP(c9) DP(c10) DP(c11)
+#undef DP
+            __asm__ volatile("" : VREG(c0), VREG(c1), VREG(c2), VREG(c3), VREG(c4), VREG(c5),
+                                  VREG(c6), VREG(c7), VREG(c8), VREG(c9), VREG(c10), VREG(c11));
+        }
+        peak_sink += _mm512_reduce_add_ps(c0 + c1 + c2 + c3 + c4 + c5 + c6 + c7 + c8 + c9 + c10 + c11);
+    }
+}
+#endif
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+static void amx_loop(void *ctx, int64_t begin, int64_t end) {
+    int64_t iters = *(const int64_t *)ctx;
+    struct { uint8_t palette, start_row, zero[14]; uint16_t colsb[16]; uint8_t rows[16]; } cfg = { .palette = 1 };
+    for (int i = 0; i < 8; i++) cfg.colsb[i] = 64, cfg.rows[i] = 16;
+    static const uint16_t ones[16 * 32] = {0};
+    for (int64_t t = begin; t < end; t++) {
+        _tile_loadconfig(&cfg);
+        _tile_loadd(4, ones, 64); _tile_loadd(5, ones, 64); _tile_loadd(6, ones, 64); _tile_loadd(7, ones, 64);
+        _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+        for (int64_t k = 0; k < iters; k++) {
+            _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7); _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
+        }
+        _tile_release();
+    }
+}
+#endif
+
+static void measure_bf16_peak(double *bpeak, double *bpeak_cpu) {
+    int T = zi_nthreads();
+    zi_range_fn fn = NULL;
+    double flop_per_iter = 0;
+    int64_t iters = 0;
+#if defined(__AVX512BF16__)
+    fn = dp_loop, flop_per_iter = 64.0 * CHAINS, iters = 20000000;
+#endif
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+    if (!strcmp(zi_fast_kernel(), "amx")) fn = amx_loop, flop_per_iter = 4 * 16 * 16 * 32 * 2.0, iters = 2000000;
+#endif
+    for (int rep = 0; fn && rep < 3; rep++) {
+        double t0 = zi_now(), c0 = bench_cpu_now();
+        zi_parallel_for(T, 1, fn, &iters);
+        double flop = flop_per_iter * iters * T, f = flop / (zi_now() - t0), fc = flop / (bench_cpu_now() - c0);
+        *bpeak = f > *bpeak ? f : *bpeak;
+        *bpeak_cpu = fc > *bpeak_cpu ? fc : *bpeak_cpu;
+    }
+}
+
 typedef struct { const float *x; int64_t n; double sum[256]; } bw_job;
 
 static void bw_range(void *ctx, int64_t begin, int64_t end) {
@@ -99,4 +160,6 @@ void bench_measure(bench_machine *m) {
     m->peak = m->peak_cpu = 0;
     measure_peak(&m->peak, &m->peak_cpu);
     m->bandwidth = measure_bandwidth();
+    m->bpeak = m->bpeak_cpu = 0;
+    measure_bf16_peak(&m->bpeak, &m->bpeak_cpu);
 }

@@ -7,9 +7,11 @@ typedef struct {
     double peak;        /* fp32 FMA FLOP per wall second, all threads */
     double peak_cpu;    /* the same per CPU second (less disturbed on a shared machine) */
     double bandwidth;   /* bytes per second read from memory, all threads */
+    double bpeak;       /* bf16 dot products (AMX tiles or vdpbf16ps, as --fast uses), FLOP per wall */
+    double bpeak_cpu;   /* second and per CPU second; 0 when the CPU has none */
 } bench_machine;
 
-/* Measures all three with zi_nthreads() threads (about a second). */
+/* Measures them all with zi_nthreads() threads (about a second). */
 void bench_measure(bench_machine *m);
 /* Process CPU seconds (all threads). */
 double bench_cpu_now(void);
