@@ -1,5 +1,5 @@
-/* distill.c: scheme 3 of training.md, trajectory-imitation distillation (DiffSynth-Studio's
- * TrajectoryImitationLoss, diffsynth/diffusion/loss.py), for a LoRA that was first trained
+/* distill.c: training scheme 3 (train.c --task trajectory-imitation), trajectory-imitation
+ * distillation (DiffSynth-Studio's TrajectoryImitationLoss, diffsynth/diffusion/loss.py), for a LoRA that was first trained
  * with plain SFT (scheme 1) and must get its 8-step, cfg-1 ability back.
  *
  * Per sample, from fresh noise x_T and the sample's prompt (the image itself is not used):
@@ -13,7 +13,7 @@
  * One DiT in memory: the teacher is the same model with the SFT LoRA attached as run-time
  * adapters (frozen) in place of the student's, swapped around each trajectory.
  *
- * DiffSynth's bookkeeping, kept as it is (training.md §10.2-10.3):
+ * DiffSynth's bookkeeping, kept as it is (diffsynth/diffusion/loss.py, TrajectoryImitationLoss):
  *   - the teacher grid is the 50-step schedule with the 8 student *timesteps* written into the
  *     nearest teacher timesteps (indices 0, 6, 12, 19, 25, 31, 37, 44 for shift 3); its σ's are
  *     not changed, so at those steps the teacher is conditioned on the student's time but
@@ -25,12 +25,12 @@
  *   - the last target runs to the teacher's final latent (σ = 0).
  * Differences from DiffSynth, all deliberate:
  *   - float32 throughout, timesteps included: DiffSynth casts t to bf16 (1000, 956, 900, 832,
- *     752, 644, 500, 300 for the student, training.md §6.4); what we compute is what its code
+ *     752, 644, 500, 300 for the student); what we compute is what its code
  *     computes with torch_dtype=float32 (oracle/gen_golden.py, ONLY=distill). The DiT's time
  *     input is (1000 − T)/1000, as in the rest of zimage.c.
  *   - no LPIPS term: DiffSynth adds LPIPS(decode(student 8-step rollout), decode(teacher final)),
  *     but the rollout uses detached velocities from the teacher's noise, so it carries no
- *     gradient to the LoRA (training.md §10.4): it only changes the logged loss.
+ *     gradient to the LoRA: it only changes the logged loss.
  *   - the 8 student terms are run forward and backward one at a time (the sum's gradient is
  *     the sum of the terms' gradients), instead of keeping 8 graphs alive.
  */

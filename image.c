@@ -686,7 +686,9 @@ static uint8_t *png_filter_image(const uint8_t *px, int w, int h, int c, size_t 
     return out;
 }
 
-/* tEXt when the value is Latin-1/ASCII, else iTXt (UTF-8), as PIL's PngInfo.add_text does */
+/* tEXt when the value is ASCII, else iTXt (UTF-8). PIL's PngInfo.add_text also writes tEXt for
+ * non-ASCII Latin-1 text, transcoded to Latin-1; our strings are UTF-8, and iTXt keeps them as
+ * they are. */
 static int png_text_chunk(zbuf *b, const char *key, const char *val) {
     size_t kn = strlen(key), vn = strlen(val);
     if (kn < 1 || kn > 79) {

@@ -3,7 +3,7 @@
  *
  * A LoRA module adds ΔW = scale · B·A to a Linear W [out, in], with A [rank, in] (down) and
  * B [out, rank] (up); scale = alpha/rank when the file gives alpha, else 1, times the user's
- * strength. Files name the target Linear in one of several dialects (peers.md §5.3):
+ * strength. Files name the target Linear in one of several dialects:
  *   DiffSynth        layers.0.attention.to_q.lora_A.default.weight
  *   diffusers/PEFT   transformer.layers.0.attention.to_q.lora_A.weight (+ .alpha),
  *                    base_model.model.layers.0...

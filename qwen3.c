@@ -188,10 +188,6 @@ void zi_te_free(zi_te *te) {
 
 int zi_te_dim(const zi_te *te) { return te->dim; }
 
-zi_lin *zi_te_lin(zi_te *te, int i) {
-    return i >= 0 && i < te->n_layers * NLIN ? &te->layers[i / NLIN].lin[i % NLIN] : NULL;
-}
-
 /* ---------------------------------------------------------------- forward */
 
 /* RoPE tables [L, hd/2] as transformers computes them in float32:

@@ -1,5 +1,5 @@
-/* sample.c: the inference command line. The fixed part of its interface is
- * ../shared/spec/cli.md (copied in README.md); run `./sample --help` for the whole list. */
+/* sample.c: the inference command line. README.md describes its interface; run
+ * `./sample --help` for the whole list. */
 #include "zimage.h"
 
 #include <errno.h>
@@ -29,7 +29,8 @@ static const char usage[] =
 "      --shift F          flow-matching shift (scheduler config)\n"
 "      --sampler NAME     euler, heun, dpmpp_2m (euler)\n"
 "      --seed N           seed (random, printed)\n"
-"      --rng cpu|cuda     noise identical to torch.randn on that device's generator (cpu)\n"
+"      --rng cpu|cuda     noise of torch.randn on that device's generator (cpu: bit-identical;\n"
+"                         cuda: within ~3e-7)\n"
 "      --lora FILE[:S]    apply a LoRA with strength S (1); repeatable\n"
 "      --lora-merge       merge LoRAs into the weights (bf16 rounding) instead of run-time adapters\n"
 "      --init-image FILE  img2img from this PNG/JPEG (diffusers' ZImageImg2ImgPipeline); its size is\n"

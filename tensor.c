@@ -1171,9 +1171,8 @@ static void rmsnorm_bw_rows(void *ctx, int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; i++) {
         const float *x = r->x + i * r->dim, *dy = r->dy + i * r->dim;
         float *dx = r->dx + i * r->dim;
-        double ss = 0, dot = 0;
-        for (int64_t j = 0; j < r->dim; j++) ss += (double)x[j] * x[j];
-        float inv = 1.0f / sqrtf((float)(ss / r->dim) + r->eps);
+        double dot = 0;
+        float inv = 1.0f / sqrtf((float)(sum_sq(x, r->dim, 0.0) / r->dim) + r->eps);  /* as rmsnorm_rows */
         for (int64_t j = 0; j < r->dim; j++) dot += (double)(r->w ? r->w[j] * dy[j] : dy[j]) * x[j];
         float c = (float)(dot / r->dim) * inv * inv * inv;
         for (int64_t j = 0; j < r->dim; j++) dx[j] += inv * (r->w ? r->w[j] * dy[j] : dy[j]) - c * x[j];

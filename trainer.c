@@ -1,11 +1,11 @@
-/* trainer.c: the pieces of LoRA training that do not depend on a model (training.md):
+/* trainer.c: the pieces of LoRA training that do not depend on a model:
  * dataset metadata, DiffSynth-Studio's training grid and loss weights, our counter-based
  * random numbers, the trainable LoRA with AdamW + ConstantLR, the flow-matching loss, and the
  * training-state files that make --resume exact. The program train.c drives them.
  *
  * Faithfulness notes (DiffSynth runs in bf16, we in float32):
  *   - the timestep grid, weights and the loss follow DiffSynth's float32 arithmetic; DiffSynth
- *     rounds the chosen timestep to bf16 before using it (training.md §6.4), which collapses the
+ *     rounds the chosen timestep to bf16 before using it (in its bf16 runs), which collapses the
  *     1000 noise levels onto 353 and moves the DiT's time input by up to 2.7/1000. We do what
  *     DiffSynth does with torch_dtype=float32: σ = grid[i] and t = 1 − σ exactly.
  *   - LoRA master weights, gradients and AdamW moments are float32 (DiffSynth keeps them in
@@ -261,13 +261,13 @@ static uint64_t mix64(uint64_t z) {
     return z ^ (z >> 31);
 }
 
-uint64_t zi_train_hash(uint64_t seed, uint64_t stream, uint64_t counter) {
+static uint64_t train_hash(uint64_t seed, uint64_t stream, uint64_t counter) {
     return mix64(mix64(mix64(seed + 0x9e3779b97f4a7c15ull) ^ stream) + counter * 0x9e3779b97f4a7c15ull);
 }
 
 /* uniform double in [0, 1) from the top 53 bits */
 static double hash_unit(uint64_t seed, uint64_t stream, uint64_t counter) {
-    return (double)(zi_train_hash(seed, stream, counter) >> 11) * 0x1.0p-53;
+    return (double)(train_hash(seed, stream, counter) >> 11) * 0x1.0p-53;
 }
 
 int zi_train_timestep(uint64_t seed, int64_t sample, int n) {
@@ -275,7 +275,7 @@ int zi_train_timestep(uint64_t seed, int64_t sample, int n) {
 }
 
 uint64_t zi_train_noise_seed(uint64_t seed, int64_t sample) {
-    return zi_train_hash(seed, ZI_RNG_NOISE, (uint64_t)sample);
+    return train_hash(seed, ZI_RNG_NOISE, (uint64_t)sample);
 }
 
 void zi_train_perm(int *perm, int n, uint64_t seed, int epoch) {

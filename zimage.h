@@ -3,9 +3,10 @@
  * Components (one file each): tokenizer.c (Qwen2 BPE), qwen3.c (text encoder), dit.c
  * (the diffusion transformer, forward and backward), vae.c (FLUX VAE), sampler.c
  * (flow-matching schedules, samplers, torch-compatible noise), image.c (PNG/JPEG,
- * inflate/deflate), lora.c (LoRA files), zimage.c (model directory and the text-to-image
- * pipeline). Kernels live in tensor.c (tensor.h); file formats in safetensors.c
- * (safetensors.h). Every function that can fail on bad input returns -1 or NULL with a
+ * inflate/deflate), lora.c (LoRA files), trainer.c (LoRA training without a model: data,
+ * schedule, AdamW, state files), distill.c (trajectory-imitation distillation), zimage.c
+ * (model directory and the text-to-image pipeline). Kernels live in tensor.c (tensor.h); file
+ * formats in safetensors.c and json.c (safetensors.h). Every function that can fail on bad input returns -1 or NULL with a
  * one-line message in zi_err().
  */
 #ifndef ZIMAGE_H
@@ -16,7 +17,8 @@
 
 /* ================================================================ Linear layers (lora.c)
  * Every Linear of the text encoder and the DiT is a zi_lin, named as in the diffusers /
- * transformers checkpoint (e.g. "layers.0.attention.to_q"), so LoRA files can find it.
+ * transformers checkpoint (e.g. "layers.0.attention.to_q"). LoRA files find the DiT's by that
+ * name; the text encoder takes no LoRA (its keys in a LoRA file are ignored).
  * Adapters attached at run time add y += scale · B(A x) (A: [rank, in], B: [out, rank],
  * float32). */
 typedef struct zi_lora_adapter {
@@ -75,9 +77,6 @@ zi_te *zi_te_load(const char *te_dir);
  * While a dump is active, records te.hidden.K (K = 0: embeddings, K = layers run). */
 float *zi_te_encode(zi_te *te, const int32_t *ids, int L);
 int zi_te_dim(const zi_te *te);
-/* The Linear layers, for LoRA: i = 0 .. count-1 (names as "layers.N.self_attn.q_proj"),
- * NULL past the end. */
-zi_lin *zi_te_lin(zi_te *te, int i);
 void zi_te_free(zi_te *te);
 
 
@@ -305,7 +304,7 @@ int zi_lora_save(const zi_lora *l, const char *path, const char *format, zi_dtyp
 
 
 /* ================================================================ trainer.c
- * LoRA training as DiffSynth-Studio's train.py does it (spec/training.md), the parts that need
+ * LoRA training as DiffSynth-Studio's train.py does it, the parts that need
  * no model: dataset metadata, the training grid and loss weights of its FlowMatchScheduler
  * ("Z-Image" template), random numbers, the trainable LoRA with AdamW + ConstantLR, the loss,
  * and training-state files. The program train.c drives them with the DiT. */
@@ -328,7 +327,6 @@ void zi_train_grid(int n, float shift, float *sigmas, float *weights);
 
 /* Random numbers are a hash of (seed, purpose, counter): nothing to carry but counters. */
 enum { ZI_RNG_TIMESTEP = 1, ZI_RNG_NOISE, ZI_RNG_SHUFFLE, ZI_RNG_INIT };
-uint64_t zi_train_hash(uint64_t seed, uint64_t stream, uint64_t counter);
 int zi_train_timestep(uint64_t seed, int64_t sample, int n);    /* grid index of sample #k, uniform in [0, n) */
 uint64_t zi_train_noise_seed(uint64_t seed, int64_t sample);    /* for zi_randn (CPU generator) */
 void zi_train_perm(int *perm, int n, uint64_t seed, int epoch); /* the shuffled order of an epoch */
