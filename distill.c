@@ -245,9 +245,8 @@ float zi_distill_sample(zi_dit *dit, zi_train_lora *student, zi_lora *teacher, c
                         int grad_ckpt) {
     const zi_dit_cfg *dc = zi_dit_config(dit);
     int64_t n = (int64_t)dc->in_channels * in->h * in->w;
-    int nlin = zi_dit_nlin(dit);
-    zi_lin **lins = zi_malloc((size_t)nlin * sizeof *lins);
-    for (int i = 0; i < nlin; i++) lins[i] = zi_dit_lin_at(dit, i);
+    int nlin;
+    zi_lin *const *lins = zi_dit_lins(dit, &nlin);
     float *traj = zi_malloc(((size_t)s->ns + 1) * (size_t)n * sizeof(float));
     /* teacher: the SFT LoRA in place of the student's adapters, no training state */
     zi_dit_set_training(dit, 0, 0);
@@ -259,6 +258,5 @@ float zi_distill_sample(zi_dit *dit, zi_train_lora *student, zi_lora *teacher, c
     zi_dit_set_training(dit, 1, grad_ckpt);
     float loss = rc ? NAN : zi_distill_student(dit, s, c->student_cfg, in, traj, grad_scale, grad_ckpt, NULL, NULL);
     free(traj);
-    free(lins);
     return loss;
 }

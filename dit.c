@@ -295,6 +295,7 @@ void zi_dit_free(zi_dit *m) {
 const zi_dit_cfg *zi_dit_config(const zi_dit *m) { return &m->c; }
 int zi_dit_nlin(const zi_dit *m) { return m->nlin; }
 zi_lin *zi_dit_lin_at(zi_dit *m, int i) { return i >= 0 && i < m->nlin ? m->lins[i] : NULL; }
+zi_lin *const *zi_dit_lins(zi_dit *m, int *n) { *n = m->nlin; return m->lins; }
 
 zi_lin *zi_dit_linear(zi_dit *m, const char *name) {
     for (int i = 0; i < m->nlin; i++)

@@ -165,7 +165,7 @@ static void eval_dit(const char *dir, const zi_params *p, const zi_st *in, zi_st
     if (!x && !t && !cap) return;
     if (!x || !t || !cap) zi_die("%s: dit.x, dit.t and dit.cap go together", zi_st_path(in));
     zi_lora **loras = zi_calloc((size_t)p->n_lora + 1, sizeof *loras);
-    zi_dit *dit = zi_load_dit(dir, p, loras);
+    zi_dit *dit = zi_dit_load_with_loras(dir, p, loras);
     if (!dit) zi_die("%s", zi_err());
     const zi_dit_cfg *c = zi_dit_config(dit);
     if (tx->shape[0] != c->in_channels || tx->shape[1] != 1 || tt->numel != 1 || tc->shape[1] != c->cap_feat_dim)

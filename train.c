@@ -591,7 +591,7 @@ typedef struct {
     zi_dit *dit;
     zi_lora *preset;        /* merged scheme 2 LoRA, or NULL */
     float preset_strength;
-    zi_lin **lins;
+    zi_lin *const *lins;
     int nlin;
     const features *pos, *neg;  /* neg: "" when cfg > 1, else NULL */
     int h, w, factor;       /* latent size, VAE factor */
@@ -784,7 +784,8 @@ static int train(const options *o) {
     free(dit_dir);
     if (!dit) { zi_train_meta_free(&meta); return -1; }
     const zi_dit_cfg *cfg = zi_dit_config(dit);
-    int C = cfg->in_channels, nlin = zi_dit_nlin(dit), rc = -1;
+    int C = cfg->in_channels, nlin, rc = -1;
+    zi_lin *const *lins = zi_dit_lins(dit, &nlin);
     /* prompts encoded beside the dataset: the negative "" (scheme 3's guidance, guided
      * previews) and the preview prompt */
     features extra[2] = {{.text = ""}, {.text = o->sample_prompt}};
@@ -792,8 +793,6 @@ static int train(const options *o) {
                    (o->sample_every && pv.p.cfg > 1);
     features *todo = need_neg ? extra : extra + 1;
     sample *data = encode_dataset(o, &meta, C, cfg->cap_feat_dim, todo, need_neg + (o->sample_every ? 1 : 0));
-    zi_lin **lins = zi_malloc((size_t)nlin * sizeof *lins);
-    for (int i = 0; i < nlin; i++) lins[i] = zi_dit_lin_at(dit, i);
     /* DiffSynth's --preset_lora_path (scheme 2): fused into the frozen weights at strength 1
      * (in their dtype), before the trained LoRA is attached */
     float preset_strength = 1.0f;
@@ -832,7 +831,6 @@ static int train(const options *o) {
     }
     zi_train_lora_free(lora);
     zi_lora_free(preset);
-    free(lins);
     for (int i = 0; i < 2; i++) free(extra[i].f);
     for (int i = 0; data && i < meta.n; i++) { free(data[i].x0); free(data[i].cap); }
     free(data);
@@ -877,11 +875,9 @@ static int eval(const options *o) {
     x0 = zi_tensor_f32(tx); noise = zi_tensor_f32(tn); sig = zi_tensor_f32(ts); cap = zi_tensor_f32(tc);
     if (!x0 || !noise || !sig || !cap) { zi_seterr("%s: train.* inputs must be float tensors", o->eval_in); goto done; }
     xt = zi_malloc(n * sizeof(float)); out = zi_malloc(n * sizeof(float)); dout = zi_malloc(n * sizeof(float));
-    int nlin = zi_dit_nlin(dit);
-    zi_lin **lins = zi_malloc((size_t)nlin * sizeof *lins);
-    for (int i = 0; i < nlin; i++) lins[i] = zi_dit_lin_at(dit, i);
+    int nlin;
+    zi_lin *const *lins = zi_dit_lins(dit, &nlin);
     t = zi_train_lora_of(l, lins, nlin, strength);
-    free(lins);
     if (!t) goto done;
     zi_dit_set_training(dit, 1, 0);
     /* as the reference computes it: (1 − σ) and t = 1 − σ from the Python double σ */

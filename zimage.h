@@ -118,6 +118,7 @@ int zi_dit_forward(const zi_dit *m, int B, const float *const *x, const int *h, 
  * "noise_refiner.1.adaLN_modulation.0", "all_x_embedder.2-1", ...), for LoRA. */
 int zi_dit_nlin(const zi_dit *m);
 zi_lin *zi_dit_lin_at(zi_dit *m, int i);
+zi_lin *const *zi_dit_lins(zi_dit *m, int *n);     /* all of them, [*n], owned by the DiT */
 zi_lin *zi_dit_linear(zi_dit *m, const char *name);    /* NULL when absent */
 /* Training (LoRA). With on = 1, each zi_dit_forward keeps what the backward needs (replacing
  * what an earlier one kept); with gradient_checkpointing only each block's input, and the
@@ -487,7 +488,7 @@ float *zi_encode_image(const char *model_dir, const zi_image *im, uint64_t seed)
 float *zi_decode(const char *model_dir, const float *latents, int h, int w);
 /* MODEL_DIR/transformer with p's LoRAs applied (loras[p->n_lora] receives them;
  * free them with zi_lora_free, last first, before zi_dit_free). NULL on error. */
-zi_dit *zi_load_dit(const char *model_dir, const zi_params *p, zi_lora **loras);
+zi_dit *zi_dit_load_with_loras(const char *model_dir, const zi_params *p, zi_lora **loras);
 /* zi_generate, then a PNG at path with the settings in its "parameters" text chunk. */
 int zi_generate_png(const char *model_dir, const zi_params *p, const char *path);
 
