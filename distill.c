@@ -228,15 +228,8 @@ float zi_distill_student(zi_dit *dit, const zi_distill_sched *s, float cfg, cons
 /* Unlinks (on = 0) or re-appends (on = 1) the trained LoRA's adapters. */
 static void student_attach(zi_train_lora *t, int on) {
     for (int i = 0; i < t->lora.n; i++) {
-        zi_lora_adapter **p = &t->lin[i]->lora;
-        if (on) {
-            while (*p) p = &(*p)->next;
-            t->ad[i].next = NULL;
-            *p = &t->ad[i];
-        } else {
-            while (*p && *p != &t->ad[i]) p = &(*p)->next;
-            if (*p) *p = t->ad[i].next;
-        }
+        if (on) zi_lin_attach(t->lin[i], &t->ad[i]);
+        else zi_lin_detach(t->lin[i], &t->ad[i]);
     }
 }
 

@@ -33,6 +33,19 @@ void zi_lin_forward(const zi_lin *l, const float *x, int M, float *y) {
     }
 }
 
+void zi_lin_attach(zi_lin *l, zi_lora_adapter *a) {
+    zi_lora_adapter **tail = &l->lora;
+    while (*tail) tail = &(*tail)->next;
+    a->next = NULL;
+    *tail = a;
+}
+
+void zi_lin_detach(zi_lin *l, zi_lora_adapter *a) {
+    zi_lora_adapter **p = &l->lora;
+    while (*p && *p != a) p = &(*p)->next;
+    if (*p) *p = a->next;
+}
+
 /* The backward of zi_lin_forward for dy [M, out] at input x [M, in]:
  *   dx  = dy·W + Σ scale·(dy·B)·A              (written; skipped when dx is NULL)
  *   dB += scale·dyᵀ·(x·Aᵀ)     [out, rank]     for adapters with gradient buffers
@@ -398,9 +411,7 @@ int zi_lora_apply(zi_lora *l, zi_lin *const *lins, int nlins, float strength, in
         } else {
             ap->adapter = zi_calloc(1, sizeof *ap->adapter);
             *ap->adapter = (zi_lora_adapter){ .A = m->A, .B = m->B, .rank = m->rank, .scale = s };
-            zi_lora_adapter **tail = &lin->lora;      /* append: adapters apply in load order */
-            while (*tail) tail = &(*tail)->next;
-            *tail = ap->adapter;
+            zi_lin_attach(lin, ap->adapter);          /* adapters apply in load order */
         }
         if (m->rank > rank) rank = m->rank;
     }
@@ -423,9 +434,7 @@ void zi_lora_remove(zi_lora *l) {
     for (int i = l->n_applied - 1; i >= 0; i--) {
         struct zi_lora_applied *ap = &l->applied[i];
         if (ap->adapter) {
-            zi_lora_adapter **p = &ap->lin->lora;
-            while (*p && *p != ap->adapter) p = &(*p)->next;
-            if (*p) *p = ap->adapter->next;
+            zi_lin_detach(ap->lin, ap->adapter);
             free(ap->adapter);
         } else {
             ap->lin->W = ap->orig;

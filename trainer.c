@@ -337,9 +337,7 @@ static void lora_finish(zi_train_lora *t) {
         a->dA = t->g + off;
         a->dB = t->g + off + na;
         a->rank = m->rank;
-        zi_lora_adapter **tail = &t->lin[i]->lora;
-        while (*tail) tail = &(*tail)->next;
-        *tail = a;
+        zi_lin_attach(t->lin[i], a);
         off += na + nb;
     }
 }
@@ -439,11 +437,7 @@ void zi_train_lora_zero_grad(zi_train_lora *t) { memset(t->g, 0, (size_t)t->n_pa
 
 void zi_train_lora_free(zi_train_lora *t) {
     if (!t) return;
-    for (int i = 0; t->lin && i < t->lora.n; i++) {
-        zi_lora_adapter **p = &t->lin[i]->lora;
-        while (*p && *p != &t->ad[i]) p = &(*p)->next;
-        if (*p) *p = t->ad[i].next;
-    }
+    for (int i = 0; t->lin && i < t->lora.n; i++) zi_lin_detach(t->lin[i], &t->ad[i]);
     for (int i = 0; i < t->lora.n; i++) free(t->lora.m[i].name);
     free(t->lora.m);
     free(t->ad);

@@ -41,6 +41,10 @@ void zi_lin_forward(const zi_lin *l, const float *x, int M, float *y);
 /* Its backward for dy [M, out]: dx [M, in] = dy·W + Σ scale·(dy·B)·A (written; dx may be NULL),
  * and for every adapter with dA/dB: dB += scale·dyᵀ·(x·Aᵀ), dA += scale·(dy·B)ᵀ·x. */
 void zi_lin_backward(const zi_lin *l, const float *x, const float *dy, int M, float *dx);
+/* Appends a (not owned) to l's adapters: adapters apply in the order attached. Detach unlinks
+ * it again (nothing when it is not attached). */
+void zi_lin_attach(zi_lin *l, zi_lora_adapter *a);
+void zi_lin_detach(zi_lin *l, zi_lora_adapter *a);
 
 /* ================================================================ tokenizer.c
  * The Qwen2 byte-level BPE tokenizer, read from a Hugging Face tokenizer.json; ids are exactly
