@@ -453,6 +453,25 @@ zi_mat zi_tensor_mat(const zi_tensor *t) {
     return (zi_mat){ .data = t->data, .dtype = t->dtype, .rows = rows, .cols = rows ? t->numel / rows : 0 };
 }
 
+float *zi_st_need_f32(const zi_st *st, const char *name, int ndim, const int64_t *shape) {
+    const zi_tensor *t = zi_st_need(st, name, ndim, shape);
+    if (!t) return NULL;
+    float *v = zi_tensor_f32(t);
+    if (!v) zi_seterr("%s: %s is not a float tensor", st->path, name);
+    return v;
+}
+
+int zi_st_need_mat(const zi_st *st, const char *name, int ndim, const int64_t *shape, zi_mat *out) {
+    const zi_tensor *t = zi_st_need(st, name, ndim, shape);
+    if (!t) return -1;
+    if (t->dtype != ZI_F32 && t->dtype != ZI_BF16 && t->dtype != ZI_F16) {
+        zi_seterr("%s: %s has dtype %s (expected F32, BF16 or F16)", st->path, name, zi_dtype_name(t->dtype));
+        return -1;
+    }
+    *out = zi_tensor_mat(t);
+    return 0;
+}
+
 /* ================================================================ writer */
 typedef struct {
     char *name;

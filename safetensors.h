@@ -66,6 +66,11 @@ const zi_tensor *zi_st_need(const zi_st *st, const char *name, int ndim, const i
 float *zi_tensor_f32(const zi_tensor *t);
 /* View of a 2-D float tensor (or a conv weight flattened to [shape0, rest]) as a weight. */
 zi_mat zi_tensor_mat(const zi_tensor *t);
+/* zi_st_need, then: a float32 copy (malloc'd) of a float tensor (biases, norm weights), or a
+ * weight view in a dtype the GEMM takes (F32, BF16, F16; returns 0 or -1). Errors name the
+ * file and tensor. */
+float *zi_st_need_f32(const zi_st *st, const char *name, int ndim, const int64_t *shape);
+int zi_st_need_mat(const zi_st *st, const char *name, int ndim, const int64_t *shape, zi_mat *out);
 
 /* Writer: collects tensors (the data is copied), then writes "path.tmp" and renames it to
  * path, so a reader never sees a half-written file. */
