@@ -1555,19 +1555,16 @@ void zi_image_from_float(const float *chw, int w, int h, uint8_t *rgb) {
         }
 }
 
-static float bf16_round(float x) { return zi_bf16_to_f32(zi_f32_to_bf16(x)); }
-
 void zi_image_to_float(const uint8_t *rgb, int w, int h, float *chw, int bf16) {
     size_t plane = (size_t)w * h;
     const float s = (float)(2.0 / 255.0);
     for (size_t i = 0; i < plane; i++)
         for (int k = 0; k < 3; k++) {
             /* DiffSynth: image * ((1 - (-1)) / 255) + (-1), two tensor ops, each rounded to the
-             * tensor's dtype. The product is formed exactly in double and rounded to float, so
-             * the compiler cannot fuse it with the subtraction into an FMA (which rounds once
-             * and gives e.g. 1.0000001 instead of 1.0 for 255). */
-            float p = (float)((double)rgb[3 * i + k] * s);
-            chw[k * plane + i] = bf16 ? bf16_round(bf16_round(p) - 1.0f) : p - 1.0f;
+             * tensor's dtype: zi_rnd keeps the product from being fused with the subtraction
+             * into an FMA (which rounds once and gives e.g. 1.0000001 instead of 1.0 for 255). */
+            float p = zi_rnd((float)rgb[3 * i + k] * s);
+            chw[k * plane + i] = bf16 ? zi_bf16_round(zi_bf16_round(p) - 1.0f) : p - 1.0f;
         }
 }
 

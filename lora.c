@@ -355,14 +355,7 @@ static void *merge_weight(const zi_mat *W, const zi_lora_module *m, float s) {
         zi_to_f32(tmp, (const uint8_t *)W->data + r0 * cols * esz, W->dtype, (size_t)nr * cols);
         zi_gemm(0, 0, nr, (int)cols, m->rank, s, m->B + r0 * m->rank, m->rank, m->A, ZI_F32, (int64_t)cols,
                 1.0f, tmp, (int64_t)cols);
-        for (size_t i = 0; i < (size_t)nr * cols; i++) {
-            uint8_t *d = dst + (r0 * cols + i) * esz;
-            if (W->dtype == ZI_F32) memcpy(d, &tmp[i], 4);
-            else {
-                uint16_t h = W->dtype == ZI_BF16 ? zi_f32_to_bf16(tmp[i]) : zi_f32_to_f16(tmp[i]);
-                memcpy(d, &h, 2);
-            }
-        }
+        zi_from_f32(dst + r0 * cols * esz, tmp, W->dtype, (size_t)nr * cols);
     }
     free(tmp);
     return dst;
@@ -501,15 +494,11 @@ int zi_lora_save(const zi_lora *l, const char *path, const char *format, zi_dtyp
         size_t na = (size_t)m->rank * m->in, nb = (size_t)m->out * m->rank;
         float scale = fold ? zi_lora_scale(m) : 1.0f;
         uint8_t *A = zi_malloc(na * esz), *B = zi_malloc(nb * esz);
-        for (size_t k = 0; k < na + nb; k++) {
-            float v = k < na ? m->A[k] : m->B[k - na] * scale;
-            uint8_t *d = k < na ? A + k * esz : B + (k - na) * esz;
-            if (dtype == ZI_F32) memcpy(d, &v, 4);
-            else {
-                uint16_t h = dtype == ZI_BF16 ? zi_f32_to_bf16(v) : zi_f32_to_f16(v);
-                memcpy(d, &h, 2);
-            }
-        }
+        float *Bs = zi_malloc(nb * sizeof(float));
+        zi_scale(Bs, m->B, scale, (int64_t)nb);
+        zi_from_f32(A, m->A, dtype, na);
+        zi_from_f32(B, Bs, dtype, nb);
+        free(Bs);
         char *flat = f == KOHYA ? flatten(m->name) : NULL;
         char *ka, *kb, *kalpha;
         switch (f) {

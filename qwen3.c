@@ -197,7 +197,7 @@ static void rope_tables(float *cos_, float *sin_, int L, int hd, float theta) {
     int half = hd / 2;
     for (int i = 0; i < half; i++) {
         float inv_freq = 1.0f / powf(theta, (float)(2 * i) / (float)hd);
-        inv_freq = zi_bf16_to_f32(zi_f32_to_bf16(inv_freq));
+        inv_freq = zi_bf16_round(inv_freq);
         for (int p = 0; p < L; p++) {
             float a = (float)p * inv_freq;
             cos_[(size_t)p * half + i] = cosf(a);

@@ -71,11 +71,7 @@ struct zi_st {
     size_t tmask;               /* table size - 1 (a power of two) */
 };
 
-static uint64_t hash_name(const char *s) {  /* FNV-1a */
-    uint64_t h = 1469598103934665603ull;
-    for (; *s; s++) h = (h ^ (unsigned char)*s) * 1099511628211ull;
-    return h;
-}
+static uint64_t hash_name(const char *s) { return zi_fnv1a(ZI_FNV1A_BASIS, s, strlen(s)); }
 
 /* Reads a JSON number that must be a non-negative integer below 2^53 (exact in a double). */
 static int json_uint(const zj *v, uint64_t *out) {

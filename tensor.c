@@ -174,6 +174,16 @@ void zi_to_f32(float *dst, const void *src, zi_dtype t, size_t n) {
     }
 }
 
+void zi_from_f32(void *dst, const float *src, zi_dtype t, size_t n) {
+    uint16_t *d = dst;
+    switch (t) {
+    case ZI_F32: memmove(dst, src, n * sizeof(float)); break;
+    case ZI_BF16: for (size_t i = 0; i < n; i++) d[i] = zi_f32_to_bf16(src[i]); break;
+    case ZI_F16: for (size_t i = 0; i < n; i++) d[i] = zi_f32_to_f16(src[i]); break;
+    default: zi_die("zi_from_f32: bad dtype %d", (int)t);
+    }
+}
+
 /* ---------------------------------------------------------------- threads */
 static int default_threads(void) {
     const char *e = getenv("ZIMAGE_THREADS");

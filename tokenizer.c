@@ -291,12 +291,7 @@ struct zi_tokenizer {
 };
 
 /* ---------------------------------------------------------------- hashing */
-static uint64_t hash_bytes(const void *p, size_t n) {       /* FNV-1a */
-    const uint8_t *s = p;
-    uint64_t h = 0xcbf29ce484222325ull;
-    for (size_t i = 0; i < n; i++) h = (h ^ s[i]) * 0x100000001b3ull;
-    return h;
-}
+static uint64_t hash_bytes(const void *p, size_t n) { return zi_fnv1a(ZI_FNV1A_BASIS, p, n); }
 
 static uint64_t hash_pair(uint64_t key) {
     key *= 0x9E3779B97F4A7C15ull;

@@ -298,14 +298,8 @@ static char *join(const char *base, const char *rel) {
     return zi_path("%s%s%s", base, base[n - 1] == '/' ? "" : "/", rel);
 }
 
-/* FNV-1a, 64 bits, over a NUL-terminated field (the NUL separates fields) */
-static uint64_t fnv(uint64_t h, const void *data, size_t n) {
-    const unsigned char *p = data;
-    for (size_t i = 0; i < n; i++) h = (h ^ p[i]) * 0x100000001b3ull;
-    return h;
-}
-
-static uint64_t fnv_str(uint64_t h, const char *s) { return fnv(h, s, strlen(s) + 1); }
+/* FNV-1a over a field with its NUL (the NUL separates fields) */
+static uint64_t fnv_str(uint64_t h, const char *s) { return zi_fnv1a(h, s, strlen(s) + 1); }
 
 /* Puts "META: row N: " before the current error (zi_err()'s buffer is reused by zi_seterr). */
 static void row_error(const char *meta, int row) {
@@ -328,7 +322,7 @@ typedef struct {
  * identified by its real path, size and modification time. */
 static uint64_t cache_key(const encoders *e, const char *image, const struct stat *st, const char *prompt) {
     char *real = realpath(image, NULL), num[160];
-    uint64_t h = fnv_str(0xcbf29ce484222325ull, "zimage.c train cache v1");
+    uint64_t h = fnv_str(ZI_FNV1A_BASIS, "zimage.c train cache v1");
     h = fnv_str(h, e->model);
     h = fnv_str(h, real ? real : image);
     snprintf(num, sizeof num, "%lld %lld.%09ld %d %d %lld", (long long)st->st_size, (long long)st->st_mtim.tv_sec,

@@ -210,34 +210,20 @@ void zi_train_meta_free(zi_train_meta *m) {
 
 /* ================================================================ schedule */
 
-/* torch.linspace(start, end, steps) in float32: the first half counts up from start, the
- * second half down from end (aten RangeFactoriesKernel.cpp; fused multiply-add as built). */
-static float linspace_at(float start, float end, int steps, int i) {
-    float step = (end - start) / (float)(steps - 1);
-    return i < steps / 2 ? fmaf(step, (float)i, start) : fmaf(-step, (float)(steps - i - 1), end);
-}
-
-/* Keeps a product from being fused into the following addition: torch rounds each tensor
- * operation on its own (see sampler.c). */
-static inline float rnd(float x) {
-    __asm__("" : "+m"(x));
-    return x;
-}
-
 void zi_train_grid(int n, float shift, float *sigmas, float *weights) {
     /* FlowMatchScheduler.set_timesteps_z_image(n, training=True):
      * σ = linspace(1, 0, n + 1)[:-1]; σ = shift·σ / (1 + (shift − 1)·σ), float32 tensors */
-    for (int i = 0; i < n; i++) {
-        float s = linspace_at(1.0f, 0.0f, n + 1, i);
-        sigmas[i] = rnd(shift * s) / (1.0f + rnd((shift - 1.0f) * s));
-    }
+    float *s = zi_malloc(((size_t)n + 1) * sizeof *s);
+    zi_linspace_f32(1.0f, 0.0f, n + 1, s);
+    for (int i = 0; i < n; i++) sigmas[i] = zi_rnd(shift * s[i]) / (1.0f + zi_rnd((shift - 1.0f) * s[i]));
+    free(s);
     /* set_training_weight: x = 1000σ, y = exp(−2((x − 500)/1000)²), z = y − min y,
      * w = z·(1000/Σz); for n != 1000: w·n/1000 + (that)[1]. Σ is float32 in torch (a
      * pairwise sum); we sum in double, which can move w by an ulp. */
     float ymin = INFINITY;
     for (int i = 0; i < n; i++) {
         float d = (sigmas[i] * 1000.0f - 500.0f) / 1000.0f;
-        weights[i] = expf(-2.0f * rnd(d * d));
+        weights[i] = expf(-2.0f * zi_rnd(d * d));
         if (weights[i] < ymin) ymin = weights[i];
     }
     double sum = 0;
@@ -468,7 +454,7 @@ static void adamw_range(void *ctx, int64_t begin, int64_t end) {
         float g = c->g[i];
         c->w[i] *= c->decay;
         c->m[i] += c->one_b1 * (g - c->m[i]);                      /* lerp_(g, 1 − β1) */
-        c->v[i] = rnd(c->v[i] * c->b2) + rnd(c->one_b2 * g) * g;    /* mul_(β2).addcmul_(g, g, 1 − β2) */
+        c->v[i] = zi_rnd(c->v[i] * c->b2) + zi_rnd(c->one_b2 * g) * g;    /* mul_(β2).addcmul_(g, g, 1 − β2) */
         float denom = sqrtf(c->v[i]) / c->bc2_sqrt + c->eps;
         c->w[i] += c->neg_step * (c->m[i] / denom);                 /* addcdiv_(m, denom, −step_size) */
     }
@@ -501,7 +487,7 @@ int zi_train_lora_step(zi_train_lora *t, double lr, double weight_decay) {
 void zi_train_noisy(float *xt, const float *x0, const float *noise, float sigma, int64_t n) {
     /* FlowMatchScheduler.add_noise: (1 − σ)·x0 + σ·n */
     float a = 1.0f - sigma;
-    for (int64_t i = 0; i < n; i++) xt[i] = rnd(a * x0[i]) + rnd(sigma * noise[i]);
+    for (int64_t i = 0; i < n; i++) xt[i] = zi_rnd(a * x0[i]) + zi_rnd(sigma * noise[i]);
 }
 
 float zi_train_loss(const float *out, const float *x0, const float *noise, int64_t n, float weight,

@@ -167,6 +167,8 @@ int zi_vae_factor(const zi_vae *v);         /* spatial down-sampling factor, 2^(
  * samplers integrate dx/dσ = v, where v is what diffusers hands to scheduler.step: for Z-Image
  * the negated DiT output (≈ noise − x0). */
 
+/* torch.linspace(start, end, steps) in float32, into out[steps] */
+void zi_linspace_f32(float start, float end, int steps, float *out);
 /* sigmas[0..steps]: σ_i = shift·s_i / (1 + (shift − 1)·s_i) with s = linspace(1, 1/steps, steps)
  * (float32, torch's linspace), and the terminal σ_steps = 0. steps >= 1. */
 void zi_flow_sigmas(int steps, double shift, float *sigmas);
