@@ -706,16 +706,6 @@ static int png_text_chunk(zbuf *b, const char *key, const char *val) {
     return 0;
 }
 
-/* fsync of the directory holding path, so that a rename into it survives a power cut */
-static int sync_dir(const char *path) {
-    const char *slash = strrchr(path, '/');
-    char *dir = slash ? zi_path("%.*s", (int)(slash - path) + (slash == path), path) : zi_strdup(".");
-    int fd = open(dir, O_RDONLY | O_DIRECTORY), rc = fd < 0 ? -1 : fsync(fd);
-    if (fd >= 0) close(fd);
-    free(dir);
-    return rc;
-}
-
 /* Writes buf to path through a temporary file in the same directory, fsync'd, renamed over
  * path, then the directory fsync'd: readers never see a half-written file, a failure leaves no
  * output, and the new file survives a power cut. */
@@ -747,7 +737,7 @@ static int write_atomic(const char *path, const uint8_t *buf, size_t n) {
     if (what) {
         zi_seterr("%s: %s failed: %s", path, what, strerror(errno));
         unlink(tmp);
-    } else if (sync_dir(path)) {
+    } else if (zi_sync_dir(path)) {
         zi_seterr("%s: fsync of its directory failed: %s", path, strerror(errno));
         what = "fsync";
     }
@@ -1524,17 +1514,11 @@ int zi_image_decode(const uint8_t *buf, size_t n, zi_image *out) {
 
 int zi_image_load(const char *path, zi_image *out) {
     memset(out, 0, sizeof *out);
-    FILE *f = fopen(path, "rb");
-    if (!f) { zi_seterr("%s: %s", path, strerror(errno)); return -1; }
-    zbuf b = { 0 };
-    uint8_t chunk[1 << 16];
-    size_t k;
-    while ((k = fread(chunk, 1, sizeof chunk, f)) > 0) zb_put(&b, chunk, k);
-    int bad = ferror(f);
-    fclose(f);
-    if (bad) { free(b.p); zi_seterr("%s: read error", path); return -1; }
-    int rc = zi_image_decode(b.p ? b.p : chunk, b.n, out);
-    free(b.p);
+    size_t n;
+    char *buf = zi_read_file(path, &n);
+    if (!buf) return -1;
+    int rc = zi_image_decode((const uint8_t *)buf, n, out);
+    free(buf);
     if (rc) {
         char msg[512];
         snprintf(msg, sizeof msg, "%s", zi_err());

@@ -19,11 +19,9 @@
 #include "safetensors.h"
 #include "utf8.h"
 
-#include <errno.h>
 #include <locale.h>
 #include <math.h>
 #include <stdalign.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -354,20 +352,9 @@ zj *zj_parse(const char *text, size_t len, const char *what) {
 }
 
 zj *zj_load(const char *path) {
-    FILE *f = fopen(path, "rb");
-    if (!f) { zi_seterr("%s: %s", path, strerror(errno)); return NULL; }
-    errno = 0;
-    size_t cap = 1 << 16, len = 0;
-    char *buf = zi_malloc(cap);
-    for (;;) {
-        len += fread(buf + len, 1, cap - len, f);
-        if (len < cap) break;
-        cap *= 2;
-        buf = zi_realloc(buf, cap);
-    }
-    int err = ferror(f) ? errno : 0;
-    fclose(f);
-    if (err) { free(buf); zi_seterr("%s: %s", path, strerror(err)); return NULL; }
+    size_t len;
+    char *buf = zi_read_file(path, &len);
+    if (!buf) return NULL;
     zj *root = zj_parse(buf, len, path);
     free(buf);
     return root;

@@ -46,6 +46,26 @@ char *zi_path(const char *fmt, ...) {
     return s;
 }
 
+char *zi_read_file(const char *path, size_t *len) {
+    FILE *f = fopen(path, "rb");
+    if (!f) { zi_seterr("%s: %s", path, strerror(errno)); return NULL; }
+    errno = 0;
+    size_t cap = 1 << 16, n = 0;
+    char *buf = zi_malloc(cap);
+    for (;;) {
+        n += fread(buf + n, 1, cap - n, f);
+        if (n < cap) break;
+        cap *= 2;
+        buf = zi_realloc(buf, cap);
+    }
+    int err = ferror(f) ? (errno ? errno : EIO) : 0;
+    fclose(f);
+    if (err) { free(buf); zi_seterr("%s: %s", path, strerror(err)); return NULL; }
+    buf[n] = 0;                 /* n < cap */
+    *len = n;
+    return buf;
+}
+
 static int ends_with(const char *s, const char *suffix) {
     size_t n = strlen(s), m = strlen(suffix);
     return n >= m && !strcmp(s + n - m, suffix);
@@ -612,8 +632,7 @@ static int write_all(int fd, const void *p, size_t n) {
     return 0;
 }
 
-/* fsync of the directory holding path, so that a rename into it survives a power cut */
-static int sync_dir(const char *path) {
+int zi_sync_dir(const char *path) {
     const char *slash = strrchr(path, '/');
     char *dir = slash ? zi_path("%.*s", (int)(slash - path) + (slash == path), path) : zi_strdup(".");
     int fd = open(dir, O_RDONLY | O_DIRECTORY), rc = fd < 0 ? -1 : fsync(fd);
@@ -681,7 +700,7 @@ int zi_stw_write(zi_stw *w, const char *path) {
         if (!what) test_slow_write();
         if (!what && rename(tmp, path)) what = "rename";
         if (what) { int e = errno; unlink(tmp); errno = e; }
-        else if (sync_dir(path)) what = "fsync of the directory";
+        else if (zi_sync_dir(path)) what = "fsync of the directory";
     }
     if (what) zi_seterr("%s: %s failed (temporary %s): %s", path, what, tmp, strerror(errno));
     int rc = what ? -1 : 0;

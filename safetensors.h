@@ -107,5 +107,10 @@ int zi_cfg_ints(const zj *cfg, const char *key, int *out, int max);
 
 /* Path helper: snprintf into a malloc'd string. */
 char *zi_path(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+/* The whole file (malloc'd, with a NUL after its *len bytes); NULL with "path: strerror". */
+char *zi_read_file(const char *path, size_t *len);
+/* fsync of the directory holding path, so that a rename into it survives a power cut (the
+ * last step of the atomic writers: zi_stw_write, the PNG writer). 0 or -1 (errno set). */
+int zi_sync_dir(const char *path);
 
 #endif

@@ -185,18 +185,9 @@ int zi_train_meta_parse(const char *text, size_t len, const char *path, zi_train
 
 int zi_train_meta_load(const char *path, zi_train_meta *out) {
     *out = (zi_train_meta){0};
-    FILE *f = fopen(path, "rb");
-    if (!f) { zi_seterr("%s: cannot open", path); return -1; }
-    char *buf = NULL;
-    size_t len = 0, cap = 0, k;
-    do {
-        if (len + 65536 > cap) buf = zi_realloc(buf, cap = 2 * cap + 65536);
-        k = fread(buf + len, 1, cap - len, f);
-        len += k;
-    } while (k > 0);
-    int err = ferror(f);
-    fclose(f);
-    if (err) { free(buf); zi_seterr("%s: read error", path); return -1; }
+    size_t len;
+    char *buf = zi_read_file(path, &len);
+    if (!buf) return -1;
     int rc = zi_train_meta_parse(buf, len, path, out);
     free(buf);
     return rc;
