@@ -268,11 +268,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--shift")) p.shift = parse_number(a, VALUE(), 1e-3, 1000);
         else if (!strcmp(a, "--sampler")) p.sampler = VALUE();
         else if (!strcmp(a, "--seed")) { p.seed = (uint64_t)parse_int(a, VALUE(), 0, LONG_MAX); seed_given = 1; }
-        else if (!strcmp(a, "--rng")) {
-            const char *v = VALUE();
-            if (strcmp(v, "cpu") && strcmp(v, "cuda")) zi_die("--rng: expected cpu or cuda, got '%s'", v);
-            p.rng_cuda = !strcmp(v, "cuda");
-        }
+        else if (!strcmp(a, "--rng")) { if (zi_rng_parse(VALUE(), &p.rng)) zi_die("%s", zi_err()); }
         else if (!strcmp(a, "--lora")) {
             if (p.n_lora == 64) zi_die("--lora: at most 64 LoRAs");
             if (!(lora_files[p.n_lora] = zi_lora_arg(VALUE(), &lora_strengths[p.n_lora]))) zi_die("--lora: %s", zi_err());

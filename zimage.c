@@ -212,10 +212,7 @@ int zi_img2img_start(int steps, double strength) {
 float *zi_denoise(zi_dit *dit, const float *pos, int Lp, const float *neg, int Ln, int h, int w,
                   const float *z0, const zi_params *p) {
     zi_sampler sampler;
-    if (zi_sampler_parse(p->sampler, &sampler)) {
-        zi_seterr("--sampler: unknown sampler '%s' (euler, heun, dpmpp_2m)", p->sampler);
-        return NULL;
-    }
+    if (zi_sampler_parse(p->sampler, &sampler)) return NULL;
     if (p->steps < 1 || p->shift <= 0) { zi_seterr("zi_denoise: steps %d, shift %g", p->steps, p->shift); return NULL; }
     int start = z0 ? zi_img2img_start(p->steps, p->strength) : 0;
     if (start >= p->steps) {
@@ -235,7 +232,7 @@ float *zi_denoise(zi_dit *dit, const float *pos, int Lp, const float *neg, int L
     zi_flow_sigmas(p->steps, p->shift, sigmas);
     float *x = zi_malloc((size_t)d.n * sizeof *x);
     if (!z0) {
-        zi_randn(x, d.n, p->seed, p->rng_cuda ? ZI_RNG_CUDA : ZI_RNG_CPU);
+        zi_randn(x, d.n, p->seed, p->rng);
     } else {
         /* the generator's first n normals were the posterior sample's (zi_encode_image), the
          * next n are the noise; n being a multiple of 16, torch's randn(n) consumed exactly n
@@ -273,7 +270,7 @@ static int load_init_image(const zi_params *p, zi_image *im) {
         zi_image_free(im);
         return -1;
     }
-    if (p->rng_cuda) {
+    if (p->rng != ZI_RNG_CPU) {
         zi_seterr("--init-image: only the CPU generator (--rng cpu) is supported");
         zi_image_free(im);
         return -1;
@@ -283,10 +280,7 @@ static int load_init_image(const zi_params *p, zi_image *im) {
 
 float *zi_generate(const char *dir, const zi_params *p) {
     zi_sampler sampler;
-    if (zi_sampler_parse(p->sampler, &sampler)) {
-        zi_seterr("--sampler: unknown sampler '%s' (euler, heun, dpmpp_2m)", p->sampler);
-        return NULL;
-    }
+    if (zi_sampler_parse(p->sampler, &sampler)) return NULL;
     if (p->steps < 1) { zi_seterr("--steps: must be at least 1"); return NULL; }
     int factor;
     if (zi_check_size(dir, p->width, p->height, &factor)) return NULL;

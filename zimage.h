@@ -455,7 +455,7 @@ typedef struct {
     float shift;            /* <= 0: the scheduler config's */
     const char *sampler;    /* euler, heun, dpmpp_2m */
     uint64_t seed;
-    int rng_cuda;           /* noise as torch.randn on a CUDA generator instead of the CPU one */
+    zi_rng rng;             /* the torch.randn generator the noise reproduces (ZI_RNG_CPU = 0) */
     int n_lora;
     const char *const *lora_files;
     const float *lora_strengths;
