@@ -29,6 +29,7 @@
  * OUTPUT/sample-STEP.png. */
 #include "zimage.h"
 
+#include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
@@ -36,7 +37,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <strings.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -219,9 +219,13 @@ static int parse_args(int argc, char **argv, options *o) {
         else if (!strcmp(flag, "--eval-out")) o->eval_out = val;
         else if (!strcmp(flag, "--lora")) o->eval_lora = val;
         else if (!strcmp(flag, "--save-dtype")) {
-            o->save_dtype = !strcasecmp(val, "f32") ? ZI_F32 : !strcasecmp(val, "f16") ? ZI_F16
-                          : !strcasecmp(val, "bf16") ? ZI_BF16 : ZI_NDTYPES;
-            if (o->save_dtype == ZI_NDTYPES) { zi_seterr("--save-dtype: '%s' is not bf16, f16 or f32", val); rc = -1; }
+            char up[8] = "";    /* zi_dtype_parse takes the safetensors spelling: BF16 */
+            for (size_t i = 0; val[i] && i + 1 < sizeof up; i++) up[i] = (char)toupper((unsigned char)val[i]);
+            zi_dtype t;
+            if (strlen(val) >= sizeof up || zi_dtype_parse(up, &t) || (t != ZI_BF16 && t != ZI_F16 && t != ZI_F32)) {
+                zi_seterr("--save-dtype: '%s' is not bf16, f16 or f32", val);
+                rc = -1;
+            } else o->save_dtype = t;
         } else if (!strcmp(flag, "--lora-base-model") || !strcmp(flag, "--preset-lora-model")) {
             if (strcmp(val, "dit")) { zi_seterr("%s: only 'dit' is supported (got '%s')", flag, val); rc = -1; }
         } else if (!strcmp(flag, "--task")) {
