@@ -706,9 +706,8 @@ static int png_text_chunk(zbuf *b, const char *key, const char *val) {
     return 0;
 }
 
-/* Writes buf to path through a temporary file in the same directory, fsync'd, renamed over
- * path, then the directory fsync'd: readers never see a half-written file, a failure leaves no
- * output, and the new file survives a power cut. */
+/* Writes buf to path through a temporary file of a unique name in the same directory (several
+ * writers may target one path), committed by zi_write_atomic: a failure leaves no output. */
 static int write_atomic(const char *path, const uint8_t *buf, size_t n) {
     static atomic_uint counter;
     size_t plen = strlen(path) + 32;
@@ -724,25 +723,9 @@ static int write_atomic(const char *path, const uint8_t *buf, size_t n) {
         free(tmp);
         return -1;
     }
-    const char *what = NULL;
-    for (size_t off = 0; off < n && !what;) {
-        ssize_t k = write(fd, buf + off, n - off);
-        if (k < 0 && errno == EINTR) continue;
-        if (k <= 0) what = "write";
-        else off += (size_t)k;
-    }
-    if (!what && fsync(fd)) what = "fsync";
-    if (close(fd) && !what) what = "close";
-    if (!what && rename(tmp, path)) what = "rename";
-    if (what) {
-        zi_seterr("%s: %s failed: %s", path, what, strerror(errno));
-        unlink(tmp);
-    } else if (zi_sync_dir(path)) {
-        zi_seterr("%s: fsync of its directory failed: %s", path, strerror(errno));
-        what = "fsync";
-    }
+    int rc = zi_write_atomic(fd, tmp, path, 1, (const void *const[]){ buf }, &n);
     free(tmp);
-    return what ? -1 : 0;
+    return rc;
 }
 
 int zi_png_write_image(const char *path, const zi_image *im, const char *const *text_kv, int n_kv) {

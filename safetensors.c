@@ -632,7 +632,8 @@ static int write_all(int fd, const void *p, size_t n) {
     return 0;
 }
 
-int zi_sync_dir(const char *path) {
+/* fsync of the directory holding path, so that a rename into it survives a power cut */
+static int sync_dir(const char *path) {
     const char *slash = strrchr(path, '/');
     char *dir = slash ? zi_path("%.*s", (int)(slash - path) + (slash == path), path) : zi_strdup(".");
     int fd = open(dir, O_RDONLY | O_DIRECTORY), rc = fd < 0 ? -1 : fsync(fd);
@@ -648,8 +649,21 @@ static void test_slow_write(void) {
     if (ms && atoi(ms) > 0) usleep((useconds_t)atoi(ms) * 1000);
 }
 
-/* The file is written to PATH.tmp, fsync'd, renamed over PATH, and the directory fsync'd:
- * a reader (or a run killed at any moment) sees the old file or the new one, never a part. */
+int zi_write_atomic(int fd, const char *tmp, const char *path, int n, const void *const *buf, const size_t *len) {
+    const char *what = NULL;
+    for (int i = 0; i < n && !what; i++)
+        if (write_all(fd, buf[i], len[i])) what = "write";
+    if (!what && fsync(fd)) what = "fsync";
+    if (close(fd) && !what) what = "close";
+    if (!what) test_slow_write();
+    if (!what && rename(tmp, path)) what = "rename";
+    if (what) { int e = errno; unlink(tmp); errno = e; }
+    else if (sync_dir(path)) what = "fsync of the directory";
+    if (what) zi_seterr("%s: %s failed (temporary %s): %s", path, what, tmp, strerror(errno));
+    return what ? -1 : 0;
+}
+
+/* The file is written to PATH.tmp and committed by zi_write_atomic. */
 int zi_stw_write(zi_stw *w, const char *path) {
     stw_tensor **order = zi_malloc((size_t)(w->n ? w->n : 1) * sizeof *order);
     for (int i = 0; i < w->n; i++) order[i] = &w->t[i];
@@ -688,22 +702,18 @@ int zi_stw_write(zi_stw *w, const char *path) {
     /* a fixed temporary name: a writer killed half-way leaves PATH.tmp, which the next write
      * of PATH truncates and reuses (one writer per path at a time) */
     char *tmp = zi_path("%s.tmp", path);
-    const char *what = NULL;
-    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    if (fd < 0) what = "create";
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC, 0644), rc = -1;
+    if (fd < 0) zi_seterr("%s: create failed (temporary %s): %s", path, tmp, strerror(errno));
     else {
-        if (write_all(fd, len8, 8) || write_all(fd, h.s, h.n)) what = "write";
-        for (int i = 0; i < w->n && !what; i++)
-            if (write_all(fd, order[i]->data, order[i]->nbytes)) what = "write";
-        if (!what && fsync(fd)) what = "fsync";
-        if (close(fd) && !what) what = "close";
-        if (!what) test_slow_write();
-        if (!what && rename(tmp, path)) what = "rename";
-        if (what) { int e = errno; unlink(tmp); errno = e; }
-        else if (zi_sync_dir(path)) what = "fsync of the directory";
+        const void **buf = zi_malloc((size_t)(w->n + 2) * sizeof *buf);
+        size_t *len = zi_malloc((size_t)(w->n + 2) * sizeof *len);
+        buf[0] = len8, len[0] = 8;
+        buf[1] = h.s, len[1] = h.n;
+        for (int i = 0; i < w->n; i++) buf[i + 2] = order[i]->data, len[i + 2] = order[i]->nbytes;
+        rc = zi_write_atomic(fd, tmp, path, w->n + 2, buf, len);
+        free(buf);
+        free(len);
     }
-    if (what) zi_seterr("%s: %s failed (temporary %s): %s", path, what, tmp, strerror(errno));
-    int rc = what ? -1 : 0;
     free(tmp);
     free(h.s);
     free(order);

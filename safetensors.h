@@ -109,8 +109,11 @@ int zi_cfg_ints(const zj *cfg, const char *key, int *out, int max);
 char *zi_path(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 /* The whole file (malloc'd, with a NUL after its *len bytes); NULL with "path: strerror". */
 char *zi_read_file(const char *path, size_t *len);
-/* fsync of the directory holding path, so that a rename into it survives a power cut (the
- * last step of the atomic writers: zi_stw_write, the PNG writer). 0 or -1 (errno set). */
-int zi_sync_dir(const char *path);
+/* Finishes an atomic file write; fd is open on tmp, a new file in path's directory. Writes the
+ * n buffers, fsyncs, closes, renames tmp over path and fsyncs the directory: a reader (or a run
+ * killed at any moment) sees the old file or the new one, never a part, and the new one
+ * survives a power cut. On failure tmp is removed and the error names path, the failed step
+ * and tmp. 0 or -1. */
+int zi_write_atomic(int fd, const char *tmp, const char *path, int n, const void *const *buf, const size_t *len);
 
 #endif
