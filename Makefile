@@ -4,6 +4,8 @@
 #   make CC=clang     any C11 compiler
 #   make debug        ASan + UBSan build in build/debug/
 #   make bench        kernel benchmarks
+#   make bench-full   whole-model timings on a full-size random model (~20 GB, written once
+#                     to $(ZIMAGE_BENCH_MODEL), default ~/.cache/zimage-bench/model)
 # BUILD (objects) and BINDIR (programs) may be overridden to keep several builds apart.
 CC      ?= cc
 BUILD   ?= build
@@ -26,6 +28,7 @@ LIBOBJ  := $(LIBSRC:%.c=$(BUILD)/%.o)
 TESTSRC := $(wildcard test/*.c)
 TESTOBJ := $(TESTSRC:%.c=$(BUILD)/%.o)
 BENCHSRC:= $(wildcard bench/*.c)
+ZIMAGE_BENCH_MODEL ?= $(HOME)/.cache/zimage-bench/model
 
 all: $(PROGS:%=$(BINDIR)/%)
 
@@ -47,11 +50,22 @@ $(BUILD)/zitest: $(TESTOBJ) $(BUILD)/libzimage.a
 test: all $(BUILD)/zitest
 	ZI_BIN=$(BINDIR) $(BUILD)/zitest $(TEST)
 
-$(BUILD)/zibench: $(BENCHSRC:%.c=$(BUILD)/%.o) $(BUILD)/libzimage.a
+# bench programs: bench/NAME.c (+ bench/machine.c, the machine's peak and bandwidth)
+$(BUILD)/zibench: $(BUILD)/bench/bench.o $(BUILD)/bench/machine.o $(BUILD)/libzimage.a
+	$(CC) $(LDFLAGS) $^ -o $@ $(LDLIBS)
+$(BUILD)/bench_full: $(BUILD)/bench/bench_full.o $(BUILD)/bench/machine.o $(BUILD)/libzimage.a
+	$(CC) $(LDFLAGS) $^ -o $@ $(LDLIBS)
+$(BUILD)/make_model: $(BUILD)/bench/make_model.o $(BUILD)/libzimage.a
 	$(CC) $(LDFLAGS) $^ -o $@ $(LDLIBS)
 
 bench: $(BUILD)/zibench
 	$(BUILD)/zibench $(BENCH)
+
+# BENCH=stage,stage,... runs some stages (see bench/bench_full.c)
+bench-full: $(BUILD)/bench_full $(BUILD)/make_model
+	@mkdir -p $(ZIMAGE_BENCH_MODEL)
+	$(BUILD)/make_model $(ZIMAGE_BENCH_MODEL) test/golden/tiny-zimage/tokenizer
+	$(BUILD)/bench_full $(ZIMAGE_BENCH_MODEL) $(BENCH)
 
 debug:
 	$(MAKE) BUILD=build/debug BINDIR=build/debug OPT="-O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined" \
@@ -60,7 +74,7 @@ debug:
 clean:
 	rm -rf build $(PROGS)
 
-.PHONY: all test bench debug clean
+.PHONY: all test bench bench-full debug clean
 .SUFFIXES:
 .PRECIOUS: $(BUILD)/%.o
--include $(LIBOBJ:.o=.d) $(TESTOBJ:.o=.d) $(PROGS:%=$(BUILD)/%.d)
+-include $(LIBOBJ:.o=.d) $(TESTOBJ:.o=.d) $(PROGS:%=$(BUILD)/%.d) $(BENCHSRC:%.c=$(BUILD)/%.d)

@@ -16,6 +16,7 @@ static const char usage[] =
 "       sample MODEL_DIR --tokenize TEXT\n"
 "       sample MODEL_DIR --eval IN.safetensors --eval-out OUT.safetensors [--lora FILE[:S]]\n"
 "       sample --convert-lora IN OUT --to diffsynth|diffusers|comfyui|kohya\n"
+"       sample --convert IN_DIR OUT_DIR   (a bf16 copy of an fp32 checkpoint)\n"
 "\n"
 "  -o, --output FILE      PNG to write (out.png)\n"
 "  -n, --negative TEXT    negative prompt, used when --cfg > 1 (\"\")\n"
@@ -245,7 +246,7 @@ int main(int argc, char **argv) {
     const char *pos[2] = {0};
     int npos = 0;
     const char *output = "out.png", *info = NULL, *tokenize = NULL, *eval_in = NULL, *eval_out = NULL;
-    const char *convert[2] = {0}, *convert_to = NULL;
+    const char *convert[2] = {0}, *convert_to = NULL, *bf16[2] = {0};
     int threads = 0;
     zi_params p = zi_params_default();
     char *lora_files[64];
@@ -286,6 +287,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--eval-out")) eval_out = VALUE();
         else if (!strcmp(a, "--convert-lora")) { convert[0] = VALUE(); convert[1] = VALUE(); }
         else if (!strcmp(a, "--to")) convert_to = VALUE();
+        else if (!strcmp(a, "--convert")) { bf16[0] = VALUE(); bf16[1] = VALUE(); }
         else if (a[0] == '-' && a[1]) zi_die("unknown option %s (see --help)", a);
         else if (npos < 2) pos[npos++] = a;
         else zi_die("unexpected argument '%s' (see --help)", a);
@@ -297,6 +299,10 @@ int main(int argc, char **argv) {
 
     if (info) return cmd_info(info);
     if (convert[0]) return cmd_convert(convert[0], convert[1], convert_to);
+    if (bf16[0]) {
+        if (zi_convert_bf16(bf16[0], bf16[1], !p.quiet)) zi_die("%s", zi_err());
+        return 0;
+    }
     if (npos < 1) { fputs(usage, stderr); return 1; }
     if (tokenize) return cmd_tokenize(pos[0], tokenize);
     if (eval_in || eval_out) {

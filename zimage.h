@@ -15,6 +15,8 @@
 #include "tensor.h"
 #include "safetensors.h"
 
+#include <stdio.h>
+
 /* ================================================================ Linear layers (lora.c)
  * Every Linear of the text encoder and the DiT is a zi_lin, named as in the diffusers /
  * transformers checkpoint (e.g. "layers.0.attention.to_q"). LoRA files find the DiT's by that
@@ -118,6 +120,11 @@ const zi_dit_cfg *zi_dit_config(const zi_dit *m);
  * on bad sizes or position ids past axes_lens. */
 int zi_dit_forward(const zi_dit *m, int B, const float *const *x, const int *h, const int *w,
                    const float *t, const float *const *cap, const int *L, float *const *out);
+/* Outside training the feed-forward runs over at most `rows` tokens at a time (default
+ * ZI_DIT_FFN_TILE; <= 0: all at once): its [rows, 8·dim/3] intermediates are the largest
+ * activations at 1024². The results do not change. */
+#define ZI_DIT_FFN_TILE 2048
+void zi_dit_set_ffn_tile(zi_dit *m, int rows);
 /* The model's Linear layers by diffusers module name ("layers.0.attention.to_q",
  * "noise_refiner.1.adaLN_modulation.0", "all_x_embedder.2-1", ...), for LoRA. */
 int zi_dit_nlin(const zi_dit *m);
@@ -440,6 +447,25 @@ float zi_distill_student(zi_dit *dit, const zi_distill_sched *s, float cfg, cons
 float zi_distill_sample(zi_dit *dit, zi_train_lora *student, zi_lora *teacher, const zi_distill_sched *s,
                         const zi_distill_cfg *c, const zi_distill_input *in, const float *xT, float grad_scale,
                         int grad_ckpt);
+
+/* ================================================================ convert.c
+ * Safetensors written as a stream, for files larger than memory: the header first (names,
+ * dtypes, shapes; the tensors' data follows in the order given, without gaps), then the caller
+ * writes each tensor's bytes in that order. */
+typedef struct {
+    const char *name;
+    zi_dtype dtype;
+    int ndim;
+    int64_t shape[ZI_MAXDIM];
+} zi_st_entry;
+int64_t zi_st_entry_bytes(const zi_st_entry *e);
+/* 0, or -1 with an error naming path (used in messages only). */
+int zi_st_write_header(FILE *f, const zi_st_entry *e, int n, const char *path);
+/* `sample --convert`: copies the directory in_dir (a model directory, or one component) to
+ * out_dir with every float32 tensor of its .safetensors files rounded to bfloat16; index files
+ * get the new total_size, other files are copied. Tensor by tensor through the mmap, whose pages
+ * are dropped once converted: the memory used stays small. 0 or -1. */
+int zi_convert_bf16(const char *in_dir, const char *out_dir, int verbose);
 
 
 /* ================================================================ zimage.c */

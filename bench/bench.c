@@ -1,110 +1,25 @@
 /* bench.c: kernel benchmarks (`make bench`, BENCH=substring runs the matching cases).
  * First measures the machine: fp32 FMA peak over all threads and memory read bandwidth; then
  * times the GEMM (bf16 weights, the shapes of the model's Linear layers) and attention,
- * printing each rate as a percentage of the measured peak. Rates are also given per CPU-second
- * (process CPU time), which on a machine shared with other jobs is the steadier figure. */
-#include "../tensor.h"
+ * printing each rate as a percentage of the measured peak, the VAE's convolutions, and last the
+ * tokenizer (goals: loading tokenizer.json < 0.5 s, 1 MB of mixed text < 1 s). Rates are also
+ * given per CPU-second (process CPU time), which on a machine shared with other jobs is the
+ * steadier figure. */
+#include "../zimage.h"
+#include "../test/mixed_text.h"
+#include "machine.h"
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
-/* Process CPU seconds (all threads). The machine may be shared: rates per CPU-second are less
- * disturbed by other processes than wall-clock rates, so both are printed. */
-static double cpu_now(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t);
-    return t.tv_sec + t.tv_nsec * 1e-9;
-}
-
-/* A vector of the widest float SIMD the compiler targets; a*b+c becomes one FMA
- * (-ffp-contract=fast). */
-#if defined(__AVX512F__)
-#define VLEN 16
-#elif defined(__AVX__)
-#define VLEN 8
-#else
-#define VLEN 4
-#endif
-typedef float vf __attribute__((vector_size(VLEN * 4)));
-enum { CHAINS = 12 };           /* independent accumulators: enough to cover the FMA latency */
-#if defined(__x86_64__) || defined(__i386__)
-#define VREG(v) "+x"(v)         /* "a vector register" in the asm constraint syntax */
-#else
-#define VREG(v) "+w"(v)
-#endif
-
-static double peak_sink;
-
-/* 12 named accumulators (an array would be kept in memory); the empty asm stops the compiler
- * from collapsing the chains. */
-static void fma_loop(void *ctx, int64_t begin, int64_t end) {
-    int64_t iters = *(const int64_t *)ctx;
-    for (int64_t t = begin; t < end; t++) {
-        vf m, a;
-        for (int i = 0; i < VLEN; i++) m[i] = 0.999999f, a[i] = 1e-7f;
-        vf c0 = m, c1 = m, c2 = m, c3 = m, c4 = m, c5 = m, c6 = m, c7 = m, c8 = m, c9 = m, c10 = m, c11 = m;
-        for (int64_t k = 0; k < iters; k++) {
-            c0 = c0 * m + a; c1 = c1 * m + a; c2 = c2 * m + a; c3 = c3 * m + a;
-            c4 = c4 * m + a; c5 = c5 * m + a; c6 = c6 * m + a; c7 = c7 * m + a;
-            c8 = c8 * m + a; c9 = c9 * m + a; c10 = c10 * m + a; c11 = c11 * m + a;
-            __asm__ volatile("" : VREG(c0), VREG(c1), VREG(c2), VREG(c3), VREG(c4), VREG(c5),
-                                  VREG(c6), VREG(c7), VREG(c8), VREG(c9), VREG(c10), VREG(c11));
-        }
-        vf s = c0 + c1 + c2 + c3 + c4 + c5 + c6 + c7 + c8 + c9 + c10 + c11;
-        peak_sink += s[0];
-    }
-}
-
-static double peak, peak_cpu;   /* FLOP per wall second (all threads), per CPU second */
-
-/* FLOP/s of independent FMA chains, one per thread */
-static void measure_peak(void) {
-    int T = zi_nthreads();
-    int64_t iters = 20000000;
-    for (int rep = 0; rep < 3; rep++) {
-        double t0 = zi_now(), c0 = cpu_now();
-        zi_parallel_for(T, 1, fma_loop, &iters);
-        double flop = 2.0 * VLEN * CHAINS * iters * T, f = flop / (zi_now() - t0), fc = flop / (cpu_now() - c0);
-        peak = f > peak ? f : peak;
-        peak_cpu = fc > peak_cpu ? fc : peak_cpu;
-    }
-}
-
-typedef struct { const float *x; int64_t n; double sum[256]; } bw_job;
-
-static void bw_range(void *ctx, int64_t begin, int64_t end) {
-    bw_job *b = ctx;
-    for (int64_t t = begin; t < end; t++) {
-        vf s = {0};
-        const vf *v = (const vf *)(b->x + t * b->n);
-        for (int64_t i = 0; i < b->n / VLEN; i++) s += v[i];
-        b->sum[t % 256] += s[0];
-    }
-}
-
-/* bytes/s of reading a 256 MB buffer with all threads */
-static double measure_bandwidth(void) {
-    int64_t n = 64 << 20, chunks = 64;
-    float *x = aligned_alloc(64, (size_t)n * 4);
-    memset(x, 0, (size_t)n * 4);
-    bw_job b = { x, n / chunks, {0} };
-    double best = 0;
-    for (int rep = 0; rep < 4; rep++) {
-        double t0 = zi_now();
-        zi_parallel_for(chunks, 1, bw_range, &b);
-        double r = (double)n * 4 / (zi_now() - t0);
-        best = r > best ? r : best;
-    }
-    free(x);
-    return best;
-}
+static bench_machine mach;    /* peaks, for the percentages */
 
 /* wall time, GFLOP/s and % of peak; then the same per CPU second */
 static void report(const char *name, double flop, double wall, double cpu) {
     printf("%-34s %8.1f ms %7.1f GFLOP/s %5.1f%% of peak | per CPU-s %7.1f GFLOP/s %5.1f%%\n", name, wall * 1e3,
-           flop / wall * 1e-9, 100 * flop / wall / peak, flop / cpu * 1e-9, 100 * flop / cpu / peak_cpu);
+           flop / wall * 1e-9, 100 * flop / wall / mach.peak, flop / cpu * 1e-9, 100 * flop / cpu / mach.peak_cpu);
     fflush(stdout);
 }
 
@@ -124,9 +39,9 @@ static void bench_linear(const char *filter, int M, int K, int N) {
     double best = 1e30, best_cpu = 1e30;
     int reps = (double)M * N * K < 2e10 ? 3 : 1;
     for (int r = 0; r < reps; r++) {
-        double t0 = zi_now(), c0 = cpu_now();
+        double t0 = zi_now(), c0 = bench_cpu_now();
         zi_linear(y, x, M, &W, NULL);
-        double t = zi_now() - t0, c = cpu_now() - c0;
+        double t = zi_now() - t0, c = bench_cpu_now() - c0;
         best = t < best ? t : best;
         best_cpu = c < best_cpu ? c : best_cpu;
     }
@@ -144,9 +59,9 @@ static void bench_attention(const char *filter, int S, int H, int D) {
     for (size_t i = 0; i < n; i++) q[i] = (float)((i * 7919) % 1000) * 2e-3f - 1, k[i] = q[(i * 31) % n], v[i] = q[(i * 17) % n];
     double best = 1e30, best_cpu = 1e30;
     for (int r = 0; r < (S > 2048 ? 1 : 2); r++) {
-        double t0 = zi_now(), c0 = cpu_now();
+        double t0 = zi_now(), c0 = bench_cpu_now();
         zi_attention(o, H * D, q, H * D, k, H * D, v, H * D, S, S, H, H, D, 1 / 11.3f, 0, S, NULL);
-        double t = zi_now() - t0, c = cpu_now() - c0;
+        double t = zi_now() - t0, c = bench_cpu_now() - c0;
         best = t < best ? t : best;
         best_cpu = c < best_cpu ? c : best_cpu;
     }
@@ -166,9 +81,9 @@ static void bench_conv(const char *filter, int C, int H, int W) {
     zi_mat wm = { w, ZI_F32, C, (int64_t)C * 9 };
     double best = 1e30, best_cpu = 1e30;
     for (int r = 0; r < 2; r++) {
-        double t0 = zi_now(), c0 = cpu_now();
+        double t0 = zi_now(), c0 = bench_cpu_now();
         zi_conv2d(y, x, C, H, W, &wm, NULL, 3, 3, 1, 1, 1, 1, 1);
-        double t = zi_now() - t0, c = cpu_now() - c0;
+        double t = zi_now() - t0, c = bench_cpu_now() - c0;
         best = t < best ? t : best;
         best_cpu = c < best_cpu ? c : best_cpu;
     }
@@ -176,12 +91,37 @@ static void bench_conv(const char *filter, int C, int H, int W) {
     free(x); free(y); free(w);
 }
 
+/* Loading the real tokenizer.json (the Qwen2 vocabulary, 151k tokens, 151k merges) and
+ * encoding 1 MB of mixed text, single-threaded. */
+static void bench_tokenizer(const char *filter) {
+    if (!selected(filter, "tokenizer")) return;
+    double t0 = zi_now();
+    zi_tokenizer *t = zi_tok_load("test/golden/tiny-zimage/tokenizer/tokenizer.json");
+    double load = zi_now() - t0;
+    size_t n;
+    char *text = t ? zt_mixed_text("test/tokenizer-corpus.json", 1 << 20, &n) : NULL;
+    if (!text) {
+        printf("tokenizer: %s\n", zi_err());
+        zi_tok_free(t);
+        return;
+    }
+    int32_t *ids;
+    t0 = zi_now();
+    int nids = zi_tok_encode(t, text, n, &ids);
+    double enc = zi_now() - t0;
+    printf("tokenizer: load tokenizer.json %.3f s (goal < 0.5 s); encode %.2f MB of mixed text %.3f s "
+           "(goal < 1 s), %.1f MB/s, %d ids\n", load, n / 1e6, enc, n / 1e6 / enc, nids);
+    free(ids);
+    free(text);
+    zi_tok_free(t);
+}
+
 int main(int argc, char **argv) {
     const char *filter = argc > 1 && argv[1][0] ? argv[1] : NULL;
     zi_threads_init(0);
-    measure_peak();
+    bench_measure(&mach);
     printf("threads %d, fp32 FMA peak %.1f GFLOP/s (per CPU-s %.1f), memory read %.1f GB/s\n", zi_nthreads(),
-           peak * 1e-9, peak_cpu * 1e-9, measure_bandwidth() * 1e-9);
+           mach.peak * 1e-9, mach.peak_cpu * 1e-9, mach.bandwidth * 1e-9);
     fflush(stdout);
     bench_linear(filter, 1024, 3840, 3840);
     static const int Ms[3] = { 288, 1056, 4128 }, KN[3][2] = { {3840, 3840}, {3840, 10240}, {10240, 3840} };
@@ -190,5 +130,6 @@ int main(int argc, char **argv) {
     for (int i = 0; i < 3; i++) bench_attention(filter, Ms[i], 30, 128);
     bench_conv(filter, 128, 256, 256);
     bench_conv(filter, 512, 64, 64);
+    bench_tokenizer(filter);
     return 0;
 }

@@ -2,6 +2,7 @@
  * with ids from HF tokenizers, decoding, invalid UTF-8, load and encode speed. */
 #include "test.h"
 #include "../zimage.h"
+#include "mixed_text.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -122,19 +123,9 @@ TEST(tok_speed) {
     double load = zi_now() - t0;
     CHECK(t2, "%s", zi_err());
     zi_tok_free(t2);
-    zj *corpus = zj_load("test/tokenizer-corpus.json");
-    CHECK(corpus, "%s", zi_err());
-    const zj *cases = zj_get(corpus, "cases");
-    size_t cap = 1 << 20, n = 0;
-    char *text = malloc(cap);
-    for (int i = 0; n < cap; i = (i + 1) % cases->n) {
-        const zj *s = zj_get(&cases->kids[i], "text");
-        size_t k = s->len < cap - n ? s->len : cap - n;
-        while (k > 0 && ((unsigned char)s->str[k] & 0xC0) == 0x80 && k < s->len) k--;   /* whole characters */
-        memcpy(text + n, s->str, k);
-        n += k;
-        if (k < s->len) break;
-    }
+    size_t n;
+    char *text = zt_mixed_text("test/tokenizer-corpus.json", 1 << 20, &n);
+    CHECK(text, "%s", zi_err());
     int32_t *ids;
     t0 = zi_now();
     int nids = zi_tok_encode(t, text, n, &ids);
@@ -143,7 +134,6 @@ TEST(tok_speed) {
             "in %.3f s (%.1f MB/s, %d ids)\n", load, n / 1e6, enc, n / 1e6 / enc, nids);
     free(ids);
     free(text);
-    zj_free(corpus);
     CHECK(nids > 0, "encode: %s", zi_err());   /* the time goals are make bench's: tests never assert on time */
 }
 

@@ -1,0 +1,102 @@
+/* machine.c: the machine's fp32 FMA peak and memory read bandwidth (machine.h). */
+#include "machine.h"
+#include "../tensor.h"
+
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+/* Process CPU seconds (all threads). The machine may be shared: rates per CPU-second are less
+ * disturbed by other processes than wall-clock rates, so both are printed. */
+double bench_cpu_now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t);
+    return t.tv_sec + t.tv_nsec * 1e-9;
+}
+
+/* A vector of the widest float SIMD the compiler targets; a*b+c becomes one FMA
+ * (-ffp-contract=fast). */
+#if defined(__AVX512F__)
+#define VLEN 16
+#elif defined(__AVX__)
+#define VLEN 8
+#else
+#define VLEN 4
+#endif
+typedef float vf __attribute__((vector_size(VLEN * 4)));
+enum { CHAINS = 12 };           /* independent accumulators: enough to cover the FMA latency */
+#if defined(__x86_64__) || defined(__i386__)
+#define VREG(v) "+x"(v)         /* "a vector register" in the asm constraint syntax */
+#else
+#define VREG(v) "+w"(v)
+#endif
+
+static double peak_sink;
+
+/* 12 named accumulators (an array would be kept in memory); the empty asm stops the compiler
+ * from collapsing the chains. */
+static void fma_loop(void *ctx, int64_t begin, int64_t end) {
+    int64_t iters = *(const int64_t *)ctx;
+    for (int64_t t = begin; t < end; t++) {
+        vf m, a;
+        for (int i = 0; i < VLEN; i++) m[i] = 0.999999f, a[i] = 1e-7f;
+        vf c0 = m, c1 = m, c2 = m, c3 = m, c4 = m, c5 = m, c6 = m, c7 = m, c8 = m, c9 = m, c10 = m, c11 = m;
+        for (int64_t k = 0; k < iters; k++) {
+            c0 = c0 * m + a; c1 = c1 * m + a; c2 = c2 * m + a; c3 = c3 * m + a;
+            c4 = c4 * m + a; c5 = c5 * m + a; c6 = c6 * m + a; c7 = c7 * m + a;
+            c8 = c8 * m + a; c9 = c9 * m + a; c10 = c10 * m + a; c11 = c11 * m + a;
+            __asm__ volatile("" : VREG(c0), VREG(c1), VREG(c2), VREG(c3), VREG(c4), VREG(c5),
+                                  VREG(c6), VREG(c7), VREG(c8), VREG(c9), VREG(c10), VREG(c11));
+        }
+        vf s = c0 + c1 + c2 + c3 + c4 + c5 + c6 + c7 + c8 + c9 + c10 + c11;
+        peak_sink += s[0];
+    }
+}
+
+/* FLOP/s of independent FMA chains, one per thread: the best of three runs */
+static void measure_peak(double *peak, double *peak_cpu) {
+    int T = zi_nthreads();
+    int64_t iters = 20000000;
+    for (int rep = 0; rep < 3; rep++) {
+        double t0 = zi_now(), c0 = bench_cpu_now();
+        zi_parallel_for(T, 1, fma_loop, &iters);
+        double flop = 2.0 * VLEN * CHAINS * iters * T, f = flop / (zi_now() - t0), fc = flop / (bench_cpu_now() - c0);
+        *peak = f > *peak ? f : *peak;
+        *peak_cpu = fc > *peak_cpu ? fc : *peak_cpu;
+    }
+}
+
+typedef struct { const float *x; int64_t n; double sum[256]; } bw_job;
+
+static void bw_range(void *ctx, int64_t begin, int64_t end) {
+    bw_job *b = ctx;
+    for (int64_t t = begin; t < end; t++) {
+        vf s = {0};
+        const vf *v = (const vf *)(b->x + t * b->n);
+        for (int64_t i = 0; i < b->n / VLEN; i++) s += v[i];
+        b->sum[t % 256] += s[0];
+    }
+}
+
+/* bytes/s of reading a 256 MB buffer with all threads */
+static double measure_bandwidth(void) {
+    int64_t n = 64 << 20, chunks = 64;
+    float *x = aligned_alloc(64, (size_t)n * 4);
+    memset(x, 0, (size_t)n * 4);
+    bw_job b = { x, n / chunks, {0} };
+    double best = 0;
+    for (int rep = 0; rep < 4; rep++) {
+        double t0 = zi_now();
+        zi_parallel_for(chunks, 1, bw_range, &b);
+        double r = (double)n * 4 / (zi_now() - t0);
+        best = r > best ? r : best;
+    }
+    free(x);
+    return best;
+}
+
+void bench_measure(bench_machine *m) {
+    m->peak = m->peak_cpu = 0;
+    measure_peak(&m->peak, &m->peak_cpu);
+    m->bandwidth = measure_bandwidth();
+}
