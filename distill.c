@@ -1,5 +1,5 @@
-/* distill.c: scheme 3 of training.md, trajectory-imitation distillation (DiffSynth-Studio's
- * TrajectoryImitationLoss, diffsynth/diffusion/loss.py), for a LoRA that was first trained
+/* distill.c: training scheme 3 (train.c --task trajectory-imitation), trajectory-imitation
+ * distillation (DiffSynth-Studio's TrajectoryImitationLoss, diffsynth/diffusion/loss.py), for a LoRA that was first trained
  * with plain SFT (scheme 1) and must get its 8-step, cfg-1 ability back.
  *
  * Per sample, from fresh noise x_T and the sample's prompt (the image itself is not used):
@@ -13,7 +13,7 @@
  * One DiT in memory: the teacher is the same model with the SFT LoRA attached as run-time
  * adapters (frozen) in place of the student's, swapped around each trajectory.
  *
- * DiffSynth's bookkeeping, kept as it is (training.md §10.2-10.3):
+ * DiffSynth's bookkeeping, kept as it is (diffsynth/diffusion/loss.py, TrajectoryImitationLoss):
  *   - the teacher grid is the 50-step schedule with the 8 student *timesteps* written into the
  *     nearest teacher timesteps (indices 0, 6, 12, 19, 25, 31, 37, 44 for shift 3); its σ's are
  *     not changed, so at those steps the teacher is conditioned on the student's time but
@@ -25,12 +25,12 @@
  *   - the last target runs to the teacher's final latent (σ = 0).
  * Differences from DiffSynth, all deliberate:
  *   - float32 throughout, timesteps included: DiffSynth casts t to bf16 (1000, 956, 900, 832,
- *     752, 644, 500, 300 for the student, training.md §6.4); what we compute is what its code
+ *     752, 644, 500, 300 for the student); what we compute is what its code
  *     computes with torch_dtype=float32 (oracle/gen_golden.py, ONLY=distill). The DiT's time
  *     input is (1000 − T)/1000, as in the rest of zimage.c.
  *   - no LPIPS term: DiffSynth adds LPIPS(decode(student 8-step rollout), decode(teacher final)),
  *     but the rollout uses detached velocities from the teacher's noise, so it carries no
- *     gradient to the LoRA (training.md §10.4): it only changes the logged loss.
+ *     gradient to the LoRA: it only changes the logged loss.
  *   - the 8 student terms are run forward and backward one at a time (the sum's gradient is
  *     the sum of the terms' gradients), instead of keeping 8 graphs alive.
  */
@@ -228,15 +228,8 @@ float zi_distill_student(zi_dit *dit, const zi_distill_sched *s, float cfg, cons
 /* Unlinks (on = 0) or re-appends (on = 1) the trained LoRA's adapters. */
 static void student_attach(zi_train_lora *t, int on) {
     for (int i = 0; i < t->lora.n; i++) {
-        zi_lora_adapter **p = &t->lin[i]->lora;
-        if (on) {
-            while (*p) p = &(*p)->next;
-            t->ad[i].next = NULL;
-            *p = &t->ad[i];
-        } else {
-            while (*p && *p != &t->ad[i]) p = &(*p)->next;
-            if (*p) *p = t->ad[i].next;
-        }
+        if (on) zi_lin_attach(t->lin[i], &t->ad[i]);
+        else zi_lin_detach(t->lin[i], &t->ad[i]);
     }
 }
 
@@ -245,9 +238,8 @@ float zi_distill_sample(zi_dit *dit, zi_train_lora *student, zi_lora *teacher, c
                         int grad_ckpt) {
     const zi_dit_cfg *dc = zi_dit_config(dit);
     int64_t n = (int64_t)dc->in_channels * in->h * in->w;
-    int nlin = zi_dit_nlin(dit);
-    zi_lin **lins = zi_malloc((size_t)nlin * sizeof *lins);
-    for (int i = 0; i < nlin; i++) lins[i] = zi_dit_lin_at(dit, i);
+    int nlin;
+    zi_lin *const *lins = zi_dit_lins(dit, &nlin);
     float *traj = zi_malloc(((size_t)s->ns + 1) * (size_t)n * sizeof(float));
     /* teacher: the SFT LoRA in place of the student's adapters, no training state */
     zi_dit_set_training(dit, 0, 0);
@@ -259,6 +251,5 @@ float zi_distill_sample(zi_dit *dit, zi_train_lora *student, zi_lora *teacher, c
     zi_dit_set_training(dit, 1, grad_ckpt);
     float loss = rc ? NAN : zi_distill_student(dit, s, c->student_cfg, in, traj, grad_scale, grad_ckpt, NULL, NULL);
     free(traj);
-    free(lins);
     return loss;
 }

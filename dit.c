@@ -81,24 +81,16 @@ static int64_t dim_of(const zi_st *st, const char *name, int ndim, int d) {
 /* A float32 copy of the float tensor NAME of shape [n] (or [1, n] when row is set). */
 static float *load_vec(const zi_dit *m, const char *name, int64_t n, int row) {
     int64_t shape[2] = { row ? 1 : n, n };
-    const zi_tensor *t = zi_st_need(m->st, name, row ? 2 : 1, row ? shape : shape + 1);
-    if (!t) return NULL;
-    float *v = zi_tensor_f32(t);
-    if (!v) zi_seterr("%s: %s is not a float tensor", zi_st_path(m->st), name);
-    return v;
+    return zi_st_need_f32(m->st, name, row ? 2 : 1, row ? shape : shape + 1);
 }
 
 /* The Linear module NAME: weight [out, in] (a view into the mmap), optional bias [out]. */
 static int load_lin(zi_dit *m, zi_lin *l, const char *name, int64_t out, int64_t in, int bias) {
     char key[160];
     snprintf(key, sizeof key, "%s.weight", name);
-    const zi_tensor *w = zi_st_need(m->st, key, 2, (const int64_t[]){ out, in });
-    if (!w) return -1;
-    if (w->dtype != ZI_F32 && w->dtype != ZI_BF16 && w->dtype != ZI_F16) {
-        zi_seterr("%s: %s has dtype %s (expected F32, BF16 or F16)", zi_st_path(m->st), key, zi_dtype_name(w->dtype));
-        return -1;
-    }
-    *l = (zi_lin){ .name = zi_strdup(name), .W = zi_tensor_mat(w) };
+    zi_mat W;
+    if (zi_st_need_mat(m->st, key, 2, (const int64_t[]){ out, in }, &W)) return -1;
+    *l = (zi_lin){ .name = zi_strdup(name), .W = W };
     m->lins = zi_realloc(m->lins, (m->nlin + 1) * sizeof *m->lins);
     m->lins[m->nlin++] = l;
     if (bias) {
@@ -298,6 +290,7 @@ const zi_dit_cfg *zi_dit_config(const zi_dit *m) { return &m->c; }
 void zi_dit_set_ffn_tile(zi_dit *m, int rows) { m->ffn_tile = rows; }
 int zi_dit_nlin(const zi_dit *m) { return m->nlin; }
 zi_lin *zi_dit_lin_at(zi_dit *m, int i) { return i >= 0 && i < m->nlin ? m->lins[i] : NULL; }
+zi_lin *const *zi_dit_lins(zi_dit *m, int *n) { *n = m->nlin; return m->lins; }
 
 zi_lin *zi_dit_linear(zi_dit *m, const char *name) {
     for (int i = 0; i < m->nlin; i++)

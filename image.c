@@ -686,7 +686,9 @@ static uint8_t *png_filter_image(const uint8_t *px, int w, int h, int c, size_t 
     return out;
 }
 
-/* tEXt when the value is Latin-1/ASCII, else iTXt (UTF-8), as PIL's PngInfo.add_text does */
+/* tEXt when the value is ASCII, else iTXt (UTF-8). PIL's PngInfo.add_text also writes tEXt for
+ * non-ASCII Latin-1 text, transcoded to Latin-1; our strings are UTF-8, and iTXt keeps them as
+ * they are. */
 static int png_text_chunk(zbuf *b, const char *key, const char *val) {
     size_t kn = strlen(key), vn = strlen(val);
     if (kn < 1 || kn > 79) {
@@ -704,19 +706,8 @@ static int png_text_chunk(zbuf *b, const char *key, const char *val) {
     return 0;
 }
 
-/* fsync of the directory holding path, so that a rename into it survives a power cut */
-static int sync_dir(const char *path) {
-    const char *slash = strrchr(path, '/');
-    char *dir = slash ? zi_path("%.*s", (int)(slash - path) + (slash == path), path) : zi_strdup(".");
-    int fd = open(dir, O_RDONLY | O_DIRECTORY), rc = fd < 0 ? -1 : fsync(fd);
-    if (fd >= 0) close(fd);
-    free(dir);
-    return rc;
-}
-
-/* Writes buf to path through a temporary file in the same directory, fsync'd, renamed over
- * path, then the directory fsync'd: readers never see a half-written file, a failure leaves no
- * output, and the new file survives a power cut. */
+/* Writes buf to path through a temporary file of a unique name in the same directory (several
+ * writers may target one path), committed by zi_write_atomic: a failure leaves no output. */
 static int write_atomic(const char *path, const uint8_t *buf, size_t n) {
     static atomic_uint counter;
     size_t plen = strlen(path) + 32;
@@ -732,25 +723,9 @@ static int write_atomic(const char *path, const uint8_t *buf, size_t n) {
         free(tmp);
         return -1;
     }
-    const char *what = NULL;
-    for (size_t off = 0; off < n && !what;) {
-        ssize_t k = write(fd, buf + off, n - off);
-        if (k < 0 && errno == EINTR) continue;
-        if (k <= 0) what = "write";
-        else off += (size_t)k;
-    }
-    if (!what && fsync(fd)) what = "fsync";
-    if (close(fd) && !what) what = "close";
-    if (!what && rename(tmp, path)) what = "rename";
-    if (what) {
-        zi_seterr("%s: %s failed: %s", path, what, strerror(errno));
-        unlink(tmp);
-    } else if (sync_dir(path)) {
-        zi_seterr("%s: fsync of its directory failed: %s", path, strerror(errno));
-        what = "fsync";
-    }
+    int rc = zi_write_atomic(fd, tmp, path, 1, (const void *const[]){ buf }, &n);
     free(tmp);
-    return what ? -1 : 0;
+    return rc;
 }
 
 int zi_png_write_image(const char *path, const zi_image *im, const char *const *text_kv, int n_kv) {
@@ -1522,17 +1497,11 @@ int zi_image_decode(const uint8_t *buf, size_t n, zi_image *out) {
 
 int zi_image_load(const char *path, zi_image *out) {
     memset(out, 0, sizeof *out);
-    FILE *f = fopen(path, "rb");
-    if (!f) { zi_seterr("%s: %s", path, strerror(errno)); return -1; }
-    zbuf b = { 0 };
-    uint8_t chunk[1 << 16];
-    size_t k;
-    while ((k = fread(chunk, 1, sizeof chunk, f)) > 0) zb_put(&b, chunk, k);
-    int bad = ferror(f);
-    fclose(f);
-    if (bad) { free(b.p); zi_seterr("%s: read error", path); return -1; }
-    int rc = zi_image_decode(b.p ? b.p : chunk, b.n, out);
-    free(b.p);
+    size_t n;
+    char *buf = zi_read_file(path, &n);
+    if (!buf) return -1;
+    int rc = zi_image_decode((const uint8_t *)buf, n, out);
+    free(buf);
     if (rc) {
         char msg[512];
         snprintf(msg, sizeof msg, "%s", zi_err());
@@ -1553,19 +1522,16 @@ void zi_image_from_float(const float *chw, int w, int h, uint8_t *rgb) {
         }
 }
 
-static float bf16_round(float x) { return zi_bf16_to_f32(zi_f32_to_bf16(x)); }
-
 void zi_image_to_float(const uint8_t *rgb, int w, int h, float *chw, int bf16) {
     size_t plane = (size_t)w * h;
     const float s = (float)(2.0 / 255.0);
     for (size_t i = 0; i < plane; i++)
         for (int k = 0; k < 3; k++) {
             /* DiffSynth: image * ((1 - (-1)) / 255) + (-1), two tensor ops, each rounded to the
-             * tensor's dtype. The product is formed exactly in double and rounded to float, so
-             * the compiler cannot fuse it with the subtraction into an FMA (which rounds once
-             * and gives e.g. 1.0000001 instead of 1.0 for 255). */
-            float p = (float)((double)rgb[3 * i + k] * s);
-            chw[k * plane + i] = bf16 ? bf16_round(bf16_round(p) - 1.0f) : p - 1.0f;
+             * tensor's dtype: zi_rnd keeps the product from being fused with the subtraction
+             * into an FMA (which rounds once and gives e.g. 1.0000001 instead of 1.0 for 255). */
+            float p = zi_rnd((float)rgb[3 * i + k] * s);
+            chw[k * plane + i] = bf16 ? zi_bf16_round(zi_bf16_round(p) - 1.0f) : p - 1.0f;
         }
 }
 

@@ -17,12 +17,11 @@
  * name the file in their error messages.
  */
 #include "safetensors.h"
+#include "utf8.h"
 
-#include <errno.h>
 #include <locale.h>
 #include <math.h>
 #include <stdalign.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -127,36 +126,6 @@ static long hex4(const char *s) {
     return v;
 }
 
-static size_t put_utf8(char *o, unsigned long c) {
-    if (c < 0x80) { o[0] = (char)c; return 1; }
-    if (c < 0x800) { o[0] = (char)(0xC0 | c >> 6); o[1] = (char)(0x80 | (c & 0x3F)); return 2; }
-    if (c < 0x10000) {
-        o[0] = (char)(0xE0 | c >> 12); o[1] = (char)(0x80 | (c >> 6 & 0x3F));
-        o[2] = (char)(0x80 | (c & 0x3F));
-        return 3;
-    }
-    o[0] = (char)(0xF0 | c >> 18); o[1] = (char)(0x80 | (c >> 12 & 0x3F));
-    o[2] = (char)(0x80 | (c >> 6 & 0x3F)); o[3] = (char)(0x80 | (c & 0x3F));
-    return 4;
-}
-
-/* Length of the valid UTF-8 sequence starting at s (first byte >= 0x80), 0 when invalid
- * (overlong forms, encoded surrogates and code points above U+10FFFF are invalid). */
-static size_t utf8_len(const unsigned char *s, const unsigned char *end) {
-    unsigned c = s[0];
-    size_t n;
-    unsigned lo = 0x80, hi = 0xBF;                  /* allowed range of the second byte */
-    if (c >= 0xC2 && c <= 0xDF) n = 2;
-    else if (c >= 0xE0 && c <= 0xEF) { n = 3; if (c == 0xE0) lo = 0xA0; if (c == 0xED) hi = 0x9F; }
-    else if (c >= 0xF0 && c <= 0xF4) { n = 4; if (c == 0xF0) lo = 0x90; if (c == 0xF4) hi = 0x8F; }
-    else return 0;
-    if ((size_t)(end - s) < n) return 0;
-    if (s[1] < lo || s[1] > hi) return 0;
-    for (size_t i = 2; i < n; i++)
-        if ((s[i] & 0xC0) != 0x80) return 0;
-    return n;
-}
-
 /* P->p is at the opening quote. The decoded string (NUL-terminated) goes into the arena. */
 static int parse_string(zj_parser *P, const char **out, size_t *outlen) {
     const char *s = ++P->p;
@@ -171,9 +140,9 @@ static int parse_string(zj_parser *P, const char **out, size_t *outlen) {
         if (c >= 0x20 && c < 0x80 && c != '\\') { *o++ = (char)c; s++; continue; }
         if (c < 0x20) return fail(P, s, "control character in string (must be escaped)");
         if (c >= 0x80) {
-            size_t n = utf8_len((const unsigned char *)s, (const unsigned char *)q);
-            if (!n) return fail(P, s, "invalid UTF-8 in string");
-            memcpy(o, s, n);
+            int n = zi_utf8_seq((const uint8_t *)s, (size_t)(q - s));
+            if (n < 0) return fail(P, s, "invalid UTF-8 in string");
+            memcpy(o, s, (size_t)n);
             o += n;
             s += n;
             continue;
@@ -196,10 +165,10 @@ static int parse_string(zj_parser *P, const char **out, size_t *outlen) {
                 /* a high surrogate must be followed by \u and a low surrogate */
                 long c2 = q - s >= 12 && s[6] == '\\' && s[7] == 'u' ? hex4(s + 8) : -1;
                 if (c2 < 0xDC00 || c2 > 0xDFFF) return fail(P, s, "lone high surrogate in \\u escape");
-                o += put_utf8(o, 0x10000 + ((unsigned long)(c1 - 0xD800) << 10) + (unsigned long)(c2 - 0xDC00));
+                o += zi_utf8_put((uint8_t *)o, 0x10000 + ((uint32_t)(c1 - 0xD800) << 10) + (uint32_t)(c2 - 0xDC00));
                 s += 6;
             } else {
-                o += put_utf8(o, (unsigned long)c1);
+                o += zi_utf8_put((uint8_t *)o, (uint32_t)c1);
             }
             s += 4;
             break;
@@ -383,20 +352,9 @@ zj *zj_parse(const char *text, size_t len, const char *what) {
 }
 
 zj *zj_load(const char *path) {
-    FILE *f = fopen(path, "rb");
-    if (!f) { zi_seterr("%s: %s", path, strerror(errno)); return NULL; }
-    errno = 0;
-    size_t cap = 1 << 16, len = 0;
-    char *buf = zi_malloc(cap);
-    for (;;) {
-        len += fread(buf + len, 1, cap - len, f);
-        if (len < cap) break;
-        cap *= 2;
-        buf = zi_realloc(buf, cap);
-    }
-    int err = ferror(f) ? errno : 0;
-    fclose(f);
-    if (err) { free(buf); zi_seterr("%s: %s", path, strerror(err)); return NULL; }
+    size_t len;
+    char *buf = zi_read_file(path, &len);
+    if (!buf) return NULL;
     zj *root = zj_parse(buf, len, path);
     free(buf);
     return root;

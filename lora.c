@@ -3,7 +3,7 @@
  *
  * A LoRA module adds ΔW = scale · B·A to a Linear W [out, in], with A [rank, in] (down) and
  * B [out, rank] (up); scale = alpha/rank when the file gives alpha, else 1, times the user's
- * strength. Files name the target Linear in one of several dialects (peers.md §5.3):
+ * strength. Files name the target Linear in one of several dialects:
  *   DiffSynth        layers.0.attention.to_q.lora_A.default.weight
  *   diffusers/PEFT   transformer.layers.0.attention.to_q.lora_A.weight (+ .alpha),
  *                    base_model.model.layers.0...
@@ -31,6 +31,19 @@ void zi_lin_forward(const zi_lin *l, const float *x, int M, float *y) {
         zi_gemm(0, 1, M, (int)l->W.rows, a->rank, a->scale, h, a->rank, a->B, ZI_F32, a->rank, 1.0f, y, l->W.rows);
         free(h);
     }
+}
+
+void zi_lin_attach(zi_lin *l, zi_lora_adapter *a) {
+    zi_lora_adapter **tail = &l->lora;
+    while (*tail) tail = &(*tail)->next;
+    a->next = NULL;
+    *tail = a;
+}
+
+void zi_lin_detach(zi_lin *l, zi_lora_adapter *a) {
+    zi_lora_adapter **p = &l->lora;
+    while (*p && *p != a) p = &(*p)->next;
+    if (*p) *p = a->next;
 }
 
 /* The backward of zi_lin_forward for dy [M, out] at input x [M, in]:
@@ -342,14 +355,7 @@ static void *merge_weight(const zi_mat *W, const zi_lora_module *m, float s) {
         zi_to_f32(tmp, (const uint8_t *)W->data + r0 * cols * esz, W->dtype, (size_t)nr * cols);
         zi_gemm(0, 0, nr, (int)cols, m->rank, s, m->B + r0 * m->rank, m->rank, m->A, ZI_F32, (int64_t)cols,
                 1.0f, tmp, (int64_t)cols);
-        for (size_t i = 0; i < (size_t)nr * cols; i++) {
-            uint8_t *d = dst + (r0 * cols + i) * esz;
-            if (W->dtype == ZI_F32) memcpy(d, &tmp[i], 4);
-            else {
-                uint16_t h = W->dtype == ZI_BF16 ? zi_f32_to_bf16(tmp[i]) : zi_f32_to_f16(tmp[i]);
-                memcpy(d, &h, 2);
-            }
-        }
+        zi_from_f32(dst + r0 * cols * esz, tmp, W->dtype, (size_t)nr * cols);
     }
     free(tmp);
     return dst;
@@ -398,9 +404,7 @@ int zi_lora_apply(zi_lora *l, zi_lin *const *lins, int nlins, float strength, in
         } else {
             ap->adapter = zi_calloc(1, sizeof *ap->adapter);
             *ap->adapter = (zi_lora_adapter){ .A = m->A, .B = m->B, .rank = m->rank, .scale = s };
-            zi_lora_adapter **tail = &lin->lora;      /* append: adapters apply in load order */
-            while (*tail) tail = &(*tail)->next;
-            *tail = ap->adapter;
+            zi_lin_attach(lin, ap->adapter);          /* adapters apply in load order */
         }
         if (m->rank > rank) rank = m->rank;
     }
@@ -423,9 +427,7 @@ void zi_lora_remove(zi_lora *l) {
     for (int i = l->n_applied - 1; i >= 0; i--) {
         struct zi_lora_applied *ap = &l->applied[i];
         if (ap->adapter) {
-            zi_lora_adapter **p = &ap->lin->lora;
-            while (*p && *p != ap->adapter) p = &(*p)->next;
-            if (*p) *p = ap->adapter->next;
+            zi_lin_detach(ap->lin, ap->adapter);
             free(ap->adapter);
         } else {
             ap->lin->W = ap->orig;
@@ -465,12 +467,70 @@ static char *flatten(const char *name) {
     return f;
 }
 
+typedef enum { SAVE_DIFFSYNTH, SAVE_DIFFUSERS, SAVE_COMFYUI, SAVE_KOHYA } save_format;
+
+/* The keys of module NAME in format f: down (A), up (B), and alpha (NULL: the format has none).
+ * All malloc'd. */
+static void save_keys(save_format f, const char *name, char **ka, char **kb, char **kalpha) {
+    switch (f) {
+    case SAVE_DIFFSYNTH:
+        *ka = zi_path("%s.lora_A.default.weight", name); *kb = zi_path("%s.lora_B.default.weight", name);
+        *kalpha = NULL;
+        break;
+    case SAVE_DIFFUSERS:
+    case SAVE_COMFYUI: {
+        const char *pre = f == SAVE_DIFFUSERS ? "transformer." : "diffusion_model.";
+        *ka = zi_path("%s%s.lora_A.weight", pre, name); *kb = zi_path("%s%s.lora_B.weight", pre, name);
+        *kalpha = zi_path("%s%s.alpha", pre, name);
+        break;
+    }
+    case SAVE_KOHYA: {
+        char *flat = flatten(name);
+        *ka = zi_path("lora_unet_%s.lora_down.weight", flat); *kb = zi_path("lora_unet_%s.lora_up.weight", flat);
+        *kalpha = zi_path("lora_unet_%s.alpha", flat);
+        free(flat);
+    }
+    }
+}
+
+/* Adds module m to w: A and B·scale converted to dtype, and an explicit alpha where the
+ * format has one (the file's, or rank (scale 1) when it had none). */
+static void save_module(zi_stw *w, const zi_lora_module *m, save_format f, zi_dtype dtype, float scale) {
+    size_t na = (size_t)m->rank * m->in, nb = (size_t)m->out * m->rank, esz = zi_dtype_size(dtype);
+    uint8_t *A = zi_malloc(na * esz), *B = zi_malloc(nb * esz);
+    float *Bs = zi_malloc(nb * sizeof(float));
+    zi_scale(Bs, m->B, scale, (int64_t)nb);
+    zi_from_f32(A, m->A, dtype, na);
+    zi_from_f32(B, Bs, dtype, nb);
+    char *ka, *kb, *kalpha;
+    save_keys(f, m->name, &ka, &kb, &kalpha);
+    zi_stw_add(w, ka, dtype, 2, (int64_t[]){m->rank, m->in}, A);
+    zi_stw_add(w, kb, dtype, 2, (int64_t[]){m->out, m->rank}, B);
+    if (kalpha) {
+        float alpha = isnan(m->alpha) ? (float)m->rank : m->alpha;
+        zi_stw_add(w, kalpha, ZI_F32, 0, NULL, &alpha);
+    }
+    free(A); free(B); free(Bs); free(ka); free(kb); free(kalpha);
+}
+
+/* Appends the target (to_q, w1, ...) of module NAME to the comma-separated list targets[cap]
+ * unless it is there already (or the list is full). */
+static void add_target(char *targets, size_t cap, const char *name) {
+    const char *t = target_of(name);
+    char quoted[128];
+    snprintf(quoted, sizeof quoted, ",%s,", t);
+    char padded[1030];
+    snprintf(padded, sizeof padded, ",%s,", targets);
+    if (!strstr(padded, quoted) && strlen(targets) + strlen(t) + 2 < cap)
+        snprintf(targets + strlen(targets), cap - strlen(targets), "%s%s", targets[0] ? "," : "", t);
+}
+
 int zi_lora_save(const zi_lora *l, const char *path, const char *format, zi_dtype dtype, const char *base_model) {
-    enum { DIFFSYNTH, DIFFUSERS, COMFYUI, KOHYA } f;
-    if (!strcmp(format, "diffsynth")) f = DIFFSYNTH;
-    else if (!strcmp(format, "diffusers")) f = DIFFUSERS;
-    else if (!strcmp(format, "comfyui")) f = COMFYUI;
-    else if (!strcmp(format, "kohya")) f = KOHYA;
+    save_format f;
+    if (!strcmp(format, "diffsynth")) f = SAVE_DIFFSYNTH;
+    else if (!strcmp(format, "diffusers")) f = SAVE_DIFFUSERS;
+    else if (!strcmp(format, "comfyui")) f = SAVE_COMFYUI;
+    else if (!strcmp(format, "kohya")) f = SAVE_KOHYA;
     else { zi_seterr("--to: unknown LoRA format '%s' (diffsynth, diffusers, comfyui, kohya)", format); return -1; }
     if (dtype != ZI_F32 && dtype != ZI_BF16 && dtype != ZI_F16) {
         zi_seterr("%s: LoRA dtype must be F32, BF16 or F16", path);
@@ -479,61 +539,17 @@ int zi_lora_save(const zi_lora *l, const char *path, const char *format, zi_dtyp
     /* DiffSynth's layout has no alpha: a scale other than 1 is folded into B, in float32 so
      * that nothing is rounded. */
     int fold = 0;
-    if (f == DIFFSYNTH)
+    if (f == SAVE_DIFFSYNTH)
         for (int i = 0; i < l->n; i++) fold |= zi_lora_scale(&l->m[i]) != 1.0f;
     if (fold) dtype = ZI_F32;
 
     zi_stw *w = zi_stw_new();
-    size_t esz = zi_dtype_size(dtype);
     char targets[1024] = "";
     int maxrank = 0;
     for (int i = 0; i < l->n; i++) {
         const zi_lora_module *m = &l->m[i];
-        size_t na = (size_t)m->rank * m->in, nb = (size_t)m->out * m->rank;
-        float scale = fold ? zi_lora_scale(m) : 1.0f;
-        uint8_t *A = zi_malloc(na * esz), *B = zi_malloc(nb * esz);
-        for (size_t k = 0; k < na + nb; k++) {
-            float v = k < na ? m->A[k] : m->B[k - na] * scale;
-            uint8_t *d = k < na ? A + k * esz : B + (k - na) * esz;
-            if (dtype == ZI_F32) memcpy(d, &v, 4);
-            else {
-                uint16_t h = dtype == ZI_BF16 ? zi_f32_to_bf16(v) : zi_f32_to_f16(v);
-                memcpy(d, &h, 2);
-            }
-        }
-        char *flat = f == KOHYA ? flatten(m->name) : NULL;
-        char *ka, *kb, *kalpha;
-        switch (f) {
-        case DIFFSYNTH:
-            ka = zi_path("%s.lora_A.default.weight", m->name); kb = zi_path("%s.lora_B.default.weight", m->name);
-            kalpha = NULL;
-            break;
-        case DIFFUSERS:
-        case COMFYUI: {
-            const char *pre = f == DIFFUSERS ? "transformer." : "diffusion_model.";
-            ka = zi_path("%s%s.lora_A.weight", pre, m->name); kb = zi_path("%s%s.lora_B.weight", pre, m->name);
-            kalpha = zi_path("%s%s.alpha", pre, m->name);
-            break;
-        }
-        default:
-            ka = zi_path("lora_unet_%s.lora_down.weight", flat); kb = zi_path("lora_unet_%s.lora_up.weight", flat);
-            kalpha = zi_path("lora_unet_%s.alpha", flat);
-        }
-        zi_stw_add(w, ka, dtype, 2, (int64_t[]){m->rank, m->in}, A);
-        zi_stw_add(w, kb, dtype, 2, (int64_t[]){m->out, m->rank}, B);
-        if (kalpha) {
-            /* explicit alpha: the file's, or rank (scale 1) when it had none */
-            float alpha = isnan(m->alpha) ? (float)m->rank : m->alpha;
-            zi_stw_add(w, kalpha, ZI_F32, 0, NULL, &alpha);
-        }
-        free(A); free(B); free(ka); free(kb); free(kalpha); free(flat);
-        const char *t = target_of(m->name);
-        char quoted[128];
-        snprintf(quoted, sizeof quoted, ",%s,", t);
-        char padded[1030];
-        snprintf(padded, sizeof padded, ",%s,", targets);
-        if (!strstr(padded, quoted) && strlen(targets) + strlen(t) + 2 < sizeof targets)
-            snprintf(targets + strlen(targets), sizeof targets - strlen(targets), "%s%s", targets[0] ? "," : "", t);
+        save_module(w, m, f, dtype, fold ? zi_lora_scale(m) : 1.0f);
+        add_target(targets, sizeof targets, m->name);
         if (m->rank > maxrank) maxrank = m->rank;
     }
     char num[64];

@@ -102,11 +102,9 @@ static const zi_tensor *need(const zi_te *te, const char *prefix, const char *na
 
 /* A float32 copy of a norm weight [n]. */
 static float *need_f32(const zi_te *te, const char *prefix, const char *name, int64_t n) {
-    const zi_tensor *t = need(te, prefix, name, 1, n, 0);
-    if (!t) return NULL;
-    float *w = zi_tensor_f32(t);
-    if (!w) zi_seterr("%s: %s%s: not a float tensor", zi_st_path(te->st), prefix, name);
-    return w;
+    char key[256];
+    snprintf(key, sizeof key, "%s%s", prefix, name);
+    return zi_st_need_f32(te->st, key, 1, &n);
 }
 
 static int load_layer(zi_te *te, const char *prefix, int i) {
@@ -119,14 +117,9 @@ static int load_layer(zi_te *te, const char *prefix, int i) {
     char name[128];
     for (int j = 0; j < NLIN; j++) {
         snprintf(name, sizeof name, "layers.%d.%s.weight", i, lin_names[j]);
-        const zi_tensor *t = need(te, prefix, name, 2, shapes[j][0], shapes[j][1]);
-        if (!t) return -1;
-        if (t->dtype != ZI_F32 && t->dtype != ZI_BF16 && t->dtype != ZI_F16) {
-            zi_seterr("%s: %s%s is %s; weights must be F32, BF16 or F16", zi_st_path(te->st), prefix, name,
-                      zi_dtype_name(t->dtype));
-            return -1;
-        }
-        l->lin[j].W = zi_tensor_mat(t);
+        char key[256];
+        snprintf(key, sizeof key, "%s%s", prefix, name);
+        if (zi_st_need_mat(te->st, key, 2, shapes[j], &l->lin[j].W)) return -1;
         l->lin[j].name = zi_path("layers.%d.%s", i, lin_names[j]);
     }
     snprintf(name, sizeof name, "layers.%d.input_layernorm.weight", i);
@@ -188,10 +181,6 @@ void zi_te_free(zi_te *te) {
 
 int zi_te_dim(const zi_te *te) { return te->dim; }
 
-zi_lin *zi_te_lin(zi_te *te, int i) {
-    return i >= 0 && i < te->n_layers * NLIN ? &te->layers[i / NLIN].lin[i % NLIN] : NULL;
-}
-
 /* ---------------------------------------------------------------- forward */
 
 /* RoPE tables [L, hd/2] as transformers computes them in float32:
@@ -208,7 +197,7 @@ static void rope_tables(float *cos_, float *sin_, int L, int hd, float theta) {
     int half = hd / 2;
     for (int i = 0; i < half; i++) {
         float inv_freq = 1.0f / powf(theta, (float)(2 * i) / (float)hd);
-        inv_freq = zi_bf16_to_f32(zi_f32_to_bf16(inv_freq));
+        inv_freq = zi_bf16_round(inv_freq);
         for (int p = 0; p < L; p++) {
             float a = (float)p * inv_freq;
             cos_[(size_t)p * half + i] = cosf(a);

@@ -46,6 +46,26 @@ char *zi_path(const char *fmt, ...) {
     return s;
 }
 
+char *zi_read_file(const char *path, size_t *len) {
+    FILE *f = fopen(path, "rb");
+    if (!f) { zi_seterr("%s: %s", path, strerror(errno)); return NULL; }
+    errno = 0;
+    size_t cap = 1 << 16, n = 0;
+    char *buf = zi_malloc(cap);
+    for (;;) {
+        n += fread(buf + n, 1, cap - n, f);
+        if (n < cap) break;
+        cap *= 2;
+        buf = zi_realloc(buf, cap);
+    }
+    int err = ferror(f) ? (errno ? errno : EIO) : 0;
+    fclose(f);
+    if (err) { free(buf); zi_seterr("%s: %s", path, strerror(err)); return NULL; }
+    buf[n] = 0;                 /* n < cap */
+    *len = n;
+    return buf;
+}
+
 static int ends_with(const char *s, const char *suffix) {
     size_t n = strlen(s), m = strlen(suffix);
     return n >= m && !strcmp(s + n - m, suffix);
@@ -71,11 +91,7 @@ struct zi_st {
     size_t tmask;               /* table size - 1 (a power of two) */
 };
 
-static uint64_t hash_name(const char *s) {  /* FNV-1a */
-    uint64_t h = 1469598103934665603ull;
-    for (; *s; s++) h = (h ^ (unsigned char)*s) * 1099511628211ull;
-    return h;
-}
+static uint64_t hash_name(const char *s) { return zi_fnv1a(ZI_FNV1A_BASIS, s, strlen(s)); }
 
 /* Reads a JSON number that must be a non-negative integer below 2^53 (exact in a double). */
 static int json_uint(const zj *v, uint64_t *out) {
@@ -453,6 +469,25 @@ zi_mat zi_tensor_mat(const zi_tensor *t) {
     return (zi_mat){ .data = t->data, .dtype = t->dtype, .rows = rows, .cols = rows ? t->numel / rows : 0 };
 }
 
+float *zi_st_need_f32(const zi_st *st, const char *name, int ndim, const int64_t *shape) {
+    const zi_tensor *t = zi_st_need(st, name, ndim, shape);
+    if (!t) return NULL;
+    float *v = zi_tensor_f32(t);
+    if (!v) zi_seterr("%s: %s is not a float tensor", st->path, name);
+    return v;
+}
+
+int zi_st_need_mat(const zi_st *st, const char *name, int ndim, const int64_t *shape, zi_mat *out) {
+    const zi_tensor *t = zi_st_need(st, name, ndim, shape);
+    if (!t) return -1;
+    if (t->dtype != ZI_F32 && t->dtype != ZI_BF16 && t->dtype != ZI_F16) {
+        zi_seterr("%s: %s has dtype %s (expected F32, BF16 or F16)", st->path, name, zi_dtype_name(t->dtype));
+        return -1;
+    }
+    *out = zi_tensor_mat(t);
+    return 0;
+}
+
 /* ================================================================ writer */
 typedef struct {
     char *name;
@@ -614,8 +649,21 @@ static void test_slow_write(void) {
     if (ms && atoi(ms) > 0) usleep((useconds_t)atoi(ms) * 1000);
 }
 
-/* The file is written to PATH.tmp, fsync'd, renamed over PATH, and the directory fsync'd:
- * a reader (or a run killed at any moment) sees the old file or the new one, never a part. */
+int zi_write_atomic(int fd, const char *tmp, const char *path, int n, const void *const *buf, const size_t *len) {
+    const char *what = NULL;
+    for (int i = 0; i < n && !what; i++)
+        if (write_all(fd, buf[i], len[i])) what = "write";
+    if (!what && fsync(fd)) what = "fsync";
+    if (close(fd) && !what) what = "close";
+    if (!what) test_slow_write();
+    if (!what && rename(tmp, path)) what = "rename";
+    if (what) { int e = errno; unlink(tmp); errno = e; }
+    else if (sync_dir(path)) what = "fsync of the directory";
+    if (what) zi_seterr("%s: %s failed (temporary %s): %s", path, what, tmp, strerror(errno));
+    return what ? -1 : 0;
+}
+
+/* The file is written to PATH.tmp and committed by zi_write_atomic. */
 int zi_stw_write(zi_stw *w, const char *path) {
     stw_tensor **order = zi_malloc((size_t)(w->n ? w->n : 1) * sizeof *order);
     for (int i = 0; i < w->n; i++) order[i] = &w->t[i];
@@ -654,22 +702,18 @@ int zi_stw_write(zi_stw *w, const char *path) {
     /* a fixed temporary name: a writer killed half-way leaves PATH.tmp, which the next write
      * of PATH truncates and reuses (one writer per path at a time) */
     char *tmp = zi_path("%s.tmp", path);
-    const char *what = NULL;
-    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    if (fd < 0) what = "create";
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC, 0644), rc = -1;
+    if (fd < 0) zi_seterr("%s: create failed (temporary %s): %s", path, tmp, strerror(errno));
     else {
-        if (write_all(fd, len8, 8) || write_all(fd, h.s, h.n)) what = "write";
-        for (int i = 0; i < w->n && !what; i++)
-            if (write_all(fd, order[i]->data, order[i]->nbytes)) what = "write";
-        if (!what && fsync(fd)) what = "fsync";
-        if (close(fd) && !what) what = "close";
-        if (!what) test_slow_write();
-        if (!what && rename(tmp, path)) what = "rename";
-        if (what) { int e = errno; unlink(tmp); errno = e; }
-        else if (sync_dir(path)) what = "fsync of the directory";
+        const void **buf = zi_malloc((size_t)(w->n + 2) * sizeof *buf);
+        size_t *len = zi_malloc((size_t)(w->n + 2) * sizeof *len);
+        buf[0] = len8, len[0] = 8;
+        buf[1] = h.s, len[1] = h.n;
+        for (int i = 0; i < w->n; i++) buf[i + 2] = order[i]->data, len[i + 2] = order[i]->nbytes;
+        rc = zi_write_atomic(fd, tmp, path, w->n + 2, buf, len);
+        free(buf);
+        free(len);
     }
-    if (what) zi_seterr("%s: %s failed (temporary %s): %s", path, what, tmp, strerror(errno));
-    int rc = what ? -1 : 0;
     free(tmp);
     free(h.s);
     free(order);

@@ -66,6 +66,11 @@ const zi_tensor *zi_st_need(const zi_st *st, const char *name, int ndim, const i
 float *zi_tensor_f32(const zi_tensor *t);
 /* View of a 2-D float tensor (or a conv weight flattened to [shape0, rest]) as a weight. */
 zi_mat zi_tensor_mat(const zi_tensor *t);
+/* zi_st_need, then: a float32 copy (malloc'd) of a float tensor (biases, norm weights), or a
+ * weight view in a dtype the GEMM takes (F32, BF16, F16; returns 0 or -1). Errors name the
+ * file and tensor. */
+float *zi_st_need_f32(const zi_st *st, const char *name, int ndim, const int64_t *shape);
+int zi_st_need_mat(const zi_st *st, const char *name, int ndim, const int64_t *shape, zi_mat *out);
 
 /* Writer: collects tensors (the data is copied), then writes "path.tmp" and renames it to
  * path, so a reader never sees a half-written file. */
@@ -102,5 +107,13 @@ int zi_cfg_ints(const zj *cfg, const char *key, int *out, int max);
 
 /* Path helper: snprintf into a malloc'd string. */
 char *zi_path(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+/* The whole file (malloc'd, with a NUL after its *len bytes); NULL with "path: strerror". */
+char *zi_read_file(const char *path, size_t *len);
+/* Finishes an atomic file write; fd is open on tmp, a new file in path's directory. Writes the
+ * n buffers, fsyncs, closes, renames tmp over path and fsyncs the directory: a reader (or a run
+ * killed at any moment) sees the old file or the new one, never a part, and the new one
+ * survives a power cut. On failure tmp is removed and the error names path, the failed step
+ * and tmp. 0 or -1. */
+int zi_write_atomic(int fd, const char *tmp, const char *path, int n, const void *const *buf, const size_t *len);
 
 #endif

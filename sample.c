@@ -1,5 +1,5 @@
-/* sample.c: the inference command line. The fixed part of its interface is
- * ../shared/spec/cli.md (copied in README.md); run `./sample --help` for the whole list. */
+/* sample.c: the inference command line. README.md describes its interface; run
+ * `./sample --help` for the whole list. */
 #include "zimage.h"
 
 #include <errno.h>
@@ -30,7 +30,8 @@ static const char usage[] =
 "      --shift F          flow-matching shift (scheduler config)\n"
 "      --sampler NAME     euler, heun, dpmpp_2m (euler)\n"
 "      --seed N           seed (random, printed)\n"
-"      --rng cpu|cuda     noise identical to torch.randn on that device's generator (cpu)\n"
+"      --rng cpu|cuda     noise of torch.randn on that device's generator (cpu: bit-identical;\n"
+"                         cuda: within ~3e-7)\n"
 "      --lora FILE[:S]    apply a LoRA with strength S (1); repeatable\n"
 "      --lora-merge       merge LoRAs into the weights (bf16 rounding) instead of run-time adapters\n"
 "      --init-image FILE  img2img from this PNG/JPEG (diffusers' ZImageImg2ImgPipeline); its size is\n"
@@ -168,7 +169,7 @@ static void eval_dit(const char *dir, const zi_params *p, const zi_st *in, zi_st
     if (!x && !t && !cap) return;
     if (!x || !t || !cap) zi_die("%s: dit.x, dit.t and dit.cap go together", zi_st_path(in));
     zi_lora **loras = zi_calloc((size_t)p->n_lora + 1, sizeof *loras);
-    zi_dit *dit = zi_load_dit(dir, p, loras);
+    zi_dit *dit = zi_dit_load_with_loras(dir, p, loras);
     if (!dit) zi_die("%s", zi_err());
     const zi_dit_cfg *c = zi_dit_config(dit);
     if (tx->shape[0] != c->in_channels || tx->shape[1] != 1 || tt->numel != 1 || tc->shape[1] != c->cap_feat_dim)
@@ -271,11 +272,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--shift")) p.shift = parse_number(a, VALUE(), 1e-3, 1000);
         else if (!strcmp(a, "--sampler")) p.sampler = VALUE();
         else if (!strcmp(a, "--seed")) { p.seed = (uint64_t)parse_int(a, VALUE(), 0, LONG_MAX); seed_given = 1; }
-        else if (!strcmp(a, "--rng")) {
-            const char *v = VALUE();
-            if (strcmp(v, "cpu") && strcmp(v, "cuda")) zi_die("--rng: expected cpu or cuda, got '%s'", v);
-            p.rng_cuda = !strcmp(v, "cuda");
-        }
+        else if (!strcmp(a, "--rng")) { if (zi_rng_parse(VALUE(), &p.rng)) zi_die("%s", zi_err()); }
         else if (!strcmp(a, "--lora")) {
             if (p.n_lora == 64) zi_die("--lora: at most 64 LoRAs");
             if (!(lora_files[p.n_lora] = zi_lora_arg(VALUE(), &lora_strengths[p.n_lora]))) zi_die("--lora: %s", zi_err());

@@ -4,28 +4,19 @@
  * The point of this file is to reproduce PyTorch's float32 arithmetic exactly, so every
  * expression below follows the operation order of the Python code it mirrors (diffusers'
  * schedulers, pipeline_z_image.py, torch's random kernels), and every product that PyTorch rounds
- * on its own goes through rnd() (see there). */
+ * on its own goes through zi_rnd() (tensor.h). */
 #include "zimage.h"
 
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
-/* PyTorch rounds the result of every tensor operation to float32; `a + b*c` in Python is two
- * kernels and two roundings. The build allows the compiler to fuse a*b + c into one FMA (one
- * rounding), which changes the last bit. rnd() makes its argument opaque to the optimiser, so a
- * product passed through it is rounded before it is added. */
-static inline float rnd(float x) {
-    __asm__("" : "+m"(x));
-    return x;
-}
-
 /* ================================================================ schedule */
 
 /* torch.linspace(start, end, steps) in float32 (aten RangeFactoriesKernel.cpp): the first half
  * counts up from start, the second half down from end, both with the float32 step. PyTorch's
  * CPU kernels are built with FMA contraction, so start + step·i is one fused operation. */
-static void linspace_f32(float start, float end, int steps, float *out) {
+void zi_linspace_f32(float start, float end, int steps, float *out) {
     if (steps == 1) { out[0] = start; return; }
     float step = (end - start) / (float)(steps - 1);
     int halfway = steps / 2;
@@ -37,11 +28,11 @@ void zi_flow_sigmas(int steps, double shift, float *sigmas) {
     /* pipeline_z_image.get_default_z_image_sigmas: torch.linspace(1.0, 1 / N, N); then
      * FlowMatchEulerDiscreteScheduler.set_timesteps shifts them with numpy in float32:
      * shift * s / (1 + (shift - 1) * s), the Python float operands cast to float32. */
-    linspace_f32(1.0f, (float)(1.0 / steps), steps, sigmas);
+    zi_linspace_f32(1.0f, (float)(1.0 / steps), steps, sigmas);
     float a = (float)shift, b = (float)(shift - 1.0);
     for (int i = 0; i < steps; i++) {
         float s = sigmas[i];
-        sigmas[i] = (a * s) / (1.0f + rnd(b * s));
+        sigmas[i] = (a * s) / (1.0f + zi_rnd(b * s));
     }
     sigmas[steps] = 0.0f;
 }
@@ -50,7 +41,7 @@ float zi_flow_timestep(float sigma) { return sigma * 1000.0f; }
 
 /* The pipeline: timestep = (1000 - t) / 1000 with t = σ·1000, a division (on the CPU; CUDA
  * multiplies by the float32 reciprocal of 1000 instead, which can differ in the last bit). */
-float zi_flow_t(float sigma) { return (1000.0f - rnd(zi_flow_timestep(sigma))) / 1000.0f; }
+float zi_flow_t(float sigma) { return (1000.0f - zi_rnd(zi_flow_timestep(sigma))) / 1000.0f; }
 
 /* ================================================================ samplers */
 
@@ -92,7 +83,7 @@ static int euler(run *r, const float *sigmas, int steps) {
     for (int i = 0; i < steps; i++) {
         if (eval_model(r, sigmas[i])) return -1;
         float dt = sigmas[i + 1] - sigmas[i];
-        for (int64_t j = 0; j < r->n; j++) r->x[j] = r->x[j] + rnd(dt * r->v[j]);
+        for (int64_t j = 0; j < r->n; j++) r->x[j] = r->x[j] + zi_rnd(dt * r->v[j]);
         step_done(r);
     }
     return 0;
@@ -113,20 +104,20 @@ static int heun(run *r, const float *sigmas, int steps) {
         float sigma = sigmas[i], sigma_next = sigmas[i + 1], dt = sigma_next - sigma;
         if ((rc = eval_model(r, sigma))) break;
         for (int64_t j = 0; j < n; j++) {               /* predictor */
-            float denoised = x[j] - rnd(v[j] * sigma);
+            float denoised = x[j] - zi_rnd(v[j] * sigma);
             float d = (x[j] - denoised) / sigma;
             x_prev[j] = x[j];
             d_prev[j] = d;
-            x[j] = x[j] + rnd(d * dt);
+            x[j] = x[j] + zi_rnd(d * dt);
         }
         step_done(r);
         if (i == steps - 1) break;                      /* the last step stays first order */
         if ((rc = eval_model(r, sigma_next))) break;
         for (int64_t j = 0; j < n; j++) {               /* corrector */
-            float denoised = x[j] - rnd(v[j] * sigma_next);
+            float denoised = x[j] - zi_rnd(v[j] * sigma_next);
             float d = (x[j] - denoised) / sigma_next;
             d = 0.5f * (d_prev[j] + d);
-            x[j] = x_prev[j] + rnd(d * dt);
+            x[j] = x_prev[j] + zi_rnd(d * dt);
         }
         step_done(r);
     }
@@ -158,7 +149,7 @@ static int dpmpp_2m(run *r, const float *sigmas, int steps) {
         float sigma_s0 = sigmas[i], sigma_t = sigmas[i + 1];
         if ((rc = eval_model(r, sigma_s0))) break;
         float *prev = m0; m0 = m1; m1 = prev;           /* m1: the previous step's x0 */
-        for (int64_t j = 0; j < n; j++) m0[j] = x[j] - rnd(sigma_s0 * v[j]);
+        for (int64_t j = 0; j < n; j++) m0[j] = x[j] - zi_rnd(sigma_s0 * v[j]);
 
         float alpha_t = 1.0f - sigma_t;
         float lambda_t = dpm_lambda(sigma_t), lambda_s0 = dpm_lambda(sigma_s0);
@@ -166,14 +157,14 @@ static int dpmpp_2m(run *r, const float *sigmas, int steps) {
         float a = sigma_t / sigma_s0;                   /* x_t = a·x − b·D0 (− c·D1) */
         float b = alpha_t * (expf_(-h) - 1.0f);
         if (i == 0 || i == steps - 1) {                 /* first order (DDIM) */
-            for (int64_t j = 0; j < n; j++) x[j] = rnd(a * x[j]) - rnd(b * m0[j]);
+            for (int64_t j = 0; j < n; j++) x[j] = zi_rnd(a * x[j]) - zi_rnd(b * m0[j]);
         } else {                                        /* second order, midpoint */
             float h_0 = lambda_s0 - dpm_lambda(sigmas[i - 1]);
             float r0 = h_0 / h;
             float inv_r0 = 1.0f / r0, c = 0.5f * b;
             for (int64_t j = 0; j < n; j++) {
                 float D1 = inv_r0 * (m0[j] - m1[j]);
-                x[j] = (rnd(a * x[j]) - rnd(b * m0[j])) - rnd(c * D1);
+                x[j] = (zi_rnd(a * x[j]) - zi_rnd(b * m0[j])) - zi_rnd(c * D1);
             }
         }
         step_done(r);
@@ -213,7 +204,7 @@ void zi_cfg_combine(float *pred, const float *pos, const float *neg, int64_t n, 
                     double cfg_normalization) {
     float g = (float)guidance;
     float pos_norm = cfg_normalization > 0 ? norm2(pos, n) : 0;   /* before pred overwrites pos */
-    for (int64_t i = 0; i < n; i++) pred[i] = pos[i] + rnd(g * (pos[i] - neg[i]));
+    for (int64_t i = 0; i < n; i++) pred[i] = pos[i] + zi_rnd(g * (pos[i] - neg[i]));
     if (cfg_normalization > 0) {
         float max_norm = pos_norm * (float)cfg_normalization;
         float new_norm = norm2(pred, n);
@@ -274,7 +265,7 @@ static uint32_t bits_f32(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
  * PyTorch's binaries compile them with GCC, -mfma and floating-point contraction, so several
  * `a*b + c` pairs of the source became one FMA: the fmaf() calls mark exactly those (found by
  * matching torch's output bit for bit). Products that only feed an fmaf() or another product
- * cannot be fused by the compiler, so they need no rnd(). */
+ * cannot be fused by the compiler, so they need no zi_rnd(). */
 
 /* log(x) for a normal positive float: x = m·2^e with m in [√½, √2), then a degree-9
  * polynomial in m − 1 (Cephes logf). */

@@ -174,6 +174,16 @@ void zi_to_f32(float *dst, const void *src, zi_dtype t, size_t n) {
     }
 }
 
+void zi_from_f32(void *dst, const float *src, zi_dtype t, size_t n) {
+    uint16_t *d = dst;
+    switch (t) {
+    case ZI_F32: memmove(dst, src, n * sizeof(float)); break;
+    case ZI_BF16: for (size_t i = 0; i < n; i++) d[i] = zi_f32_to_bf16(src[i]); break;
+    case ZI_F16: for (size_t i = 0; i < n; i++) d[i] = zi_f32_to_f16(src[i]); break;
+    default: zi_die("zi_from_f32: bad dtype %d", (int)t);
+    }
+}
+
 /* ---------------------------------------------------------------- threads */
 static int default_threads(void) {
     const char *e = getenv("ZIMAGE_THREADS");
@@ -1479,9 +1489,8 @@ static void rmsnorm_bw_rows(void *ctx, int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; i++) {
         const float *x = r->x + i * r->dim, *dy = r->dy + i * r->dim;
         float *dx = r->dx + i * r->dim;
-        double ss = 0, dot = 0;
-        for (int64_t j = 0; j < r->dim; j++) ss += (double)x[j] * x[j];
-        float inv = 1.0f / sqrtf((float)(ss / r->dim) + r->eps);
+        double dot = 0;
+        float inv = 1.0f / sqrtf((float)(sum_sq(x, r->dim, 0.0) / r->dim) + r->eps);  /* as rmsnorm_rows */
         for (int64_t j = 0; j < r->dim; j++) dot += (double)(r->w ? r->w[j] * dy[j] : dy[j]) * x[j];
         float c = (float)(dot / r->dim) * inv * inv * inv;
         for (int64_t j = 0; j < r->dim; j++) dx[j] += inv * (r->w ? r->w[j] * dy[j] : dy[j]) - c * x[j];

@@ -31,8 +31,29 @@ static inline float zi_bf16_to_f32(uint16_t h) {
 uint16_t zi_f32_to_bf16(float f);               /* round to nearest even, NaN kept NaN */
 float zi_f16_to_f32(uint16_t h);
 uint16_t zi_f32_to_f16(float f);                /* round to nearest even */
+/* x rounded to bfloat16 and back: what a bf16 tensor holds */
+static inline float zi_bf16_round(float x) { return zi_bf16_to_f32(zi_f32_to_bf16(x)); }
 /* n values of dtype t (F32, F16, BF16, F64, F8_*, integers) to float32 */
 void zi_to_f32(float *dst, const void *src, zi_dtype t, size_t n);
+/* n float32 values to dtype t (F32, F16, BF16; round to nearest even) */
+void zi_from_f32(void *dst, const float *src, zi_dtype t, size_t n);
+
+/* PyTorch rounds the result of every tensor operation to float32: `a + b*c` in Python is two
+ * kernels and two roundings. The build lets the compiler fuse a*b + c into one FMA (one
+ * rounding), which changes the last bit. zi_rnd() makes its argument opaque to the optimiser,
+ * so a product passed through it is rounded before it is added. */
+static inline float zi_rnd(float x) {
+    __asm__("" : "+m"(x));
+    return x;
+}
+
+/* 64-bit FNV-1a of n bytes, continuing from h (start with ZI_FNV1A_BASIS) */
+#define ZI_FNV1A_BASIS 0xcbf29ce484222325ull
+static inline uint64_t zi_fnv1a(uint64_t h, const void *data, size_t n) {
+    const unsigned char *p = data;
+    for (size_t i = 0; i < n; i++) h = (h ^ p[i]) * 0x100000001b3ull;
+    return h;
+}
 
 /* ---------------------------------------------------------------- errors and memory
  * Library functions report failure by returning -1 / NULL after zi_seterr() recorded a

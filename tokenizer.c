@@ -22,6 +22,7 @@
  * guessing (a lossy U+FFFD substitution would silently change the prompt).
  */
 #include "zimage.h"
+#include "utf8.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -98,47 +99,7 @@ static uint32_t uc_compose(uint32_t a, uint32_t b) {
 
 /* ================================================================ UTF-8 */
 
-/* Length of the valid UTF-8 sequence at s[0..n), or -(length of its maximal invalid prefix)
- * (at least 1): the unit that from_utf8_lossy replaces by one U+FFFD. */
-static int utf8_seq(const uint8_t *s, size_t n) {
-    uint8_t c = s[0];
-    if (c < 0x80) return 1;
-    int need;
-    uint8_t lo = 0x80, hi = 0xBF;               /* allowed range of the second byte */
-    if (c >= 0xC2 && c <= 0xDF) need = 1;
-    else if (c >= 0xE0 && c <= 0xEF) { need = 2; if (c == 0xE0) lo = 0xA0; if (c == 0xED) hi = 0x9F; }
-    else if (c >= 0xF0 && c <= 0xF4) { need = 3; if (c == 0xF0) lo = 0x90; if (c == 0xF4) hi = 0x8F; }
-    else return -1;
-    for (int k = 1; k <= need; k++) {
-        if ((size_t)k >= n) return -k;
-        uint8_t b = s[k];
-        if (k == 1 ? (b < lo || b > hi) : (b < 0x80 || b > 0xBF)) return -k;
-    }
-    return need + 1;
-}
-
-/* The code point at s (valid UTF-8); *len gets its byte length. */
-static uint32_t utf8_get(const uint8_t *s, int *len) {
-    uint8_t c = s[0];
-    if (c < 0x80) { *len = 1; return c; }
-    if (c < 0xE0) { *len = 2; return (uint32_t)(c & 0x1F) << 6 | (s[1] & 0x3F); }
-    if (c < 0xF0) { *len = 3; return (uint32_t)(c & 0x0F) << 12 | (uint32_t)(s[1] & 0x3F) << 6 | (s[2] & 0x3F); }
-    *len = 4;
-    return (uint32_t)(c & 0x07) << 18 | (uint32_t)(s[1] & 0x3F) << 12 | (uint32_t)(s[2] & 0x3F) << 6 | (s[3] & 0x3F);
-}
-
-static int utf8_put(uint8_t *o, uint32_t c) {
-    if (c < 0x80) { o[0] = (uint8_t)c; return 1; }
-    if (c < 0x800) { o[0] = (uint8_t)(0xC0 | c >> 6); o[1] = (uint8_t)(0x80 | (c & 0x3F)); return 2; }
-    if (c < 0x10000) {
-        o[0] = (uint8_t)(0xE0 | c >> 12); o[1] = (uint8_t)(0x80 | (c >> 6 & 0x3F));
-        o[2] = (uint8_t)(0x80 | (c & 0x3F));
-        return 3;
-    }
-    o[0] = (uint8_t)(0xF0 | c >> 18); o[1] = (uint8_t)(0x80 | (c >> 12 & 0x3F));
-    o[2] = (uint8_t)(0x80 | (c >> 6 & 0x3F)); o[3] = (uint8_t)(0x80 | (c & 0x3F));
-    return 4;
-}
+/* zi_utf8_seq, zi_utf8_get and zi_utf8_put are in utf8.h (shared with json.c). */
 
 /* ================================================================ growable buffers */
 typedef struct { uint8_t *p; size_t n, cap; } bytes;
@@ -219,7 +180,7 @@ static void sort_marks(uint32_t *c, size_t n) {
 static int nfc_needed(const uint8_t *s, size_t n) {
     for (size_t i = 0; i < n;) {
         int len;
-        uint32_t c = utf8_get(s + i, &len);
+        uint32_t c = zi_utf8_get(s + i, &len);
         i += len;
         if (c >= uc_nfc_qc[0][0] && range_find(&uc_nfc_qc[0][0], NELEM(uc_nfc_qc), 2, c) >= 0) return 1;
     }
@@ -232,7 +193,7 @@ static void nfc(const uint8_t *s, size_t n, bytes *out) {
     cps_vec c = { 0 };
     for (size_t i = 0; i < n;) {                /* full canonical decomposition */
         int len;
-        uint32_t cp = utf8_get(s + i, &len);
+        uint32_t cp = zi_utf8_get(s + i, &len);
         i += len;
         decompose(&c, cp);
     }
@@ -260,7 +221,7 @@ static void nfc(const uint8_t *s, size_t n, bytes *out) {
         c.p[m++] = x;
     }
     uint8_t buf[4];
-    for (size_t i = 0; i < m; i++) bytes_put(out, buf, (size_t)utf8_put(buf, c.p[i]));
+    for (size_t i = 0; i < m; i++) bytes_put(out, buf, (size_t)zi_utf8_put(buf, c.p[i]));
     free(c.p);
 }
 
@@ -291,12 +252,7 @@ struct zi_tokenizer {
 };
 
 /* ---------------------------------------------------------------- hashing */
-static uint64_t hash_bytes(const void *p, size_t n) {       /* FNV-1a */
-    const uint8_t *s = p;
-    uint64_t h = 0xcbf29ce484222325ull;
-    for (size_t i = 0; i < n; i++) h = (h ^ s[i]) * 0x100000001b3ull;
-    return h;
-}
+static uint64_t hash_bytes(const void *p, size_t n) { return zi_fnv1a(ZI_FNV1A_BASIS, p, n); }
 
 static uint64_t hash_pair(uint64_t key) {
     key *= 0x9E3779B97F4A7C15ull;
@@ -342,7 +298,7 @@ static int contraction(const uint8_t *s, size_t n) {
 /* End of the split that starts at s[i] (i < n). */
 static size_t split_end(const zi_tokenizer *t, const uint8_t *s, size_t n, size_t i) {
     int l0, l;
-    uint32_t c0 = utf8_get(s + i, &l0);
+    uint32_t c0 = zi_utf8_get(s + i, &l0);
     int k0 = cls_of(t, c0);
     size_t j;
     if (c0 == '\'') {                                               /* A */
@@ -351,14 +307,14 @@ static size_t split_end(const zi_tokenizer *t, const uint8_t *s, size_t n, size_
     }
     j = i;                                                          /* B */
     if (k0 != UC_L && k0 != UC_N && c0 != '\r' && c0 != '\n') j += (size_t)l0;
-    if (j < n && cls_of(t, utf8_get(s + j, &l)) == UC_L) {
-        while (j < n && cls_of(t, utf8_get(s + j, &l)) == UC_L) j += (size_t)l;
+    if (j < n && cls_of(t, zi_utf8_get(s + j, &l)) == UC_L) {
+        while (j < n && cls_of(t, zi_utf8_get(s + j, &l)) == UC_L) j += (size_t)l;
         return j;
     }
     if (k0 == UC_N) return i + (size_t)l0;                          /* C */
     j = c0 == ' ' ? i + 1 : i;                                      /* D */
-    if (j < n && cls_of(t, utf8_get(s + j, &l)) == UC_OTHER) {
-        while (j < n && cls_of(t, utf8_get(s + j, &l)) == UC_OTHER) j += (size_t)l;
+    if (j < n && cls_of(t, zi_utf8_get(s + j, &l)) == UC_OTHER) {
+        while (j < n && cls_of(t, zi_utf8_get(s + j, &l)) == UC_OTHER) j += (size_t)l;
         while (j < n && (s[j] == '\r' || s[j] == '\n')) j++;
         return j;
     }
@@ -366,7 +322,7 @@ static size_t split_end(const zi_tokenizer *t, const uint8_t *s, size_t n, size_
     size_t end = i, last_nl = 0, last_start = i;
     int has_nl = 0;
     while (end < n) {
-        uint32_t c = utf8_get(s + end, &l);
+        uint32_t c = zi_utf8_get(s + end, &l);
         if (cls_of(t, c) != UC_WS) break;
         if (c == '\r' || c == '\n') { has_nl = 1; last_nl = end; }
         last_start = end;
@@ -457,12 +413,12 @@ static int word_before(const uint8_t *s, size_t n) {
     size_t i = n - 1;
     while (i > 0 && (s[i] & 0xC0) == 0x80) i--;
     int len;
-    return uc_is_word(utf8_get(s + i, &len));
+    return uc_is_word(zi_utf8_get(s + i, &len));
 }
 
 static int word_after(const uint8_t *s) {
     int len;
-    return uc_is_word(utf8_get(s, &len));
+    return uc_is_word(zi_utf8_get(s, &len));
 }
 
 /* Start of the run of white space that ends s[0..n). */
@@ -471,7 +427,7 @@ static size_t space_run_before(const zi_tokenizer *t, const uint8_t *s, size_t n
         size_t i = n - 1;
         while (i > 0 && (s[i] & 0xC0) == 0x80) i--;
         int len;
-        if (cls_of(t, utf8_get(s + i, &len)) != UC_WS) break;
+        if (cls_of(t, zi_utf8_get(s + i, &len)) != UC_WS) break;
         n = i;
     }
     return n;
@@ -480,7 +436,7 @@ static size_t space_run_before(const zi_tokenizer *t, const uint8_t *s, size_t n
 static size_t space_run_after(const zi_tokenizer *t, const uint8_t *s, size_t n) {
     size_t i = 0;
     int len;
-    while (i < n && cls_of(t, utf8_get(s + i, &len)) == UC_WS) i += (size_t)len;
+    while (i < n && cls_of(t, zi_utf8_get(s + i, &len)) == UC_WS) i += (size_t)len;
     return i;
 }
 
@@ -550,7 +506,7 @@ static void encode_text(const zi_tokenizer *t, const uint8_t *s, size_t n, int p
 static int check_utf8(const char *text, size_t len) {
     const uint8_t *s = (const uint8_t *)text;
     for (size_t i = 0; i < len;) {
-        int k = utf8_seq(s + i, len - i);
+        int k = zi_utf8_seq(s + i, len - i);
         if (k < 0) {
             zi_seterr("tokenizer: the text is not valid UTF-8 (byte %zu: 0x%02X)", i, s[i]);
             return -1;
@@ -598,7 +554,7 @@ char *zi_tok_decode(const zi_tokenizer *t, const int32_t *ids, int n, size_t *le
     }
     bytes_put(&out, "", 0);
     for (size_t i = 0; i < raw.n;) {            /* String::from_utf8_lossy */
-        int k = utf8_seq(raw.p + i, raw.n - i);
+        int k = zi_utf8_seq(raw.p + i, raw.n - i);
         if (k > 0) bytes_put(&out, raw.p + i, (size_t)k);
         else bytes_put(&out, "\xEF\xBF\xBD", 3);
         i += (size_t)(k > 0 ? k : -k);
@@ -639,7 +595,7 @@ static void token_bytes(const int16_t *char_byte, const char *text, size_t n, by
     size_t start = out->n;
     for (size_t i = 0; i < n;) {
         int len;
-        uint32_t c = utf8_get((const uint8_t *)text + i, &len);
+        uint32_t c = zi_utf8_get((const uint8_t *)text + i, &len);
         i += (size_t)len;
         if (c >= 512 || char_byte[c] < 0) {
             out->n = start;
@@ -857,7 +813,7 @@ static int load_json(zi_tokenizer *t, const zj *root, const char *file) {
     if (!rc) rc = load_merges(t, &v, merges, file);
     for (int b = 0; b < 256 && !rc; b++) {
         uint8_t buf[4];
-        t->byte_id[b] = vocab_get(&v, (char *)buf, (size_t)utf8_put(buf, byte_char(b)));
+        t->byte_id[b] = vocab_get(&v, (char *)buf, (size_t)zi_utf8_put(buf, byte_char(b)));
     }
     if (!rc) rc = load_added(t, &v, zj_get(root, "added_tokens"), file);
     free(v.slot);

@@ -29,6 +29,7 @@
  * OUTPUT/sample-STEP.png. */
 #include "zimage.h"
 
+#include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
@@ -36,7 +37,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <strings.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -223,9 +223,13 @@ static int parse_args(int argc, char **argv, options *o) {
         else if (!strcmp(flag, "--eval-out")) o->eval_out = val;
         else if (!strcmp(flag, "--lora")) o->eval_lora = val;
         else if (!strcmp(flag, "--save-dtype")) {
-            o->save_dtype = !strcasecmp(val, "f32") ? ZI_F32 : !strcasecmp(val, "f16") ? ZI_F16
-                          : !strcasecmp(val, "bf16") ? ZI_BF16 : ZI_NDTYPES;
-            if (o->save_dtype == ZI_NDTYPES) { zi_seterr("--save-dtype: '%s' is not bf16, f16 or f32", val); rc = -1; }
+            char up[8] = "";    /* zi_dtype_parse takes the safetensors spelling: BF16 */
+            for (size_t i = 0; val[i] && i + 1 < sizeof up; i++) up[i] = (char)toupper((unsigned char)val[i]);
+            zi_dtype t;
+            if (strlen(val) >= sizeof up || zi_dtype_parse(up, &t) || (t != ZI_BF16 && t != ZI_F16 && t != ZI_F32)) {
+                zi_seterr("--save-dtype: '%s' is not bf16, f16 or f32", val);
+                rc = -1;
+            } else o->save_dtype = t;
         } else if (!strcmp(flag, "--lora-base-model") || !strcmp(flag, "--preset-lora-model")) {
             if (strcmp(val, "dit")) { zi_seterr("%s: only 'dit' is supported (got '%s')", flag, val); rc = -1; }
         } else if (!strcmp(flag, "--task")) {
@@ -302,14 +306,8 @@ static char *join(const char *base, const char *rel) {
     return zi_path("%s%s%s", base, base[n - 1] == '/' ? "" : "/", rel);
 }
 
-/* FNV-1a, 64 bits, over a NUL-terminated field (the NUL separates fields) */
-static uint64_t fnv(uint64_t h, const void *data, size_t n) {
-    const unsigned char *p = data;
-    for (size_t i = 0; i < n; i++) h = (h ^ p[i]) * 0x100000001b3ull;
-    return h;
-}
-
-static uint64_t fnv_str(uint64_t h, const char *s) { return fnv(h, s, strlen(s) + 1); }
+/* FNV-1a over a field with its NUL (the NUL separates fields) */
+static uint64_t fnv_str(uint64_t h, const char *s) { return zi_fnv1a(h, s, strlen(s) + 1); }
 
 /* Puts "META: row N: " before the current error (zi_err()'s buffer is reused by zi_seterr). */
 static void row_error(const char *meta, int row) {
@@ -332,7 +330,7 @@ typedef struct {
  * identified by its real path, size and modification time. */
 static uint64_t cache_key(const encoders *e, const char *image, const struct stat *st, const char *prompt) {
     char *real = realpath(image, NULL), num[160];
-    uint64_t h = fnv_str(0xcbf29ce484222325ull, "zimage.c train cache v1");
+    uint64_t h = fnv_str(ZI_FNV1A_BASIS, "zimage.c train cache v1");
     h = fnv_str(h, e->model);
     h = fnv_str(h, real ? real : image);
     snprintf(num, sizeof num, "%lld %lld.%09ld %d %d %lld", (long long)st->st_size, (long long)st->st_mtim.tv_sec,
@@ -595,7 +593,7 @@ typedef struct {
     zi_dit *dit;
     zi_lora *preset;        /* merged scheme 2 LoRA, or NULL */
     float preset_strength;
-    zi_lin **lins;
+    zi_lin *const *lins;
     int nlin;
     const features *pos, *neg;  /* neg: "" when cfg > 1, else NULL */
     int h, w, factor;       /* latent size, VAE factor */
@@ -788,7 +786,8 @@ static int train(const options *o) {
     free(dit_dir);
     if (!dit) { zi_train_meta_free(&meta); return -1; }
     const zi_dit_cfg *cfg = zi_dit_config(dit);
-    int C = cfg->in_channels, nlin = zi_dit_nlin(dit), rc = -1;
+    int C = cfg->in_channels, nlin, rc = -1;
+    zi_lin *const *lins = zi_dit_lins(dit, &nlin);
     /* prompts encoded beside the dataset: the negative "" (scheme 3's guidance, guided
      * previews) and the preview prompt */
     features extra[2] = {{.text = ""}, {.text = o->sample_prompt}};
@@ -796,8 +795,6 @@ static int train(const options *o) {
                    (o->sample_every && pv.p.cfg > 1);
     features *todo = need_neg ? extra : extra + 1;
     sample *data = encode_dataset(o, &meta, C, cfg->cap_feat_dim, todo, need_neg + (o->sample_every ? 1 : 0));
-    zi_lin **lins = zi_malloc((size_t)nlin * sizeof *lins);
-    for (int i = 0; i < nlin; i++) lins[i] = zi_dit_lin_at(dit, i);
     /* DiffSynth's --preset_lora_path (scheme 2): fused into the frozen weights at strength 1
      * (in their dtype), before the trained LoRA is attached */
     float preset_strength = 1.0f;
@@ -836,7 +833,6 @@ static int train(const options *o) {
     }
     zi_train_lora_free(lora);
     zi_lora_free(preset);
-    free(lins);
     for (int i = 0; i < 2; i++) free(extra[i].f);
     for (int i = 0; data && i < meta.n; i++) { free(data[i].x0); free(data[i].cap); }
     free(data);
@@ -881,11 +877,9 @@ static int eval(const options *o) {
     x0 = zi_tensor_f32(tx); noise = zi_tensor_f32(tn); sig = zi_tensor_f32(ts); cap = zi_tensor_f32(tc);
     if (!x0 || !noise || !sig || !cap) { zi_seterr("%s: train.* inputs must be float tensors", o->eval_in); goto done; }
     xt = zi_malloc(n * sizeof(float)); out = zi_malloc(n * sizeof(float)); dout = zi_malloc(n * sizeof(float));
-    int nlin = zi_dit_nlin(dit);
-    zi_lin **lins = zi_malloc((size_t)nlin * sizeof *lins);
-    for (int i = 0; i < nlin; i++) lins[i] = zi_dit_lin_at(dit, i);
+    int nlin;
+    zi_lin *const *lins = zi_dit_lins(dit, &nlin);
     t = zi_train_lora_of(l, lins, nlin, strength);
-    free(lins);
     if (!t) goto done;
     zi_dit_set_training(dit, 1, 0);
     /* as the reference computes it: (1 − σ) and t = 1 − σ from the Python double σ */

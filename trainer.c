@@ -1,11 +1,11 @@
-/* trainer.c: the pieces of LoRA training that do not depend on a model (training.md):
+/* trainer.c: the pieces of LoRA training that do not depend on a model:
  * dataset metadata, DiffSynth-Studio's training grid and loss weights, our counter-based
  * random numbers, the trainable LoRA with AdamW + ConstantLR, the flow-matching loss, and the
  * training-state files that make --resume exact. The program train.c drives them.
  *
  * Faithfulness notes (DiffSynth runs in bf16, we in float32):
  *   - the timestep grid, weights and the loss follow DiffSynth's float32 arithmetic; DiffSynth
- *     rounds the chosen timestep to bf16 before using it (training.md §6.4), which collapses the
+ *     rounds the chosen timestep to bf16 before using it (in its bf16 runs), which collapses the
  *     1000 noise levels onto 353 and moves the DiT's time input by up to 2.7/1000. We do what
  *     DiffSynth does with torch_dtype=float32: σ = grid[i] and t = 1 − σ exactly.
  *   - LoRA master weights, gradients and AdamW moments are float32 (DiffSynth keeps them in
@@ -185,18 +185,9 @@ int zi_train_meta_parse(const char *text, size_t len, const char *path, zi_train
 
 int zi_train_meta_load(const char *path, zi_train_meta *out) {
     *out = (zi_train_meta){0};
-    FILE *f = fopen(path, "rb");
-    if (!f) { zi_seterr("%s: cannot open", path); return -1; }
-    char *buf = NULL;
-    size_t len = 0, cap = 0, k;
-    do {
-        if (len + 65536 > cap) buf = zi_realloc(buf, cap = 2 * cap + 65536);
-        k = fread(buf + len, 1, cap - len, f);
-        len += k;
-    } while (k > 0);
-    int err = ferror(f);
-    fclose(f);
-    if (err) { free(buf); zi_seterr("%s: read error", path); return -1; }
+    size_t len;
+    char *buf = zi_read_file(path, &len);
+    if (!buf) return -1;
     int rc = zi_train_meta_parse(buf, len, path, out);
     free(buf);
     return rc;
@@ -210,34 +201,20 @@ void zi_train_meta_free(zi_train_meta *m) {
 
 /* ================================================================ schedule */
 
-/* torch.linspace(start, end, steps) in float32: the first half counts up from start, the
- * second half down from end (aten RangeFactoriesKernel.cpp; fused multiply-add as built). */
-static float linspace_at(float start, float end, int steps, int i) {
-    float step = (end - start) / (float)(steps - 1);
-    return i < steps / 2 ? fmaf(step, (float)i, start) : fmaf(-step, (float)(steps - i - 1), end);
-}
-
-/* Keeps a product from being fused into the following addition: torch rounds each tensor
- * operation on its own (see sampler.c). */
-static inline float rnd(float x) {
-    __asm__("" : "+m"(x));
-    return x;
-}
-
 void zi_train_grid(int n, float shift, float *sigmas, float *weights) {
     /* FlowMatchScheduler.set_timesteps_z_image(n, training=True):
      * σ = linspace(1, 0, n + 1)[:-1]; σ = shift·σ / (1 + (shift − 1)·σ), float32 tensors */
-    for (int i = 0; i < n; i++) {
-        float s = linspace_at(1.0f, 0.0f, n + 1, i);
-        sigmas[i] = rnd(shift * s) / (1.0f + rnd((shift - 1.0f) * s));
-    }
+    float *s = zi_malloc(((size_t)n + 1) * sizeof *s);
+    zi_linspace_f32(1.0f, 0.0f, n + 1, s);
+    for (int i = 0; i < n; i++) sigmas[i] = zi_rnd(shift * s[i]) / (1.0f + zi_rnd((shift - 1.0f) * s[i]));
+    free(s);
     /* set_training_weight: x = 1000σ, y = exp(−2((x − 500)/1000)²), z = y − min y,
      * w = z·(1000/Σz); for n != 1000: w·n/1000 + (that)[1]. Σ is float32 in torch (a
      * pairwise sum); we sum in double, which can move w by an ulp. */
     float ymin = INFINITY;
     for (int i = 0; i < n; i++) {
         float d = (sigmas[i] * 1000.0f - 500.0f) / 1000.0f;
-        weights[i] = expf(-2.0f * rnd(d * d));
+        weights[i] = expf(-2.0f * zi_rnd(d * d));
         if (weights[i] < ymin) ymin = weights[i];
     }
     double sum = 0;
@@ -261,13 +238,13 @@ static uint64_t mix64(uint64_t z) {
     return z ^ (z >> 31);
 }
 
-uint64_t zi_train_hash(uint64_t seed, uint64_t stream, uint64_t counter) {
+static uint64_t train_hash(uint64_t seed, uint64_t stream, uint64_t counter) {
     return mix64(mix64(mix64(seed + 0x9e3779b97f4a7c15ull) ^ stream) + counter * 0x9e3779b97f4a7c15ull);
 }
 
 /* uniform double in [0, 1) from the top 53 bits */
 static double hash_unit(uint64_t seed, uint64_t stream, uint64_t counter) {
-    return (double)(zi_train_hash(seed, stream, counter) >> 11) * 0x1.0p-53;
+    return (double)(train_hash(seed, stream, counter) >> 11) * 0x1.0p-53;
 }
 
 int zi_train_timestep(uint64_t seed, int64_t sample, int n) {
@@ -275,7 +252,7 @@ int zi_train_timestep(uint64_t seed, int64_t sample, int n) {
 }
 
 uint64_t zi_train_noise_seed(uint64_t seed, int64_t sample) {
-    return zi_train_hash(seed, ZI_RNG_NOISE, (uint64_t)sample);
+    return train_hash(seed, ZI_RNG_NOISE, (uint64_t)sample);
 }
 
 void zi_train_perm(int *perm, int n, uint64_t seed, int epoch) {
@@ -337,9 +314,7 @@ static void lora_finish(zi_train_lora *t) {
         a->dA = t->g + off;
         a->dB = t->g + off + na;
         a->rank = m->rank;
-        zi_lora_adapter **tail = &t->lin[i]->lora;
-        while (*tail) tail = &(*tail)->next;
-        *tail = a;
+        zi_lin_attach(t->lin[i], a);
         off += na + nb;
     }
 }
@@ -439,11 +414,7 @@ void zi_train_lora_zero_grad(zi_train_lora *t) { memset(t->g, 0, (size_t)t->n_pa
 
 void zi_train_lora_free(zi_train_lora *t) {
     if (!t) return;
-    for (int i = 0; t->lin && i < t->lora.n; i++) {
-        zi_lora_adapter **p = &t->lin[i]->lora;
-        while (*p && *p != &t->ad[i]) p = &(*p)->next;
-        if (*p) *p = t->ad[i].next;
-    }
+    for (int i = 0; t->lin && i < t->lora.n; i++) zi_lin_detach(t->lin[i], &t->ad[i]);
     for (int i = 0; i < t->lora.n; i++) free(t->lora.m[i].name);
     free(t->lora.m);
     free(t->ad);
@@ -474,7 +445,7 @@ static void adamw_range(void *ctx, int64_t begin, int64_t end) {
         float g = c->g[i];
         c->w[i] *= c->decay;
         c->m[i] += c->one_b1 * (g - c->m[i]);                      /* lerp_(g, 1 − β1) */
-        c->v[i] = rnd(c->v[i] * c->b2) + rnd(c->one_b2 * g) * g;    /* mul_(β2).addcmul_(g, g, 1 − β2) */
+        c->v[i] = zi_rnd(c->v[i] * c->b2) + zi_rnd(c->one_b2 * g) * g;    /* mul_(β2).addcmul_(g, g, 1 − β2) */
         float denom = sqrtf(c->v[i]) / c->bc2_sqrt + c->eps;
         c->w[i] += c->neg_step * (c->m[i] / denom);                 /* addcdiv_(m, denom, −step_size) */
     }
@@ -507,7 +478,7 @@ int zi_train_lora_step(zi_train_lora *t, double lr, double weight_decay) {
 void zi_train_noisy(float *xt, const float *x0, const float *noise, float sigma, int64_t n) {
     /* FlowMatchScheduler.add_noise: (1 − σ)·x0 + σ·n */
     float a = 1.0f - sigma;
-    for (int64_t i = 0; i < n; i++) xt[i] = rnd(a * x0[i]) + rnd(sigma * noise[i]);
+    for (int64_t i = 0; i < n; i++) xt[i] = zi_rnd(a * x0[i]) + zi_rnd(sigma * noise[i]);
 }
 
 float zi_train_loss(const float *out, const float *x0, const float *noise, int64_t n, float weight,

@@ -88,12 +88,10 @@ struct zi_vae {
 
 /* ---------------------------------------------------------------- loading */
 static float *vec_f32(zi_vae *v, const char *pre, const char *suf, int64_t n) {
-    char name[256];
-    snprintf(name, sizeof name, "%s.%s", pre, suf);
-    const zi_tensor *t = zi_st_need(v->st, name, 1, &n);
-    if (!t) return NULL;
-    float *f = zi_tensor_f32(t);
-    if (!f) { zi_seterr("%s: %s is not a float tensor", zi_st_path(v->st), name); return NULL; }
+    char *name = zi_path("%s.%s", pre, suf);
+    float *f = zi_st_need_f32(v->st, name, 1, &n);
+    free(name);
+    if (!f) return NULL;
     v->owned = zi_realloc(v->owned, (size_t)(v->nowned + 1) * sizeof *v->owned);
     v->owned[v->nowned++] = f;
     return f;
@@ -101,17 +99,10 @@ static float *vec_f32(zi_vae *v, const char *pre, const char *suf, int64_t n) {
 
 /* A weight of the given shape as a [shape0, rest] matrix of a dtype the GEMM takes. */
 static int weight(zi_vae *v, zi_mat *m, const char *pre, int ndim, const int64_t *shape) {
-    char name[256];
-    snprintf(name, sizeof name, "%s.weight", pre);
-    const zi_tensor *t = zi_st_need(v->st, name, ndim, shape);
-    if (!t) return -1;
-    if (t->dtype != ZI_F32 && t->dtype != ZI_BF16 && t->dtype != ZI_F16) {
-        zi_seterr("%s: %s has dtype %s (F32, BF16 or F16 expected)", zi_st_path(v->st), name,
-                  zi_dtype_name(t->dtype));
-        return -1;
-    }
-    *m = zi_tensor_mat(t);
-    return 0;
+    char *name = zi_path("%s.weight", pre);
+    int rc = zi_st_need_mat(v->st, name, ndim, shape, m);
+    free(name);
+    return rc;
 }
 
 static int load_conv(zi_vae *v, vae_conv *c, const char *pre, int cin, int cout, int k) {

@@ -9,7 +9,8 @@
  *
  * The stages are public so that a program holding a DiT (train's previews) samples through
  * the same code: zi_denoise (the sampler loop on a loaded DiT and precomputed features) and
- * zi_decode (the VAE); zi_generate is encode_prompts + zi_load_dit + zi_denoise + zi_decode.
+ * zi_decode (the VAE); zi_generate is encode_prompts + zi_dit_load_with_loras + zi_denoise +
+ * zi_decode.
  */
 #include "zimage.h"
 
@@ -184,19 +185,17 @@ double zi_model_shift(const char *dir) {
  * path) and the base weights stay mmap'd; merging saves the adapters' ~2·rank/in extra
  * FLOPs but rounds W + ΔW to the checkpoint's dtype (as DiffSynth and ComfyUI do) and needs
  * a private copy of every merged weight. */
-zi_dit *zi_load_dit(const char *dir, const zi_params *p, zi_lora **loras) {
+zi_dit *zi_dit_load_with_loras(const char *dir, const zi_params *p, zi_lora **loras) {
     char *tdir = zi_path("%s/transformer", dir);
     zi_dit *dit = zi_dit_load(tdir);
     free(tdir);
     if (!dit) return NULL;
-    int n = zi_dit_nlin(dit);
-    zi_lin **lins = zi_malloc((size_t)n * sizeof *lins);
-    for (int i = 0; i < n; i++) lins[i] = zi_dit_lin_at(dit, i);
+    int n;
+    zi_lin *const *lins = zi_dit_lins(dit, &n);
     int i = 0;
     for (; i < p->n_lora; i++)
         if (!(loras[i] = zi_lora_load(p->lora_files[i])) ||
             zi_lora_apply(loras[i], lins, n, p->lora_strengths[i], p->lora_merge, !p->quiet) < 0) break;
-    free(lins);
     if (i == p->n_lora) return dit;
     for (; i >= 0; i--) { zi_lora_free(loras[i]); loras[i] = NULL; }
     zi_dit_free(dit);
@@ -213,10 +212,7 @@ int zi_img2img_start(int steps, double strength) {
 float *zi_denoise(zi_dit *dit, const float *pos, int Lp, const float *neg, int Ln, int h, int w,
                   const float *z0, const zi_params *p) {
     zi_sampler sampler;
-    if (zi_sampler_parse(p->sampler, &sampler)) {
-        zi_seterr("--sampler: unknown sampler '%s' (euler, heun, dpmpp_2m)", p->sampler);
-        return NULL;
-    }
+    if (zi_sampler_parse(p->sampler, &sampler)) return NULL;
     if (p->steps < 1 || p->shift <= 0) { zi_seterr("zi_denoise: steps %d, shift %g", p->steps, p->shift); return NULL; }
     int start = z0 ? zi_img2img_start(p->steps, p->strength) : 0;
     if (start >= p->steps) {
@@ -236,7 +232,7 @@ float *zi_denoise(zi_dit *dit, const float *pos, int Lp, const float *neg, int L
     zi_flow_sigmas(p->steps, p->shift, sigmas);
     float *x = zi_malloc((size_t)d.n * sizeof *x);
     if (!z0) {
-        zi_randn(x, d.n, p->seed, p->rng_cuda ? ZI_RNG_CUDA : ZI_RNG_CPU);
+        zi_randn(x, d.n, p->seed, p->rng);
     } else {
         /* the generator's first n normals were the posterior sample's (zi_encode_image), the
          * next n are the noise; n being a multiple of 16, torch's randn(n) consumed exactly n
@@ -274,7 +270,7 @@ static int load_init_image(const zi_params *p, zi_image *im) {
         zi_image_free(im);
         return -1;
     }
-    if (p->rng_cuda) {
+    if (p->rng != ZI_RNG_CPU) {
         zi_seterr("--init-image: only the CPU generator (--rng cpu) is supported");
         zi_image_free(im);
         return -1;
@@ -284,10 +280,7 @@ static int load_init_image(const zi_params *p, zi_image *im) {
 
 float *zi_generate(const char *dir, const zi_params *p) {
     zi_sampler sampler;
-    if (zi_sampler_parse(p->sampler, &sampler)) {
-        zi_seterr("--sampler: unknown sampler '%s' (euler, heun, dpmpp_2m)", p->sampler);
-        return NULL;
-    }
+    if (zi_sampler_parse(p->sampler, &sampler)) return NULL;
     if (p->steps < 1) { zi_seterr("--steps: must be at least 1"); return NULL; }
     int factor;
     if (zi_check_size(dir, p->width, p->height, &factor)) return NULL;
@@ -303,7 +296,7 @@ float *zi_generate(const char *dir, const zi_params *p) {
     zi_dit *dit = NULL;
     if (encode_prompts(dir, p->prompt, p->negative, &pos, &Lp, p->cfg > 1 ? &neg : NULL, &Ln)) goto out;
     if (p->init_image && !(z0 = zi_encode_image(dir, &init, p->seed))) goto out;
-    if (!(dit = zi_load_dit(dir, p, loras))) goto out;
+    if (!(dit = zi_dit_load_with_loras(dir, p, loras))) goto out;
     latents = zi_denoise(dit, pos, Lp, neg, Ln, h, w, z0, &q);
     for (int i = p->n_lora - 1; i >= 0; i--) zi_lora_free(loras[i]);
     zi_dit_free(dit);       /* unmapped before the VAE runs */

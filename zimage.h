@@ -3,9 +3,10 @@
  * Components (one file each): tokenizer.c (Qwen2 BPE), qwen3.c (text encoder), dit.c
  * (the diffusion transformer, forward and backward), vae.c (FLUX VAE), sampler.c
  * (flow-matching schedules, samplers, torch-compatible noise), image.c (PNG/JPEG,
- * inflate/deflate), lora.c (LoRA files), zimage.c (model directory and the text-to-image
- * pipeline). Kernels live in tensor.c (tensor.h); file formats in safetensors.c
- * (safetensors.h). Every function that can fail on bad input returns -1 or NULL with a
+ * inflate/deflate), lora.c (LoRA files), trainer.c (LoRA training without a model: data,
+ * schedule, AdamW, state files), distill.c (trajectory-imitation distillation), zimage.c
+ * (model directory and the text-to-image pipeline). Kernels live in tensor.c (tensor.h); file
+ * formats in safetensors.c and json.c (safetensors.h). Every function that can fail on bad input returns -1 or NULL with a
  * one-line message in zi_err().
  */
 #ifndef ZIMAGE_H
@@ -18,7 +19,8 @@
 
 /* ================================================================ Linear layers (lora.c)
  * Every Linear of the text encoder and the DiT is a zi_lin, named as in the diffusers /
- * transformers checkpoint (e.g. "layers.0.attention.to_q"), so LoRA files can find it.
+ * transformers checkpoint (e.g. "layers.0.attention.to_q"). LoRA files find the DiT's by that
+ * name; the text encoder takes no LoRA (its keys in a LoRA file are ignored).
  * Adapters attached at run time add y += scale · B(A x) (A: [rank, in], B: [out, rank],
  * float32). */
 typedef struct zi_lora_adapter {
@@ -41,6 +43,10 @@ void zi_lin_forward(const zi_lin *l, const float *x, int M, float *y);
 /* Its backward for dy [M, out]: dx [M, in] = dy·W + Σ scale·(dy·B)·A (written; dx may be NULL),
  * and for every adapter with dA/dB: dB += scale·dyᵀ·(x·Aᵀ), dA += scale·(dy·B)ᵀ·x. */
 void zi_lin_backward(const zi_lin *l, const float *x, const float *dy, int M, float *dx);
+/* Appends a (not owned) to l's adapters: adapters apply in the order attached. Detach unlinks
+ * it again (nothing when it is not attached). */
+void zi_lin_attach(zi_lin *l, zi_lora_adapter *a);
+void zi_lin_detach(zi_lin *l, zi_lora_adapter *a);
 
 /* ================================================================ tokenizer.c
  * The Qwen2 byte-level BPE tokenizer, read from a Hugging Face tokenizer.json; ids are exactly
@@ -77,9 +83,6 @@ zi_te *zi_te_load(const char *te_dir);
  * While a dump is active, records te.hidden.K (K = 0: embeddings, K = layers run). */
 float *zi_te_encode(zi_te *te, const int32_t *ids, int L);
 int zi_te_dim(const zi_te *te);
-/* The Linear layers, for LoRA: i = 0 .. count-1 (names as "layers.N.self_attn.q_proj"),
- * NULL past the end. */
-zi_lin *zi_te_lin(zi_te *te, int i);
 void zi_te_free(zi_te *te);
 
 
@@ -126,6 +129,7 @@ void zi_dit_set_ffn_tile(zi_dit *m, int rows);
  * "noise_refiner.1.adaLN_modulation.0", "all_x_embedder.2-1", ...), for LoRA. */
 int zi_dit_nlin(const zi_dit *m);
 zi_lin *zi_dit_lin_at(zi_dit *m, int i);
+zi_lin *const *zi_dit_lins(zi_dit *m, int *n);     /* all of them, [*n], owned by the DiT */
 zi_lin *zi_dit_linear(zi_dit *m, const char *name);    /* NULL when absent */
 /* Training (LoRA). With on = 1, each zi_dit_forward keeps what the backward needs (replacing
  * what an earlier one kept); with gradient_checkpointing only each block's input, and the
@@ -170,6 +174,8 @@ int zi_vae_factor(const zi_vae *v);         /* spatial down-sampling factor, 2^(
  * samplers integrate dx/dσ = v, where v is what diffusers hands to scheduler.step: for Z-Image
  * the negated DiT output (≈ noise − x0). */
 
+/* torch.linspace(start, end, steps) in float32, into out[steps] */
+void zi_linspace_f32(float start, float end, int steps, float *out);
 /* sigmas[0..steps]: σ_i = shift·s_i / (1 + (shift − 1)·s_i) with s = linspace(1, 1/steps, steps)
  * (float32, torch's linspace), and the terminal σ_steps = 0. steps >= 1. */
 void zi_flow_sigmas(int steps, double shift, float *sigmas);
@@ -312,7 +318,7 @@ int zi_lora_save(const zi_lora *l, const char *path, const char *format, zi_dtyp
 
 
 /* ================================================================ trainer.c
- * LoRA training as DiffSynth-Studio's train.py does it (spec/training.md), the parts that need
+ * LoRA training as DiffSynth-Studio's train.py does it, the parts that need
  * no model: dataset metadata, the training grid and loss weights of its FlowMatchScheduler
  * ("Z-Image" template), random numbers, the trainable LoRA with AdamW + ConstantLR, the loss,
  * and training-state files. The program train.c drives them with the DiT. */
@@ -335,7 +341,6 @@ void zi_train_grid(int n, float shift, float *sigmas, float *weights);
 
 /* Random numbers are a hash of (seed, purpose, counter): nothing to carry but counters. */
 enum { ZI_RNG_TIMESTEP = 1, ZI_RNG_NOISE, ZI_RNG_SHUFFLE, ZI_RNG_INIT };
-uint64_t zi_train_hash(uint64_t seed, uint64_t stream, uint64_t counter);
 int zi_train_timestep(uint64_t seed, int64_t sample, int n);    /* grid index of sample #k, uniform in [0, n) */
 uint64_t zi_train_noise_seed(uint64_t seed, int64_t sample);    /* for zi_randn (CPU generator) */
 void zi_train_perm(int *perm, int n, uint64_t seed, int epoch); /* the shuffled order of an epoch */
@@ -476,7 +481,7 @@ typedef struct {
     float shift;            /* <= 0: the scheduler config's */
     const char *sampler;    /* euler, heun, dpmpp_2m */
     uint64_t seed;
-    int rng_cuda;           /* noise as torch.randn on a CUDA generator instead of the CPU one */
+    zi_rng rng;             /* the torch.randn generator the noise reproduces (ZI_RNG_CPU = 0) */
     int n_lora;
     const char *const *lora_files;
     const float *lora_strengths;
@@ -515,7 +520,7 @@ float *zi_encode_image(const char *model_dir, const zi_image *im, uint64_t seed)
 float *zi_decode(const char *model_dir, const float *latents, int h, int w);
 /* MODEL_DIR/transformer with p's LoRAs applied (loras[p->n_lora] receives them;
  * free them with zi_lora_free, last first, before zi_dit_free). NULL on error. */
-zi_dit *zi_load_dit(const char *model_dir, const zi_params *p, zi_lora **loras);
+zi_dit *zi_dit_load_with_loras(const char *model_dir, const zi_params *p, zi_lora **loras);
 /* zi_generate, then a PNG at path with the settings in its "parameters" text chunk. */
 int zi_generate_png(const char *model_dir, const zi_params *p, const char *path);
 
