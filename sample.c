@@ -301,19 +301,21 @@ int main(int argc, char **argv) {
     p.lora_strengths = lora_strengths;
     zi_threads_init(threads);
 
-    if (info) return cmd_info(info);
-    if (convert[0]) return cmd_convert(convert[0], convert[1], convert_to);
+    int rc = 0;
+    if (info) { rc = cmd_info(info); goto done; }
+    if (convert[0]) { rc = cmd_convert(convert[0], convert[1], convert_to); goto done; }
     if (bf16[0]) {
         if (zi_convert_bf16(bf16[0], bf16[1], !p.quiet)) zi_die("%s", zi_err());
-        return 0;
+        goto done;
     }
-    if (npos < 1) { fputs(usage, stderr); return 1; }
-    if (tokenize) return cmd_tokenize(pos[0], tokenize);
+    if (npos < 1) { fputs(usage, stderr); rc = 1; goto done; }
+    if (tokenize) { rc = cmd_tokenize(pos[0], tokenize); goto done; }
     if (eval_in || eval_out) {
         if (!eval_in || !eval_out) zi_die("--eval and --eval-out go together");
-        return cmd_eval(pos[0], &p, eval_in, eval_out);
+        rc = cmd_eval(pos[0], &p, eval_in, eval_out);
+        goto done;
     }
-    if (npos < 2) { fputs(usage, stderr); return 1; }
+    if (npos < 2) { fputs(usage, stderr); rc = 1; goto done; }
     if (!seed_given) {
         p.seed = (uint64_t)time(NULL) ^ ((uint64_t)getpid() << 16);
         p.seed &= 0xffffffffu;
@@ -328,5 +330,7 @@ int main(int argc, char **argv) {
     }
     if (!seed_given && !p.quiet) fprintf(stderr, "seed: %llu\n", (unsigned long long)p.seed);
     if (zi_generate_png(pos[0], &p, output)) zi_die("%s", zi_err());
-    return 0;
+done:
+    for (int i = 0; i < p.n_lora; i++) free(lora_files[i]);
+    return rc;
 }
