@@ -15,6 +15,8 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -22,22 +24,23 @@
 
 /* ================================================================ checksums */
 
-uint32_t zi_crc32(uint32_t crc, const void *buf, size_t n) {
-    /* table for the reflected polynomial 0xEDB88320, built on first use (races are benign:
-     * every thread writes the same values) */
-    static uint32_t table[256];
-    static volatile int ready;
-    if (!ready) {
-        for (uint32_t i = 0; i < 256; i++) {
-            uint32_t c = i;
-            for (int k = 0; k < 8; k++) c = c & 1 ? 0xEDB88320u ^ (c >> 1) : c >> 1;
-            table[i] = c;
-        }
-        ready = 1;
+/* CRC-32 of the reflected polynomial 0xEDB88320, a byte at a time through a table built once */
+static uint32_t crc_table[256];
+static pthread_once_t crc_once = PTHREAD_ONCE_INIT;
+
+static void crc_table_init(void) {
+    for (uint32_t i = 0; i < 256; i++) {
+        uint32_t c = i;
+        for (int k = 0; k < 8; k++) c = c & 1 ? 0xEDB88320u ^ (c >> 1) : c >> 1;
+        crc_table[i] = c;
     }
+}
+
+uint32_t zi_crc32(uint32_t crc, const void *buf, size_t n) {
+    pthread_once(&crc_once, crc_table_init);
     const uint8_t *p = buf;
     crc = ~crc;
-    for (size_t i = 0; i < n; i++) crc = table[(crc ^ p[i]) & 255] ^ (crc >> 8);
+    for (size_t i = 0; i < n; i++) crc = crc_table[(crc ^ p[i]) & 255] ^ (crc >> 8);
     return ~crc;
 }
 
@@ -327,8 +330,8 @@ typedef struct {
     const uint8_t *src;
     size_t n;
     int min_len;                /* shorter matches are coded as literals */
-    int32_t head[1 << HBITS];   /* most recent position + 1 with each hash (0: none) */
-    int32_t prev[WSIZE];        /* previous position + 1 with the same hash, by pos % WSIZE */
+    int64_t head[1 << HBITS];   /* most recent position + 1 with each hash (0: none) */
+    int64_t prev[WSIZE];        /* previous position + 1 with the same hash, by pos % WSIZE */
 } lz77;
 
 static uint32_t hash3(const uint8_t *p) {
@@ -339,7 +342,7 @@ static void lz_insert(lz77 *z, size_t pos) {
     if (pos + 3 > z->n) return;
     uint32_t h = hash3(z->src + pos);
     z->prev[pos % WSIZE] = z->head[h];
-    z->head[h] = (int32_t)(pos + 1);
+    z->head[h] = (int64_t)pos + 1;
 }
 
 /* longest earlier match at pos (length 0 when shorter than 3) */
@@ -347,7 +350,7 @@ static int lz_match(const lz77 *z, size_t pos, int *dist) {
     if (pos + 3 > z->n) return 0;
     size_t maxlen = z->n - pos < 258 ? z->n - pos : 258;
     int best = 0, chain = MAX_CHAIN;
-    int32_t cand = z->head[hash3(z->src + pos)];
+    int64_t cand = z->head[hash3(z->src + pos)];
     while (cand > 0 && chain-- > 0) {
         size_t c = (size_t)cand - 1;
         if (pos - c > WSIZE) break;
@@ -358,7 +361,7 @@ static int lz_match(const lz77 *z, size_t pos, int *dist) {
             *dist = (int)(pos - c);
             if (l >= NICE_LEN || l == maxlen) break;
         }
-        int32_t nxt = z->prev[c % WSIZE];
+        int64_t nxt = z->prev[c % WSIZE];
         if (nxt >= cand) break;     /* that slot was overwritten by a newer position */
         cand = nxt;
     }
@@ -704,12 +707,12 @@ static int png_text_chunk(zbuf *b, const char *key, const char *val) {
 /* Writes buf to path through a temporary file in the same directory, fsync'd, then renamed
  * over path: readers never see a half-written file, and a failure leaves no output. */
 static int write_atomic(const char *path, const uint8_t *buf, size_t n) {
-    static unsigned counter;
+    static atomic_uint counter;
     size_t plen = strlen(path) + 32;
     char *tmp = zi_malloc(plen);
     int fd = -1;
     for (int tries = 0; fd < 0 && tries < 100; tries++) {
-        snprintf(tmp, plen, "%s.tmp%d.%u", path, (int)getpid(), __atomic_fetch_add(&counter, 1, __ATOMIC_RELAXED));
+        snprintf(tmp, plen, "%s.tmp%d.%u", path, (int)getpid(), atomic_fetch_add(&counter, 1));
         fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL, 0666);
         if (fd < 0 && errno != EEXIST) break;
     }
@@ -1126,10 +1129,19 @@ static void jpeg_sof(jdec *d, const uint8_t *s, size_t len, int marker) {
 
 /* ---- one block of one scan (T.81 F.2.2 baseline, G.1.2 progressive) */
 
-static void jpeg_block_baseline(jdec *d, jcomp *c, int16_t *blk) {
+/* DC prediction (F.2.2.1): the decoded difference plus the previous block's DC value */
+static int jpeg_dc(jdec *d, jcomp *c) {
     int t = jb_huff(d, &d->huff[c->td]);
     c->dc_pred += jb_receive_extend(d, t);
-    blk[0] = (int16_t)c->dc_pred;
+    if (c->dc_pred < -32768 || c->dc_pred > 32767) {    /* only corrupt data gets here */
+        d->err = "bad DC coefficient";
+        c->dc_pred = 0;
+    }
+    return c->dc_pred;
+}
+
+static void jpeg_block_baseline(jdec *d, jcomp *c, int16_t *blk) {
+    blk[0] = (int16_t)jpeg_dc(d, c);
     for (int k = 1; k < 64 && !d->err;) {
         int rs = jb_huff(d, &d->huff[4 + c->ta]), r = rs >> 4, s = rs & 15;
         if (s) {
@@ -1145,13 +1157,8 @@ static void jpeg_block_baseline(jdec *d, jcomp *c, int16_t *blk) {
 }
 
 static void jpeg_block_dc(jdec *d, jcomp *c, int16_t *blk, int ah, int al) {
-    if (ah == 0) {
-        int t = jb_huff(d, &d->huff[c->td]);
-        c->dc_pred += jb_receive_extend(d, t);
-        blk[0] = (int16_t)(c->dc_pred * (1 << al));
-    } else if (jb_bits(d, 1)) {
-        blk[0] = (int16_t)(blk[0] | 1 << al);
-    }
+    if (ah == 0) blk[0] = (int16_t)(jpeg_dc(d, c) * (1 << al));      /* first scan: the top bits */
+    else if (jb_bits(d, 1)) blk[0] = (int16_t)(blk[0] | 1 << al);     /* refinement: one more bit */
 }
 
 static void jpeg_block_ac_first(jdec *d, jcomp *c, int16_t *blk, int ss, int se, int al) {

@@ -287,6 +287,87 @@ void zi_lora_free(zi_lora *l);                  /* removes it first when applied
 int zi_lora_save(const zi_lora *l, const char *path, const char *format, zi_dtype dtype, const char *base_model);
 
 
+/* ================================================================ trainer.c
+ * LoRA training as DiffSynth-Studio's train.py does it (spec/training.md), the parts that need
+ * no model: dataset metadata, the training grid and loss weights of its FlowMatchScheduler
+ * ("Z-Image" template), random numbers, the trainable LoRA with AdamW + ConstantLR, the loss,
+ * and training-state files. The program train.c drives them with the DiT. */
+
+/* Dataset metadata: rows with an image path and a prompt (other columns are ignored). The
+ * format follows the file name: .json (an array of objects), .jsonl (one object per line),
+ * anything else CSV (RFC 4180 with a header row: quoted fields may hold commas, "" and
+ * newlines). A missing column or value is an error naming the file and row. */
+typedef struct { char *image, *prompt; } zi_train_item;
+typedef struct { int n; zi_train_item *items; } zi_train_meta;
+int zi_train_meta_load(const char *path, zi_train_meta *out);
+int zi_train_meta_parse(const char *text, size_t len, const char *path, zi_train_meta *out);
+void zi_train_meta_free(zi_train_meta *m);
+
+/* The training grid of n points (DiffSynth trains on n = 1000, shift 3): σ_i from
+ * linspace(1, 0, n + 1)[:-1] shifted as shift·s/(1 + (shift − 1)·s) (σ_0 = 1), and the loss
+ * weight of each point: a Gaussian bell over 1000σ, minus its minimum, normalised to mean 1. */
+#define ZI_TRAIN_GRID 1000
+void zi_train_grid(int n, float shift, float *sigmas, float *weights);
+
+/* Random numbers are a hash of (seed, purpose, counter): nothing to carry but counters. */
+enum { ZI_RNG_TIMESTEP = 1, ZI_RNG_NOISE, ZI_RNG_SHUFFLE, ZI_RNG_INIT };
+uint64_t zi_train_hash(uint64_t seed, uint64_t stream, uint64_t counter);
+int zi_train_timestep(uint64_t seed, int64_t sample, int n);    /* grid index of sample #k, uniform in [0, n) */
+uint64_t zi_train_noise_seed(uint64_t seed, int64_t sample);    /* for zi_randn (CPU generator) */
+void zi_train_perm(int *perm, int n, uint64_t seed, int epoch); /* the shuffled order of an epoch */
+
+/* A trainable LoRA: float32 A [rank, in] and B [out, rank] per module, attached as adapters to
+ * the model's layers (after any adapters already there). All parameters, their gradients
+ * (the adapters' dA, dB) and the AdamW moments live in one flat buffer each, module by
+ * module, A then B. lora is a zi_lora view for zi_lora_save (its A, B point into w). */
+typedef struct {
+    zi_lora lora;
+    zi_lora_adapter *ad;    /* [lora.n] */
+    zi_lin **lin;           /* [lora.n] the layers they are attached to */
+    int64_t n_params;
+    float *w, *g, *m, *v;   /* parameters, gradients, first and second moments */
+    int64_t step;           /* optimizer steps taken */
+} zi_train_lora;
+
+/* Rank-`rank` modules (scale 1, alpha = rank) on every layer whose name equals one of the
+ * comma-separated targets or ends with "." + target (peft's rule); A ~ U(−1/√in, 1/√in) drawn
+ * from seed (peft's Kaiming-uniform), B = 0. NULL when nothing matches. */
+zi_train_lora *zi_train_lora_new(zi_lin *const *lins, int nlins, const char *targets, int rank, uint64_t seed);
+/* The modules of a LoRA file as they are (same ranks, scale alpha/rank × strength): for
+ * evaluating gradients of an existing LoRA. */
+zi_train_lora *zi_train_lora_of(const zi_lora *src, zi_lin *const *lins, int nlins, float strength);
+/* --lora-checkpoint: copies the file's modules onto the same-named trained ones (alpha/rank
+ * folded into B); a rank or shape mismatch is an error. Returns the number copied or -1. */
+int zi_train_lora_load_weights(zi_train_lora *t, const zi_lora *src);
+void zi_train_lora_zero_grad(zi_train_lora *t);
+/* One AdamW step on the gradients in g (betas 0.9, 0.999, eps 1e-8; DiffSynth's weight decay
+ * is 0.01) at the ConstantLR rate for step t->step + 1. g is left as it is. */
+void zi_train_lora_step(zi_train_lora *t, double lr, double weight_decay);
+void zi_train_lora_free(zi_train_lora *t);              /* detaches the adapters */
+
+/* torch.optim.lr_scheduler.ConstantLR (factor 1/3, 5 iterations): the rate of optimizer step
+ * `step` (1-based): lr/3 for steps 1..5, then lr. */
+double zi_train_lr(double lr, int64_t step);
+/* torch.optim.AdamW on n float32 parameters; step is 1-based (bias corrections). */
+void zi_adamw(float *w, const float *g, float *m, float *v, int64_t n, int64_t step, double lr,
+              double beta1, double beta2, double eps, double weight_decay);
+
+/* x_t = (1 − σ)·x0 + σ·noise */
+void zi_train_noisy(float *xt, const float *x0, const float *noise, float sigma, int64_t n);
+/* DiffSynth's FlowMatchSFTLoss for the raw DiT output `out` (prediction −out, target
+ * noise − x0): mean((−out − (noise − x0))²)·weight. When dout is not NULL it receives
+ * d loss / d out times grad_scale (1/accumulation steps). */
+float zi_train_loss(const float *out, const float *x0, const float *noise, int64_t n, float weight,
+                    float grad_scale, float *dout);
+
+/* Where a run stands, for --resume: samples consumed (micro-steps), the sum of their losses,
+ * and whether g holds a partial accumulation. config is a string of the settings a resumed run
+ * must share (checked on load). The file holds w, the moments and (when partial) g. */
+typedef struct { int64_t sample; double loss_sum; int partial; } zi_train_pos;
+int zi_train_state_save(const zi_train_lora *t, const zi_train_pos *pos, const char *config, const char *path);
+int zi_train_state_load(zi_train_lora *t, zi_train_pos *pos, const char *config, const char *path);
+
+
 /* ================================================================ zimage.c */
 #define ZI_MAX_TOKENS 512   /* the pipeline's max_sequence_length, after the chat template */
 
