@@ -3,6 +3,8 @@
 #   make OMP=1        OpenMP instead of the pthread pool
 #   make CC=clang     any C11 compiler
 #   make debug        ASan + UBSan build in build/debug/
+#   make test-asan    the test suite under ASan + UBSan + LeakSanitizer (build/asan/)
+#   make fuzz         libFuzzer targets of fuzz/ (clang), FUZZ_SECONDS (60) each; see fuzz/README.md
 #   make bench        kernel benchmarks
 # BUILD (objects) and BINDIR (programs) may be overridden to keep several builds apart.
 CC      ?= cc
@@ -23,7 +25,8 @@ endif
 PROGS   := sample train
 LIBSRC  := $(filter-out $(PROGS:=.c),$(wildcard *.c))
 LIBOBJ  := $(LIBSRC:%.c=$(BUILD)/%.o)
-TESTSRC := $(wildcard test/*.c)
+# fuzz/*.c: the fuzz targets; the test runner replays their corpora (test/test_fuzz.c)
+TESTSRC := $(wildcard test/*.c) $(wildcard fuzz/*.c)
 TESTOBJ := $(TESTSRC:%.c=$(BUILD)/%.o)
 BENCHSRC:= $(wildcard bench/*.c)
 
@@ -57,10 +60,40 @@ debug:
 	$(MAKE) BUILD=build/debug BINDIR=build/debug OPT="-O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined" \
 	        LDFLAGS="-fsanitize=address,undefined" all build/debug/zitest
 
+# The whole suite with sanitizers: any report fails it (-fno-sanitize-recover), leaks included.
+SAN     := -fsanitize=address,undefined -fno-sanitize-recover=undefined
+test-asan:
+	$(MAKE) BUILD=build/asan BINDIR=build/asan OPT="-O1 -g -fno-omit-frame-pointer $(SAN)" \
+	        LDFLAGS="$(SAN)" test
+
+# libFuzzer: every fuzz/NAME.c is a target build/libfuzzer/fuzz-NAME, run for FUZZ_SECONDS from
+# its seeds (fuzz/corpus/NAME/, read only; new inputs go to build/libfuzzer/work/NAME/); a
+# crashing input is kept in fuzz/crashes/NAME/ and replayed by `make test` from then on.
+FUZZ_CC      ?= clang
+FUZZ_SECONDS ?= 60
+FUZZ_OPT     := -O1 -g -fno-omit-frame-pointer $(SAN)
+FUZZ_NAMES   := $(patsubst fuzz/%.c,%,$(wildcard fuzz/*.c))
+fuzz:
+	$(MAKE) CC=$(FUZZ_CC) BUILD=build/libfuzzer OPT="$(FUZZ_OPT) -fsanitize=fuzzer-no-link" fuzz-run
+
+fuzz-run: $(FUZZ_NAMES:%=$(BUILD)/fuzz-%)
+	@fail=""; for t in $(FUZZ_NAMES); do \
+	    mkdir -p $(BUILD)/work/$$t fuzz/crashes/$$t; \
+	    echo "fuzz $$t: $(FUZZ_SECONDS) s"; \
+	    $(BUILD)/fuzz-$$t -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 -timeout=10 -print_final_stats=1 \
+	        -artifact_prefix=fuzz/crashes/$$t/ $(BUILD)/work/$$t fuzz/corpus/$$t > $(BUILD)/$$t.log 2>&1 \
+	        || fail="$$fail $$t"; \
+	    grep -E "^(Done|stat::number_of_executed_units|SUMMARY)" $(BUILD)/$$t.log | sed "s/^/  /"; \
+	done; \
+	if [ -n "$$fail" ]; then echo "fuzz: findings in:$$fail (fuzz/crashes/, logs in $(BUILD)/)"; exit 1; fi
+
+$(BUILD)/fuzz-%: fuzz/%.c fuzz/fuzz.h $(BUILD)/libzimage.a
+	$(CC) $(CFLAGS) -DZI_LIBFUZZER -fsanitize=fuzzer $< $(BUILD)/libzimage.a -o $@ $(LDLIBS)
+
 clean:
 	rm -rf build $(PROGS)
 
-.PHONY: all test bench debug clean
+.PHONY: all test bench debug test-asan fuzz fuzz-run clean
 .SUFFIXES:
 .PRECIOUS: $(BUILD)/%.o
 -include $(LIBOBJ:.o=.d) $(TESTOBJ:.o=.d) $(PROGS:%=$(BUILD)/%.d)

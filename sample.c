@@ -56,20 +56,20 @@ static float parse_float(const char *flag, const char *s, double lo, double hi) 
 }
 
 /* "FILE[:STRENGTH]": the strength is whatever follows the last ':' when it parses as a
- * number, so paths containing ':' still work. */
-static void parse_lora(const char *arg, char **file, float *strength) {
-    const char *colon = strrchr(arg, ':');
+ * number, so paths containing ':' still work. The ':' in arg (an argv string) becomes the
+ * file name's end, so nothing is allocated. */
+static void parse_lora(char *arg, const char **file, float *strength) {
+    char *colon = strrchr(arg, ':');
     *strength = 1.0f;
+    *file = arg;
     if (colon && colon[1]) {
         char *end;
         double s = strtod(colon + 1, &end);
         if (!*end) {
-            *file = strndup(arg, (size_t)(colon - arg));
+            *colon = 0;
             *strength = (float)s;
-            return;
         }
     }
-    *file = zi_strdup(arg);
 }
 
 /* ---------------------------------------------------------------- --info */
@@ -251,7 +251,7 @@ int main(int argc, char **argv) {
     const char *convert[2] = {0}, *convert_to = NULL;
     int threads = 0;
     zi_params p = zi_params_default();
-    char *lora_files[64];
+    const char *lora_files[64];
     float lora_strengths[64];
     int seed_given = 0;
 
@@ -296,19 +296,20 @@ int main(int argc, char **argv) {
         else zi_die("unexpected argument '%s' (see --help)", a);
 #undef VALUE
     }
-    p.lora_files = (const char *const *)lora_files;
+    p.lora_files = lora_files;
     p.lora_strengths = lora_strengths;
     zi_threads_init(threads);
 
     if (info) return cmd_info(info);
     if (convert[0]) return cmd_convert(convert[0], convert[1], convert_to);
-    if (npos < 1) { fputs(usage, stderr); return 1; }
+    if (argc == 1) { fputs(usage, stderr); return 1; }
+    if (npos < 1) zi_die("missing MODEL_DIR (see --help)");
     if (tokenize) return cmd_tokenize(pos[0], tokenize);
     if (eval_in || eval_out) {
         if (!eval_in || !eval_out) zi_die("--eval and --eval-out go together");
         return cmd_eval(pos[0], &p, eval_in, eval_out);
     }
-    if (npos < 2) { fputs(usage, stderr); return 1; }
+    if (npos < 2) zi_die("missing PROMPT after %s (see --help)", pos[0]);
     if (!seed_given) {
         p.seed = (uint64_t)time(NULL) ^ ((uint64_t)getpid() << 16);
         p.seed &= 0xffffffffu;

@@ -670,8 +670,10 @@ static void att_block(const att_args *a, int h, int q0) {
     }
     for (int i = 0; i < bq; i++) {
         float *o = a->out + (int64_t)(q0 + i) * a->ldo + (int64_t)h * D;
-        for (int d = 0; d < D; d++) o[d] = l[i] > 0 ? O[i * D + d] / l[i] : 0.0f;
-        if (a->lse) a->lse[(int64_t)h * a->Sq + q0 + i] = l[i] > 0 ? m[i] + logf(l[i]) : -INFINITY;
+        /* l = 0: every key masked. A NaN l (NaN scores: NaN weights upstream) must stay NaN
+         * rather than become zeros, so that the pipeline can see it (l >= 0 otherwise) */
+        for (int d = 0; d < D; d++) o[d] = l[i] != 0 ? O[i * D + d] / l[i] : 0.0f;
+        if (a->lse) a->lse[(int64_t)h * a->Sq + q0 + i] = l[i] != 0 ? m[i] + logf(l[i]) : -INFINITY;
     }
 }
 

@@ -11,12 +11,31 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 zi_params zi_params_default(void) {
     return (zi_params){
         .negative = "", .width = 1024, .height = 1024, .steps = 8, .cfg = 1.0f,
         .cfg_norm = 0.0f, .cfg_trunc = 1.0f, .shift = 0.0f, .sampler = "euler",
     };
+}
+
+/* Puts WHAT: in front of the current error message. */
+static void prefix_err(const char *what) {
+    char msg[512];
+    snprintf(msg, sizeof msg, "%s", zi_err());
+    zi_seterr("%s: %s", what, msg);
+}
+
+/* First non-finite value of x[0..n), or -1. A NaN or Inf weight anywhere in a checkpoint (or
+ * a LoRA) ends up in every value after a few layers; scanning 20 GB of weights at load time
+ * to find it would cost more than the whole run, so the pipeline checks what it produces:
+ * each model output and the decoded image, stopping with a message instead of writing a
+ * black or garbage PNG. */
+static int64_t non_finite(const float *x, int64_t n) {
+    for (int64_t i = 0; i < n; i++)
+        if (!isfinite(x[i])) return i;
+    return -1;
 }
 
 /* ---------------------------------------------------------------- prompt -> embeddings */
@@ -30,9 +49,9 @@ static int encode_prompts(const char *dir, const char *prompt, const char *negat
     int rc = -1;
     zi_te *te = NULL;
     if (!tok) goto out;
-    *Lp = zi_tok_chat(tok, prompt, ZI_MAX_TOKENS, &ids);
-    if (*Lp < 0) goto out;
-    if (neg_out && (*Ln = zi_tok_chat(tok, negative, ZI_MAX_TOKENS, &nids)) < 0) goto out;
+    /* an empty prompt is fine (the chat template still gives tokens), as in diffusers */
+    if ((*Lp = zi_tok_chat(tok, prompt, ZI_MAX_TOKENS, &ids)) < 0) { prefix_err("prompt"); goto out; }
+    if (neg_out && (*Ln = zi_tok_chat(tok, negative, ZI_MAX_TOKENS, &nids)) < 0) { prefix_err("--negative"); goto out; }
     if (!(te = zi_te_load(tedir))) goto out;
     if (zi_dump_active()) {
         int64_t *w = zi_malloc((size_t)*Lp * sizeof *w);
@@ -71,6 +90,11 @@ static float *decode_latents(const char *dir, const float *latents, int h, int w
     zi_vae_free(vae);
     if (!img) return NULL;
     size_t npx = (size_t)3 * h * f * w * f;
+    if (non_finite(img, (int64_t)npx) >= 0) {
+        zi_seterr("%s/vae: the decoded image holds NaN or Inf values (bad VAE weights?)", dir);
+        free(img);
+        return NULL;
+    }
     for (size_t i = 0; i < npx; i++) {
         float v = img[i] / 2 + 0.5f;
         img[i] = v < 0 ? 0 : v > 1 ? 1 : v;
@@ -91,6 +115,7 @@ typedef struct {
     int steps_done, evals;
     double t0;
     int quiet;
+    const char *dir;            /* the model directory, for messages */
 } denoiser;
 
 /* v = dx/dσ = −(DiT output, guided): one DiT call, a batch of two when guidance is on. */
@@ -103,6 +128,11 @@ static int velocity(void *ctx, const float *x, float sigma, float t, float *v) {
     int hs[2] = {d->h, d->h}, ws[2] = {d->w, d->w}, Ls[2] = {d->Lp, d->Ln};
     float *outs[2] = {d->out2, d->out2 + d->n};
     if (zi_dit_forward(d->dit, B, xs, hs, ws, ts, caps, Ls, outs)) return -1;
+    if (non_finite(d->out2, B * d->n) >= 0) {
+        zi_seterr("%s/transformer: the model output holds NaN or Inf values at step %d (NaN/Inf "
+                  "weights in the checkpoint or a LoRA?)", d->dir, d->steps_done + 1);
+        return -1;
+    }
     if (B == 2) zi_cfg_combine(d->out2, d->out2, d->out2 + d->n, d->n, g, d->cfg_norm);
     for (int64_t i = 0; i < d->n; i++) v[i] = -d->out2[i];
     return 0;
@@ -123,18 +153,36 @@ static void on_step(void *ctx, int step, const float *x) {
 }
 
 /* ---------------------------------------------------------------- the pipeline */
-/* Image sizes must be multiples of the VAE's factor times the DiT's patch (16); checked from
- * the configs before anything large is loaded. */
+/* Image sizes must be multiples of the VAE's factor times the DiT's patch (16), within the
+ * DiT's position table (axes_lens) and within memory; all checked from the configs before
+ * anything large is loaded, so that -W 16384 fails at once instead of after minutes. */
 static int check_size(const char *dir, const zi_params *p, int *vae_factor) {
     zj *vcfg = zi_config_load(dir, "vae"), *tcfg = zi_config_load(dir, "transformer");
-    int rc = -1, blocks[16], patch[4];
+    int rc = -1, blocks[16], patch[4], lens[3];
     if (!vcfg || !tcfg) goto out;
     int nb = zi_cfg_ints(vcfg, "block_out_channels", blocks, 16), np = zi_cfg_ints(tcfg, "all_patch_size", patch, 4);
-    if (nb < 1 || np < 1) { zi_seterr("%s: vae or transformer config lacks block_out_channels/all_patch_size", dir); goto out; }
+    if (nb < 1 || np < 1 || patch[0] < 1 || blocks[0] < 1 || zi_cfg_ints(tcfg, "axes_lens", lens, 3) != 3) {
+        zi_seterr("%s: vae or transformer config lacks block_out_channels/all_patch_size/axes_lens", dir);
+        goto out;
+    }
     *vae_factor = 1 << (nb - 1);
     int mult = *vae_factor * patch[0];
     if (p->width % mult || p->height % mult || p->width <= 0 || p->height <= 0) {
         zi_seterr("--width/--height: %dx%d is not a multiple of %d", p->width, p->height, mult);
+        goto out;
+    }
+    if (p->height / mult > lens[1] || p->width / mult > lens[2]) {
+        zi_seterr("--width/--height: %dx%d is too large for this model (at most %dx%d: transformer axes_lens)",
+                  p->width, p->height, lens[2] * mult, lens[1] * mult);
+        goto out;
+    }
+    /* the VAE decoder's last stage holds about three activations of block_out_channels[0]
+     * channels at full resolution: a lower bound of what the run needs */
+    double need = 3.0 * blocks[0] * p->width * p->height * sizeof(float);
+    double have = (double)sysconf(_SC_PHYS_PAGES) * (double)sysconf(_SC_PAGESIZE);
+    if (have > 0 && need > have) {
+        zi_seterr("--width/--height: %dx%d needs more than %.0f GB for the VAE decoder; this machine has %.0f GB",
+                  p->width, p->height, need / 1e9, have / 1e9);
         goto out;
     }
     rc = 0;
@@ -144,11 +192,21 @@ out:
     return rc;
 }
 
-static double scheduler_shift(const char *dir) {
+/* The flow-matching shift: p->shift, else the scheduler config's (3 when the model has no
+ * scheduler directory). A config that is there but broken is an error (-1), not a silent 3. */
+static double flow_shift(const char *dir, const zi_params *p) {
+    if (p->shift > 0) return p->shift;
+    char *sdir = zi_path("%s/scheduler", dir);
+    int present = access(sdir, F_OK) == 0;
+    free(sdir);
+    if (!present) return 3.0;
     zj *s = zi_config_load(dir, "scheduler");
-    double shift = s ? zi_cfg_num(s, "shift", 3.0) : 3.0;
+    if (!s) return -1;
+    double shift = zi_cfg_num(s, "shift", 3.0);
     zj_free(s);
-    return shift;
+    if (shift > 0 && shift < 1e6) return shift;
+    zi_seterr("%s/scheduler: shift %g is not a positive number", dir, shift);
+    return -1;
 }
 
 /* Loads the DiT with the LoRAs applied. The default is run-time adapters: exact (the golden
@@ -183,6 +241,8 @@ float *zi_generate(const char *dir, const zi_params *p) {
     if (p->steps < 1) { zi_seterr("--steps: must be at least 1"); return NULL; }
     int factor;
     if (check_size(dir, p, &factor)) return NULL;
+    double shift = flow_shift(dir, p);
+    if (shift < 0) return NULL;
     if (p->dump) zi_dump_begin();
 
     denoiser d = { .guidance = p->cfg > 1 ? p->cfg - 1.0 : 0.0, .cfg_norm = p->cfg_norm,
@@ -194,7 +254,7 @@ float *zi_generate(const char *dir, const zi_params *p) {
 
     if (!(dit = zi_load_dit(dir, p, loras))) goto out;
     const zi_dit_cfg *cfg = zi_dit_config(dit);
-    d.dit = dit; d.pos = pos; d.neg = neg;
+    d.dit = dit; d.pos = pos; d.neg = neg; d.dir = dir;
     d.h = p->height / factor; d.w = p->width / factor;
     d.n = (int64_t)cfg->in_channels * d.h * d.w;
     latents = zi_malloc((size_t)d.n * sizeof *latents);
@@ -202,7 +262,7 @@ float *zi_generate(const char *dir, const zi_params *p) {
     zi_dump("latents.init", 4, (int64_t[]){1, cfg->in_channels, d.h, d.w}, latents);
 
     float *sigmas = zi_malloc(((size_t)p->steps + 1) * sizeof *sigmas);
-    zi_flow_sigmas(p->steps, p->shift > 0 ? p->shift : scheduler_shift(dir), sigmas);
+    zi_flow_sigmas(p->steps, shift, sigmas);
     d.out2 = zi_malloc(2 * (size_t)d.n * sizeof(float));
     d.evals = zi_sampler_evals(sampler, p->steps);
     d.t0 = zi_now();

@@ -27,6 +27,18 @@ int zt_sh(char *out, size_t cap, const char *fmt, ...) __attribute__((format(pri
 /* Directory of the built programs (sample, train): $ZI_BIN, default ".". */
 const char *zt_bin(void);
 
+/* 1 in a build with AddressSanitizer (gcc's or clang's): speed limits do not apply there. */
+#if defined(__SANITIZE_ADDRESS__)
+#define ZT_SANITIZED 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define ZT_SANITIZED 1
+#endif
+#endif
+#ifndef ZT_SANITIZED
+#define ZT_SANITIZED 0
+#endif
+
 #define TEST(name) \
     static void name(void); \
     __attribute__((constructor)) static void name##_register(void) { zt_register(#name, name); } \

@@ -145,8 +145,8 @@ TEST(tok_speed) {
     free(text);
     zj_free(corpus);
     CHECK(nids > 0, "encode: %s", zi_err());
-    CHECK(load < 0.5, "load %.3f s > 0.5 s", load);
-    CHECK(enc < 1.0, "encode %.3f s > 1 s", enc);
+    CHECK(ZT_SANITIZED || load < 0.5, "load %.3f s > 0.5 s", load);
+    CHECK(ZT_SANITIZED || enc < 1.0, "encode %.3f s > 1 s", enc);
 }
 
 /* Invalid UTF-8 is an error, never a crash or a guess. */

@@ -50,6 +50,7 @@ TEST(vae_encode_golden) {
     size_t n = (size_t)(ms[1] * ms[2] * ms[3]);
     CHECK_CLOSE("vae.mean", mean, rmean, n, 1e-4);
     CHECK_CLOSE("vae.logvar", logvar, rlogvar, n, 1e-4);
+    free(mean), free(logvar);
     /* sizes that are not multiples of the down-sampling factor are refused */
     CHECK(zi_vae_encode(v, img, (int)is[2] - 4, (int)is[3], &mean, &logvar) == -1 && !mean,
           "odd size accepted");
