@@ -69,6 +69,7 @@ test-asan:
 # libFuzzer: every fuzz/NAME.c is a target build/libfuzzer/fuzz-NAME, run for FUZZ_SECONDS from
 # its seeds (fuzz/corpus/NAME/, read only; new inputs go to build/libfuzzer/work/NAME/); a
 # crashing input is kept in fuzz/crashes/NAME/ and replayed by `make test` from then on.
+# Targets that take a path write their input to $TMPDIR: /dev/shm where there is one.
 FUZZ_CC      ?= clang
 FUZZ_SECONDS ?= 60
 FUZZ_OPT     := -O1 -g -fno-omit-frame-pointer $(SAN)
@@ -77,10 +78,10 @@ fuzz:
 	$(MAKE) CC=$(FUZZ_CC) BUILD=build/libfuzzer OPT="$(FUZZ_OPT) -fsanitize=fuzzer-no-link" fuzz-run
 
 fuzz-run: $(FUZZ_NAMES:%=$(BUILD)/fuzz-%)
-	@fail=""; for t in $(FUZZ_NAMES); do \
+	@fail=""; tmp=/dev/shm; [ -d $$tmp ] || tmp=/tmp; for t in $(FUZZ_NAMES); do \
 	    mkdir -p $(BUILD)/work/$$t fuzz/crashes/$$t; \
 	    echo "fuzz $$t: $(FUZZ_SECONDS) s"; \
-	    $(BUILD)/fuzz-$$t -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 -timeout=10 -print_final_stats=1 \
+	    TMPDIR=$$tmp $(BUILD)/fuzz-$$t -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 -timeout=10 -print_final_stats=1 \
 	        -artifact_prefix=fuzz/crashes/$$t/ $(BUILD)/work/$$t fuzz/corpus/$$t > $(BUILD)/$$t.log 2>&1 \
 	        || fail="$$fail $$t"; \
 	    grep -E "^(Done|stat::number_of_executed_units|SUMMARY)" $(BUILD)/$$t.log | sed "s/^/  /"; \

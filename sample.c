@@ -150,6 +150,18 @@ static float *eval_input(const zi_st *in, const char *name, int ndim, const zi_t
     return v;
 }
 
+/* The input must have the shape the model needs: want[k] is a size, or -1 for any size >= 1. */
+static void eval_check(const zi_st *in, const char *name, const zi_tensor *t, int ndim, const int64_t *want) {
+    int ok = t->ndim == ndim;
+    for (int k = 0; k < ndim && ok; k++) ok = want[k] < 0 ? t->shape[k] >= 1 : t->shape[k] == want[k];
+    if (ok) return;
+    char buf[128];
+    int n = 0;
+    for (int k = 0; k < ndim; k++)
+        n += snprintf(buf + n, sizeof buf - (size_t)n, want[k] < 0 ? "%sN" : "%s%lld", k ? ", " : "", (long long)want[k]);
+    zi_die("%s: %s must have the shape [%s] for this model", zi_st_path(in), name, buf);
+}
+
 static void eval_te(const char *dir, const zi_st *in, zi_stw *out) {
     const zi_tensor *t = zi_st_get(in, "te.ids");
     if (!t) return;
@@ -157,13 +169,17 @@ static void eval_te(const char *dir, const zi_st *in, zi_stw *out) {
         zi_die("%s: te.ids must be a 1-D int64 tensor", zi_st_path(in));
     int L = (int)t->numel;
     int32_t *ids = zi_malloc((size_t)L * sizeof *ids);
-    for (int i = 0; i < L; i++)
-        ids[i] = t->dtype == ZI_I64 ? (int32_t)((const int64_t *)t->data)[i] : ((const int32_t *)t->data)[i];
+    for (int i = 0; i < L; i++) {
+        int64_t v = t->dtype == ZI_I64 ? ((const int64_t *)t->data)[i] : ((const int32_t *)t->data)[i];
+        if (v < 0 || v > INT32_MAX) zi_die("%s: te.ids[%d] = %lld is no token id", zi_st_path(in), i, (long long)v);
+        ids[i] = (int32_t)v;
+    }
     char *path = zi_path("%s/text_encoder", dir);
     zi_te *te = zi_te_load(path);
     free(path);
-    float *e = te ? zi_te_encode(te, ids, L) : NULL;
-    if (!e) zi_die("%s", zi_err());
+    if (!te) zi_die("%s", zi_err());
+    float *e = zi_te_encode(te, ids, L);
+    if (!e) zi_die("%s: %s", zi_st_path(in), zi_err());
     zi_stw_add_f32(out, "te.embeds", 2, (int64_t[]){L, zi_te_dim(te)}, e);
     free(e); free(ids);
     zi_te_free(te);
@@ -177,10 +193,14 @@ static void eval_dit(const char *dir, const zi_params *p, const zi_st *in, zi_st
     zi_lora **loras = zi_calloc((size_t)p->n_lora + 1, sizeof *loras);
     zi_dit *dit = zi_load_dit(dir, p, loras);
     if (!dit) zi_die("%s", zi_err());
+    const zi_dit_cfg *c = zi_dit_config(dit);
+    eval_check(in, "dit.x", tx, 4, (int64_t[]){c->in_channels, 1, -1, -1});
+    eval_check(in, "dit.t", tt, 1, (int64_t[]){1});
+    eval_check(in, "dit.cap", tc, 2, (int64_t[]){-1, c->cap_feat_dim});
     int h = (int)tx->shape[2], w = (int)tx->shape[3], L = (int)tc->shape[0];
     float *o = zi_malloc((size_t)tx->numel * sizeof *o);
     if (zi_dit_forward(dit, 1, (const float *const *)&x, &h, &w, t, (const float *const *)&cap, &L, &o))
-        zi_die("%s", zi_err());
+        zi_die("%s: %s", zi_st_path(in), zi_err());
     zi_stw_add_f32(out, "dit.out", 4, tx->shape, o);
     for (int i = p->n_lora - 1; i >= 0; i--) zi_lora_free(loras[i]);
     zi_dit_free(dit);
@@ -195,17 +215,19 @@ static void eval_vae(const char *dir, const zi_st *in, zi_stw *out) {
     zi_vae *vae = zi_vae_load(path);
     free(path);
     if (!vae) zi_die("%s", zi_err());
+    if (z) eval_check(in, "vae.z", tz, 4, (int64_t[]){1, zi_vae_latent_channels(vae), -1, -1});
+    if (img) eval_check(in, "vae.img_in", ti, 4, (int64_t[]){1, 3, -1, -1});
     if (z) {
         int h = (int)tz->shape[2], w = (int)tz->shape[3], f = zi_vae_factor(vae);
         float *o = zi_vae_decode(vae, z, h, w);
-        if (!o) zi_die("%s", zi_err());
+        if (!o) zi_die("%s: %s", zi_st_path(in), zi_err());
         zi_stw_add_f32(out, "vae.img", 4, (int64_t[]){1, 3, (int64_t)h * f, (int64_t)w * f}, o);
         free(o);
     }
     if (img) {
         int H = (int)ti->shape[2], W = (int)ti->shape[3], f = zi_vae_factor(vae), C = zi_vae_latent_channels(vae);
         float *mean, *logvar;
-        if (zi_vae_encode(vae, img, H, W, &mean, &logvar)) zi_die("%s", zi_err());
+        if (zi_vae_encode(vae, img, H, W, &mean, &logvar)) zi_die("%s: %s", zi_st_path(in), zi_err());
         int64_t shape[4] = {1, C, H / f, W / f};
         zi_stw_add_f32(out, "vae.mean", 4, shape, mean);
         zi_stw_add_f32(out, "vae.logvar", 4, shape, logvar);

@@ -38,6 +38,7 @@ typedef enum {
     RM,         /* remove file */
     WRITE,      /* write a as the content of file */
     LORA,       /* write a LoRA for module a with input width n (B omitted when b is "noB") */
+    TENSORS,    /* write float32 tensors of value 0.5 to file: a = "NAME=D0,D1,... NAME=..." */
 } edit_op;
 
 typedef struct { edit_op op; const char *file, *a, *b; long long n; } edit;
@@ -49,6 +50,7 @@ typedef struct { edit_op op; const char *file, *a, *b; long long n; } edit;
 #define E_RM(f)             {RM, f, NULL, NULL, 0}
 #define E_WRITE(f, a)       {WRITE, f, a, NULL, 0}
 #define E_LORA(f, m, in, b) {LORA, f, m, b, in}
+#define E_TENSORS(f, a)    {TENSORS, f, a, NULL, 0}
 #define NO_EDIT             {{NOP, NULL, NULL, NULL, 0}}
 
 typedef struct {
@@ -95,6 +97,18 @@ static const bad_case cases[] = {
     {"sample", "--convert-lora test/golden/lora-a-diffsynth.safetensors @T/x.safetensors", NO_EDIT, "--to"},
     {"sample", "--convert-lora @M/" VAEF " @T/x.safetensors --to kohya", NO_EDIT, VAEF},
     {"sample", "--info /nonexistent", NO_EDIT, "/nonexistent"},
+    /* ---- --eval inputs of the wrong shape (they were read out of bounds) */
+#define EVAL "@M --eval @T/in.safetensors --eval-out @T/o.safetensors"
+    {"sample", EVAL, {E_TENSORS("@T/in.safetensors", "dit.x=1,16,8,8 dit.t=1 dit.cap=3,32")}, "dit.x"},
+    {"sample", EVAL, {E_TENSORS("@T/in.safetensors", "dit.x=16,1,8,8 dit.t=1 dit.cap=3,5")}, "dit.cap"},
+    {"sample", EVAL, {E_TENSORS("@T/in.safetensors", "dit.x=16,1,8,8 dit.t=0 dit.cap=3,32")}, "dit.t"},
+    {"sample", EVAL, {E_TENSORS("@T/in.safetensors", "dit.x=16,1,8,8 dit.t=1 dit.cap=0,32")}, "dit.cap"},
+    {"sample", EVAL, {E_TENSORS("@T/in.safetensors", "dit.x=16,1,7,8 dit.t=1 dit.cap=3,32")}, "@T/in.safetensors"},
+    {"sample", EVAL, {E_TENSORS("@T/in.safetensors", "dit.x=16,1,8,8 dit.cap=3,32")}, "dit.t"},
+    {"sample", EVAL, {E_TENSORS("@T/in.safetensors", "vae.z=1,3,4,4")}, "vae.z"},
+    {"sample", EVAL, {E_TENSORS("@T/in.safetensors", "vae.img_in=1,1,16,16")}, "vae.img_in"},
+    {"sample", EVAL, {E_TENSORS("@T/in.safetensors", "vae.img_in=1,3,12,16")}, "@T/in.safetensors"},
+    {"sample", EVAL, {E_TENSORS("@T/in.safetensors", "te.ids=3")}, "te.ids"},
     /* ---- prompts (an empty prompt is valid, as in diffusers: see bad_inputs_empty_prompt) */
     {"sample", "@M " BAD_UTF8 " -W 64 -H 64 --steps 1", NO_EDIT, "prompt"},
     {"sample", GEN " --cfg 2 -n " BAD_UTF8, NO_EDIT, "--negative"},
@@ -293,6 +307,26 @@ static int apply_edit(const edit *e, const char *model, const char *tmp) {
             rc = write_file(path, buf, n);
         }
         zj_free(hdr);
+        break;
+    }
+    case TENSORS: {
+        zi_stw *w = zi_stw_new();
+        char *spec = zi_strdup(a), *save = NULL;
+        for (char *tok = strtok_r(spec, " ", &save); tok; tok = strtok_r(NULL, " ", &save)) {
+            char *eq = strchr(tok, '=');
+            int64_t shape[8], numel = 1;
+            int nd = 0;
+            if (!eq) continue;
+            *eq = 0;
+            for (char *d = eq + 1; *d && nd < 8; d += strspn(d, ",")) numel *= shape[nd++] = strtoll(d, &d, 10);
+            float *v = zi_malloc((size_t)(numel ? numel : 1) * sizeof *v);
+            for (int64_t k = 0; k < numel; k++) v[k] = 0.5f;
+            zi_stw_add_f32(w, tok, nd, shape, v);
+            free(v);
+        }
+        rc = zi_stw_write(w, path);
+        zi_stw_free(w);
+        free(spec);
         break;
     }
     case LORA: {
