@@ -190,7 +190,7 @@ static void eval_dit(const char *dir, const zi_params *p, const zi_st *in, zi_st
     float *x = eval_input(in, "dit.x", 4, &tx), *t = eval_input(in, "dit.t", 1, &tt), *cap = eval_input(in, "dit.cap", 2, &tc);
     if (!x && !t && !cap) return;
     if (!x || !t || !cap) zi_die("%s: dit.x, dit.t and dit.cap go together", zi_st_path(in));
-    zi_lora **loras = zi_calloc((size_t)p->n_lora + 1, sizeof *loras);
+    zi_lora *loras[65] = {0};       /* --lora takes at most 64 */
     zi_dit *dit = zi_load_dit(dir, p, loras);
     if (!dit) zi_die("%s", zi_err());
     const zi_dit_cfg *c = zi_dit_config(dit);
@@ -199,12 +199,12 @@ static void eval_dit(const char *dir, const zi_params *p, const zi_st *in, zi_st
     eval_check(in, "dit.cap", tc, 2, (int64_t[]){-1, c->cap_feat_dim});
     int h = (int)tx->shape[2], w = (int)tx->shape[3], L = (int)tc->shape[0];
     float *o = zi_malloc((size_t)tx->numel * sizeof *o);
-    if (zi_dit_forward(dit, 1, (const float *const *)&x, &h, &w, t, (const float *const *)&cap, &L, &o))
-        zi_die("%s: %s", zi_st_path(in), zi_err());
-    zi_stw_add_f32(out, "dit.out", 4, tx->shape, o);
+    int rc = zi_dit_forward(dit, 1, (const float *const *)&x, &h, &w, t, (const float *const *)&cap, &L, &o);
+    if (!rc) zi_stw_add_f32(out, "dit.out", 4, tx->shape, o);
     for (int i = p->n_lora - 1; i >= 0; i--) zi_lora_free(loras[i]);
     zi_dit_free(dit);
-    free(loras); free(o); free(x); free(t); free(cap);
+    free(o); free(x); free(t); free(cap);
+    if (rc) zi_die("%s: %s", zi_st_path(in), zi_err());
 }
 
 static void eval_vae(const char *dir, const zi_st *in, zi_stw *out) {
