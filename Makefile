@@ -3,6 +3,8 @@
 #   make OMP=1        OpenMP instead of the pthread pool
 #   make CC=clang     any C11 compiler
 #   make debug        ASan + UBSan build in build/debug/
+#   make test-asan    the test suite under ASan + UBSan + LeakSanitizer (build/asan/)
+#   make fuzz         libFuzzer targets of fuzz/ (clang), FUZZ_SECONDS (60) each; see fuzz/README.md
 #   make bench        kernel benchmarks
 #   make bench-full   whole-model timings on a full-size random model (~20 GB, written once
 #                     to $(ZIMAGE_BENCH_MODEL), default ~/.cache/zimage-bench/model)
@@ -25,7 +27,8 @@ endif
 PROGS   := sample train
 LIBSRC  := $(filter-out $(PROGS:=.c),$(wildcard *.c))
 LIBOBJ  := $(LIBSRC:%.c=$(BUILD)/%.o)
-TESTSRC := $(wildcard test/*.c)
+# fuzz/*.c: the fuzz targets; the test runner replays their corpora (test/test_fuzz.c)
+TESTSRC := $(wildcard test/*.c) $(wildcard fuzz/*.c)
 TESTOBJ := $(TESTSRC:%.c=$(BUILD)/%.o)
 BENCHSRC:= $(wildcard bench/*.c)
 ZIMAGE_BENCH_MODEL ?= $(HOME)/.cache/zimage-bench/model
@@ -71,10 +74,41 @@ debug:
 	$(MAKE) BUILD=build/debug BINDIR=build/debug OPT="-O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined" \
 	        LDFLAGS="-fsanitize=address,undefined" all build/debug/zitest
 
+# The whole suite with sanitizers: any report fails it (-fno-sanitize-recover), leaks included.
+SAN     := -fsanitize=address,undefined -fno-sanitize-recover=undefined
+test-asan:
+	$(MAKE) BUILD=build/asan BINDIR=build/asan OPT="-O1 -g -fno-omit-frame-pointer $(SAN)" \
+	        LDFLAGS="$(SAN)" test
+
+# libFuzzer: every fuzz/NAME.c is a target build/libfuzzer/fuzz-NAME, run for FUZZ_SECONDS from
+# its seeds (fuzz/corpus/NAME/, read only; new inputs go to build/libfuzzer/work/NAME/); a
+# crashing input is kept in fuzz/crashes/NAME/ and replayed by `make test` from then on.
+# Targets that take a path write their input to $TMPDIR: /dev/shm where there is one.
+FUZZ_CC      ?= clang
+FUZZ_SECONDS ?= 60
+FUZZ_OPT     := -O1 -g -fno-omit-frame-pointer $(SAN)
+FUZZ_NAMES   := $(patsubst fuzz/%.c,%,$(wildcard fuzz/*.c))
+fuzz:
+	$(MAKE) CC=$(FUZZ_CC) BUILD=build/libfuzzer OPT="$(FUZZ_OPT) -fsanitize=fuzzer-no-link" fuzz-run
+
+fuzz-run: $(FUZZ_NAMES:%=$(BUILD)/fuzz-%)
+	@fail=""; tmp=/dev/shm; [ -d $$tmp ] || tmp=/tmp; for t in $(FUZZ_NAMES); do \
+	    mkdir -p $(BUILD)/work/$$t fuzz/crashes/$$t; \
+	    echo "fuzz $$t: $(FUZZ_SECONDS) s"; \
+	    TMPDIR=$$tmp $(BUILD)/fuzz-$$t -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 -timeout=10 -print_final_stats=1 \
+	        -artifact_prefix=fuzz/crashes/$$t/ $(BUILD)/work/$$t fuzz/corpus/$$t > $(BUILD)/$$t.log 2>&1 \
+	        || fail="$$fail $$t"; \
+	    grep -E "^(Done|stat::number_of_executed_units|SUMMARY)" $(BUILD)/$$t.log | sed "s/^/  /"; \
+	done; \
+	if [ -n "$$fail" ]; then echo "fuzz: findings in:$$fail (fuzz/crashes/, logs in $(BUILD)/)"; exit 1; fi
+
+$(BUILD)/fuzz-%: fuzz/%.c fuzz/fuzz.h $(BUILD)/libzimage.a
+	$(CC) $(CFLAGS) -DZI_LIBFUZZER -fsanitize=fuzzer $< $(BUILD)/libzimage.a -o $@ $(LDLIBS)
+
 clean:
 	rm -rf build $(PROGS)
 
-.PHONY: all test bench bench-full debug clean
+.PHONY: all test bench bench-full debug test-asan fuzz fuzz-run clean
 .SUFFIXES:
 .PRECIOUS: $(BUILD)/%.o
 -include $(LIBOBJ:.o=.d) $(TESTOBJ:.o=.d) $(PROGS:%=$(BUILD)/%.d) $(BENCHSRC:%.c=$(BUILD)/%.d)

@@ -16,6 +16,7 @@
  */
 #include "zimage.h"
 
+#include <limits.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -238,16 +239,14 @@ static int load_group(zi_lora *l, const key_group *g, float meta_alpha) {
         zi_seterr("%s: LoRA module %s has no %s matrix", path, g->name, g->down ? "up (B)" : "down (A)");
         return -1;
     }
-    /* A [rank, in] (or a 1x1 conv [rank, in, 1, 1]), B [out, rank] */
+    /* A [rank, in] (or a 1x1 conv [rank, in, 1, 1]), B [out, rank]; rank and out >= 1 (an
+     * empty dimension would divide by zero below), all of them ints */
     const zi_tensor *a = g->down, *b = g->up;
-    if (a->ndim < 2 || b->ndim < 2 || a->numel == 0 || b->numel == 0) {
-        zi_seterr("%s: LoRA module %s: down and up must be non-empty matrices", path, g->name);
-        return -1;
-    }
-    int64_t a_in = a->numel / a->shape[0], b_r = b->numel / b->shape[0];
-    if (b_r != a->shape[0]) {
+    int64_t a_r = a->ndim >= 2 ? a->shape[0] : 0, b_out = b->ndim >= 2 ? b->shape[0] : 0;
+    int64_t a_in = a_r > 0 ? a->numel / a_r : 0, b_r = b_out > 0 ? b->numel / b_out : 0;
+    if (a_r < 1 || b_out < 1 || b_r != a_r || a_r > INT_MAX || a_in > INT_MAX || b_out > INT_MAX) {
         zi_seterr("%s: LoRA module %s: down and up shapes do not fit (rank %lld vs %lld)", path, g->name,
-                  (long long)a->shape[0], (long long)b_r);
+                  (long long)a_r, (long long)b_r);
         return -1;
     }
     float *A = zi_tensor_f32(a), *B = zi_tensor_f32(b);

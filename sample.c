@@ -141,6 +141,18 @@ static float *eval_input(const zi_st *in, const char *name, int ndim, const zi_t
     return v;
 }
 
+/* The input must have the shape the model needs: want[k] is a size, or -1 for any size >= 1. */
+static void eval_check(const zi_st *in, const char *name, const zi_tensor *t, int ndim, const int64_t *want) {
+    int ok = t->ndim == ndim;
+    for (int k = 0; k < ndim && ok; k++) ok = want[k] < 0 ? t->shape[k] >= 1 : t->shape[k] == want[k];
+    if (ok) return;
+    char buf[128];
+    int n = 0;
+    for (int k = 0; k < ndim; k++)
+        n += snprintf(buf + n, sizeof buf - (size_t)n, want[k] < 0 ? "%sN" : "%s%lld", k ? ", " : "", (long long)want[k]);
+    zi_die("%s: %s must have the shape [%s] for this model", zi_st_path(in), name, buf);
+}
+
 static void eval_te(const char *dir, const zi_st *in, zi_stw *out) {
     const zi_tensor *t = zi_st_get(in, "te.ids");
     if (!t) return;
@@ -156,8 +168,9 @@ static void eval_te(const char *dir, const zi_st *in, zi_stw *out) {
     char *path = zi_path("%s/text_encoder", dir);
     zi_te *te = zi_te_load(path);
     free(path);
-    float *e = te ? zi_te_encode(te, ids, L) : NULL;
-    if (!e) zi_die("%s", zi_err());
+    if (!te) zi_die("%s", zi_err());
+    float *e = zi_te_encode(te, ids, L);
+    if (!e) zi_die("%s: %s", zi_st_path(in), zi_err());
     zi_stw_add_f32(out, "te.embeds", 2, (int64_t[]){L, zi_te_dim(te)}, e);
     free(e); free(ids);
     zi_te_free(te);
@@ -172,17 +185,17 @@ static void eval_dit(const char *dir, const zi_params *p, const zi_st *in, zi_st
     zi_dit *dit = zi_dit_load_with_loras(dir, p, loras);
     if (!dit) zi_die("%s", zi_err());
     const zi_dit_cfg *c = zi_dit_config(dit);
-    if (tx->shape[0] != c->in_channels || tx->shape[1] != 1 || tt->numel != 1 || tc->shape[1] != c->cap_feat_dim)
-        zi_die("%s: expected dit.x [%d,1,h,w], dit.t [1], dit.cap [L,%d]", zi_st_path(in), c->in_channels,
-               c->cap_feat_dim);
+    eval_check(in, "dit.x", tx, 4, (int64_t[]){c->in_channels, 1, -1, -1});
+    eval_check(in, "dit.t", tt, 1, (int64_t[]){1});
+    eval_check(in, "dit.cap", tc, 2, (int64_t[]){-1, c->cap_feat_dim});
     int h = (int)tx->shape[2], w = (int)tx->shape[3], L = (int)tc->shape[0];
     float *o = zi_malloc((size_t)tx->numel * sizeof *o);
-    if (zi_dit_forward(dit, 1, (const float *const *)&x, &h, &w, t, (const float *const *)&cap, &L, &o))
-        zi_die("%s", zi_err());
-    zi_stw_add_f32(out, "dit.out", 4, tx->shape, o);
+    int rc = zi_dit_forward(dit, 1, (const float *const *)&x, &h, &w, t, (const float *const *)&cap, &L, &o);
+    if (!rc) zi_stw_add_f32(out, "dit.out", 4, tx->shape, o);
     for (int i = p->n_lora - 1; i >= 0; i--) zi_lora_free(loras[i]);
     zi_dit_free(dit);
-    free(loras); free(o); free(x); free(t); free(cap);
+    free(o); free(x); free(t); free(cap);
+    if (rc) zi_die("%s: %s", zi_st_path(in), zi_err());
 }
 
 static void eval_vae(const char *dir, const zi_st *in, zi_stw *out) {
@@ -193,20 +206,19 @@ static void eval_vae(const char *dir, const zi_st *in, zi_stw *out) {
     zi_vae *vae = zi_vae_load(path);
     free(path);
     if (!vae) zi_die("%s", zi_err());
-    if ((z && (tz->shape[0] != 1 || tz->shape[1] != zi_vae_latent_channels(vae))) ||
-        (img && (ti->shape[0] != 1 || ti->shape[1] != 3)))
-        zi_die("%s: expected vae.z [1,%d,h,w] and vae.img_in [1,3,H,W]", zi_st_path(in), zi_vae_latent_channels(vae));
+    if (z) eval_check(in, "vae.z", tz, 4, (int64_t[]){1, zi_vae_latent_channels(vae), -1, -1});
+    if (img) eval_check(in, "vae.img_in", ti, 4, (int64_t[]){1, 3, -1, -1});
     if (z) {
         int h = (int)tz->shape[2], w = (int)tz->shape[3], f = zi_vae_factor(vae);
         float *o = zi_vae_decode(vae, z, h, w);
-        if (!o) zi_die("%s", zi_err());
+        if (!o) zi_die("%s: %s", zi_st_path(in), zi_err());
         zi_stw_add_f32(out, "vae.img", 4, (int64_t[]){1, 3, (int64_t)h * f, (int64_t)w * f}, o);
         free(o);
     }
     if (img) {
         int H = (int)ti->shape[2], W = (int)ti->shape[3], f = zi_vae_factor(vae), C = zi_vae_latent_channels(vae);
         float *mean, *logvar;
-        if (zi_vae_encode(vae, img, H, W, &mean, &logvar)) zi_die("%s", zi_err());
+        if (zi_vae_encode(vae, img, H, W, &mean, &logvar)) zi_die("%s: %s", zi_st_path(in), zi_err());
         int64_t shape[4] = {1, C, H / f, W / f};
         zi_stw_add_f32(out, "vae.mean", 4, shape, mean);
         zi_stw_add_f32(out, "vae.logvar", 4, shape, logvar);
@@ -308,14 +320,15 @@ int main(int argc, char **argv) {
         if (zi_convert_bf16(bf16[0], bf16[1], !p.quiet)) zi_die("%s", zi_err());
         goto done;
     }
-    if (npos < 1) { fputs(usage, stderr); rc = 1; goto done; }
+    if (argc == 1) { fputs(usage, stderr); rc = 1; goto done; }
+    if (npos < 1) zi_die("missing MODEL_DIR (see --help)");
     if (tokenize) { rc = cmd_tokenize(pos[0], tokenize); goto done; }
     if (eval_in || eval_out) {
         if (!eval_in || !eval_out) zi_die("--eval and --eval-out go together");
         rc = cmd_eval(pos[0], &p, eval_in, eval_out);
         goto done;
     }
-    if (npos < 2) { fputs(usage, stderr); rc = 1; goto done; }
+    if (npos < 2) zi_die("missing PROMPT after %s (see --help)", pos[0]);
     if (!seed_given) {
         p.seed = (uint64_t)time(NULL) ^ ((uint64_t)getpid() << 16);
         p.seed &= 0xffffffffu;

@@ -1102,7 +1102,8 @@ static inline float exp_le0(float x) {
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     p = p * r * r + r + 1.0f;
-    uint32_t pu = f32_bits(p), keep = 0u - (uint32_t)(x >= -86.0f);
+    /* NaN is kept (p is NaN then): a NaN score must reach the output, as in PyTorch */
+    uint32_t pu = f32_bits(p), keep = 0u - (uint32_t)!(x < -86.0f);
     return bits_f32((pu + ((f32_bits(t) - 0x4b400000u) << 23)) & keep);
 }
 
@@ -1176,11 +1177,10 @@ static void att_block(const att_args *a, int h, int q0, const float *Kp, const f
     }
     for (int i = 0; i < bq; i++) {
         float *o = a->out + (int64_t)(q0 + i) * a->ldo + (int64_t)h * D;
-        if (l[i] > 0)
-            for (int d = 0; d < D; d++) o[d] = O[i * D + d] / l[i];
-        else                                    /* every key masked */
-            for (int d = 0; d < D; d++) o[d] = 0.0f;
-        if (a->lse) a->lse[(int64_t)h * a->Sq + q0 + i] = l[i] > 0 ? m[i] + logf(l[i]) : -INFINITY;
+        /* l = 0: every key masked. A NaN l (NaN scores: NaN weights upstream) must stay NaN
+         * rather than become zeros, so that the pipeline can see it (l >= 0 otherwise) */
+        for (int d = 0; d < D; d++) o[d] = l[i] != 0 ? O[i * D + d] / l[i] : 0.0f;
+        if (a->lse) a->lse[(int64_t)h * a->Sq + q0 + i] = l[i] != 0 ? m[i] + logf(l[i]) : -INFINITY;
     }
 }
 

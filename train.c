@@ -615,7 +615,7 @@ static int preview_setup(const options *o, previewer *pv) {
     p->steps = o->sample_steps ? o->sample_steps : o->distill ? o->dcfg.student_steps : o->preset_lora ? 8 : 30;
     p->cfg = o->sample_cfg >= 0 ? (float)o->sample_cfg : o->distill ? o->dcfg.student_cfg : o->preset_lora ? 1.0f : 2.0f;
     p->seed = o->sample_seed;
-    p->shift = (float)zi_model_shift(o->model_dir);
+    if ((p->shift = (float)zi_model_shift(o->model_dir)) < 0) return -1;
     p->quiet = 1;
     if (!o->quiet)
         fprintf(stderr, "previews every %lld steps: %dx%d, %d steps, cfg %g, seed %llu\n", (long long)o->sample_every, W, H,

@@ -18,6 +18,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 zi_params zi_params_default(void) {
     return (zi_params){
@@ -25,6 +26,24 @@ zi_params zi_params_default(void) {
         .cfg_norm = 0.0f, .cfg_trunc = 1.0f, .shift = 0.0f, .sampler = "euler",
         .strength = 0.6,
     };
+}
+
+/* Puts WHAT: in front of the current error message. */
+static void prefix_err(const char *what) {
+    char msg[512];
+    snprintf(msg, sizeof msg, "%s", zi_err());
+    zi_seterr("%s: %s", what, msg);
+}
+
+/* First non-finite value of x[0..n), or -1. A NaN or Inf weight anywhere in a checkpoint (or
+ * a LoRA) ends up in every value after a few layers; scanning 20 GB of weights at load time
+ * to find it would cost more than the whole run, so the pipeline checks what it produces:
+ * each model output and the decoded image, stopping with a message instead of writing a
+ * black or garbage PNG. */
+static int64_t non_finite(const float *x, int64_t n) {
+    for (int64_t i = 0; i < n; i++)
+        if (!isfinite(x[i])) return i;
+    return -1;
 }
 
 /* ---------------------------------------------------------------- prompt -> embeddings */
@@ -38,9 +57,9 @@ static int encode_prompts(const char *dir, const char *prompt, const char *negat
     int rc = -1;
     zi_te *te = NULL;
     if (!tok) goto out;
-    *Lp = zi_tok_chat(tok, prompt, ZI_MAX_TOKENS, &ids);
-    if (*Lp < 0) goto out;
-    if (neg_out && (*Ln = zi_tok_chat(tok, negative, ZI_MAX_TOKENS, &nids)) < 0) goto out;
+    /* an empty prompt is fine (the chat template still gives tokens), as in diffusers */
+    if ((*Lp = zi_tok_chat(tok, prompt, ZI_MAX_TOKENS, &ids)) < 0) { prefix_err("prompt"); goto out; }
+    if (neg_out && (*Ln = zi_tok_chat(tok, negative, ZI_MAX_TOKENS, &nids)) < 0) { prefix_err("--negative"); goto out; }
     if (!(te = zi_te_load(tedir))) goto out;
     if (zi_dump_active()) {
         int64_t *w = zi_malloc((size_t)*Lp * sizeof *w);
@@ -103,6 +122,11 @@ float *zi_decode(const char *dir, const float *latents, int h, int w) {
     zi_vae_free(vae);
     if (!img) return NULL;
     size_t npx = (size_t)3 * h * f * w * f;
+    if (non_finite(img, (int64_t)npx) >= 0) {
+        zi_seterr("%s/vae: the decoded image holds NaN or Inf values (bad VAE weights?)", dir);
+        free(img);
+        return NULL;
+    }
     for (size_t i = 0; i < npx; i++) {
         float v = img[i] / 2 + 0.5f;
         img[i] = v < 0 ? 0 : v > 1 ? 1 : v;
@@ -135,6 +159,11 @@ static int velocity(void *ctx, const float *x, float sigma, float t, float *v) {
     int hs[2] = {d->h, d->h}, ws[2] = {d->w, d->w}, Ls[2] = {d->Lp, d->Ln};
     float *outs[2] = {d->out2, d->out2 + d->n};
     if (zi_dit_forward(d->dit, B, xs, hs, ws, ts, caps, Ls, outs)) return -1;
+    if (non_finite(d->out2, B * d->n) >= 0) {
+        zi_seterr("transformer: the model output holds NaN or Inf values at step %d (NaN/Inf weights in the "
+                  "checkpoint or a LoRA?)", d->steps_done + 1);
+        return -1;
+    }
     if (B == 2) zi_cfg_combine(d->out2, d->out2, d->out2 + d->n, d->n, g, d->cfg_norm);
     for (int64_t i = 0; i < d->n; i++) v[i] = -d->out2[i];
     return 0;
@@ -157,14 +186,31 @@ static void on_step(void *ctx, int step, const float *x) {
 /* ---------------------------------------------------------------- the pipeline */
 int zi_check_size(const char *dir, int width, int height, int *vae_factor) {
     zj *vcfg = zi_config_load(dir, "vae"), *tcfg = zi_config_load(dir, "transformer");
-    int rc = -1, blocks[16], patch[4];
+    int rc = -1, blocks[16], patch[4], lens[3];
     if (!vcfg || !tcfg) goto out;
     int nb = zi_cfg_ints(vcfg, "block_out_channels", blocks, 16), np = zi_cfg_ints(tcfg, "all_patch_size", patch, 4);
-    if (nb < 1 || np < 1) { zi_seterr("%s: vae or transformer config lacks block_out_channels/all_patch_size", dir); goto out; }
+    if (nb < 1 || np < 1 || patch[0] < 1 || blocks[0] < 1 || zi_cfg_ints(tcfg, "axes_lens", lens, 3) != 3) {
+        zi_seterr("%s: vae or transformer config lacks block_out_channels/all_patch_size/axes_lens", dir);
+        goto out;
+    }
     *vae_factor = 1 << (nb - 1);
     int mult = *vae_factor * patch[0];
     if (width % mult || height % mult || width <= 0 || height <= 0) {
         zi_seterr("--width/--height: %dx%d is not a multiple of %d", width, height, mult);
+        goto out;
+    }
+    if (height / mult > lens[1] || width / mult > lens[2]) {
+        zi_seterr("--width/--height: %dx%d is too large for this model (at most %dx%d: transformer axes_lens)",
+                  width, height, lens[2] * mult, lens[1] * mult);
+        goto out;
+    }
+    /* the VAE decoder's last stage holds about three activations of block_out_channels[0]
+     * channels at full resolution: a lower bound of what the run needs */
+    double need = 3.0 * blocks[0] * width * height * sizeof(float);
+    double have = (double)sysconf(_SC_PHYS_PAGES) * (double)sysconf(_SC_PAGESIZE);
+    if (have > 0 && need > have) {
+        zi_seterr("--width/--height: %dx%d needs more than %.0f GB for the VAE decoder; this machine has %.0f GB",
+                  width, height, need / 1e9, have / 1e9);
         goto out;
     }
     rc = 0;
@@ -175,10 +221,17 @@ out:
 }
 
 double zi_model_shift(const char *dir) {
+    char *sdir = zi_path("%s/scheduler", dir);
+    int present = access(sdir, F_OK) == 0;
+    free(sdir);
+    if (!present) return 3.0;
     zj *s = zi_config_load(dir, "scheduler");
-    double shift = s ? zi_cfg_num(s, "shift", 3.0) : 3.0;
+    if (!s) return -1;
+    double shift = zi_cfg_num(s, "shift", 3.0);
     zj_free(s);
-    return shift;
+    if (shift > 0 && shift < 1e6) return shift;
+    zi_seterr("%s/scheduler: shift %g is not a positive number", dir, shift);
+    return -1;
 }
 
 /* Loads the DiT with the LoRAs applied. The default is run-time adapters: exact (the golden
@@ -286,10 +339,10 @@ float *zi_generate(const char *dir, const zi_params *p) {
     if (zi_check_size(dir, p->width, p->height, &factor)) return NULL;
     zi_image init = {0};
     if (p->init_image && load_init_image(p, &init)) return NULL;
+    zi_params q = *p;
+    if (q.shift <= 0 && (q.shift = (float)zi_model_shift(dir)) < 0) { zi_image_free(&init); return NULL; }
     if (p->dump) zi_dump_begin();
 
-    zi_params q = *p;
-    if (q.shift <= 0) q.shift = (float)zi_model_shift(dir);
     int h = p->height / factor, w = p->width / factor, Lp, Ln = 0;
     float *pos = NULL, *neg = NULL, *z0 = NULL, *latents = NULL, *img = NULL;
     zi_lora **loras = zi_calloc((size_t)p->n_lora + 1, sizeof *loras);

@@ -502,7 +502,9 @@ float *zi_generate(const char *model_dir, const zi_params *p);
 /* Checks that width x height is a multiple of the VAE factor times the DiT patch (from the
  * configs); *vae_factor receives the VAE's factor. 0 or -1. */
 int zi_check_size(const char *model_dir, int width, int height, int *vae_factor);
-double zi_model_shift(const char *model_dir);   /* the scheduler config's shift (3 without one) */
+/* The scheduler config's shift (3 without a scheduler directory); -1 (error set) when the
+ * config is there but broken. */
+double zi_model_shift(const char *model_dir);
 /* img2img: the step to start from, int(max(steps − min(steps·strength, steps), 0)) */
 int zi_img2img_start(int steps, double strength);
 /* The sampler loop on a loaded DiT (training off): latent size h x w, prompt features pos

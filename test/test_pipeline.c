@@ -1,6 +1,6 @@
 /* End-to-end tests through the ./sample command line: the golden pipelines (every step's
  * latents and the image), --eval of each component, LoRAs merged and at run time, --info,
- * --tokenize and bad input. */
+ * --tokenize (bad input: test_bad_inputs.c). */
 #include "test.h"
 #include "../zimage.h"
 
@@ -332,31 +332,4 @@ TEST(cli_info_and_tokenize) {
           "--info output: %s", out);
     CHECK(zt_sh(out, sizeof out, "%s/sample %s --tokenize 'Hello world'", zt_bin(), MODEL) == 0, "%s", out);
     CHECK(!strcmp(out, "9707 1879\n"), "--tokenize printed '%s'", out);
-}
-
-/* Bad input: a one-line error naming the flag or file, a nonzero exit, no output file. */
-TEST(cli_bad_input) {
-    static const struct { const char *args, *expect; } cases[] = {
-        {MODEL " 'a dog' -W 60 -H 64", "--width"},
-        {MODEL " 'a dog' -W 64 -H abc", "-H"},
-        {MODEL " 'a dog' --steps 0", "--steps"},
-        {MODEL " 'a dog' --sampler nope -W 64 -H 64", "--sampler"},
-        {MODEL " 'a dog' --rng tpu", "--rng"},
-        {MODEL " 'a dog' --cfg -1", "--cfg"},
-        {MODEL " 'a dog' --bogus", "--bogus"},
-        {MODEL " 'a dog' -W 64 -H 64 --lora /nonexistent.safetensors", "/nonexistent.safetensors"},
-        {"/nonexistent-model 'a dog' -W 64 -H 64", "/nonexistent-model"},
-        {MODEL " 'a dog' -W 64 -H 64 --steps 1 -o /nonexistent-dir/x.png", "/nonexistent-dir/x.png"},
-        {"--convert-lora test/golden/lora-a-diffsynth.safetensors /tmp/x.safetensors --to onnx", "onnx"},
-    };
-    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
-        char out[4096];
-        int rc = zt_sh(out, sizeof out, "%s/sample -o %s/bad.png %s -q", zt_bin(), zt_tmpdir(), cases[i].args);
-        int lines = 0;
-        for (char *p = out; *p; p++) lines += *p == '\n';
-        CHECK(rc != 0 && lines == 1 && strstr(out, cases[i].expect), "sample %s -> rc %d: %s", cases[i].args, rc, out);
-    }
-    char out[256];
-    zt_sh(out, sizeof out, "ls %s | grep -c ^bad", zt_tmpdir());
-    CHECK(atoi(out) == 0, "an output file was left behind");
 }
