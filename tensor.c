@@ -1267,27 +1267,47 @@ typedef struct {
 } conv_job;
 
 /* col rows [p0, p0 + kc) x output pixels [j0, j0 + n) (n <= NC), in pack_B's layout:
- * strips of NR pixels, bp[strip][p][NR], zero padded. Written in one pass from x: a strip that
- * lies inside one output row and inside the image (stride 1) is one copy of NR floats; the
- * others (image borders, row ends) go pixel by pixel. */
+ * strips of NR pixels, bp[strip][p][NR], zero padded. Written CONV_PB rows at a time, strip by
+ * strip: row by row, the stores would go NR·kc floats apart, all to one cache set; strip by
+ * strip over all kc rows, the loads would come from kc rows of x at once. Where a strip lies
+ * in one output row and tap p reads inside the image (stride 1), its row is one copy of NR
+ * floats; elsewhere (borders, row ends) pixel by pixel. */
+typedef struct { const float *x; int ky, lo, hi; } conv_tap;   /* x: channel ci, + kx - pad_l */
+enum { CONV_PB = 16 };
+
+static float col_at(const conv_geom *q, const conv_tap *t, int oy, int ox) {
+    int iy = oy * q->stride - q->pad_t + t->ky;
+    return iy >= 0 && iy < q->H && ox >= t->lo && ox < t->hi ? t->x[(int64_t)iy * q->W + (int64_t)ox * q->stride] : 0.0f;
+}
+
 static void conv_pack_B(float *bp, const conv_job *c, int p0, int kc, int j0, int n) {
     const conv_geom *q = &c->geo;
-    int Wo = q->Wo, np = (n + NR - 1) / NR * NR;
+    conv_tap taps[KC];
     for (int p = 0; p < kc; p++) {
-        int r = p0 + p, kx = r % q->kw, ky = r / q->kw % q->kh, ci = r / q->kw / q->kh, lo, hi;
-        tap_cols(q, kx, &lo, &hi);
-        const float *xc = q->x + (int64_t)ci * q->H * q->W + kx - q->pad_l;   /* + iy·W + ox·stride */
-        float *dst = bp + p * NR;                                            /* pixel i: + i/NR·NR·kc + i%NR */
-        for (int i = 0, oy = j0 / Wo, ox = j0 % Wo; i < np; oy++, ox = 0) {  /* output-row pieces */
-            int e = i + (Wo - ox < n - i ? Wo - ox : n - i), iy = oy * q->stride - q->pad_t + ky;
-            if (i >= n) e = np;                                              /* zero padding */
-            const float *src = i < n && iy >= 0 && iy < q->H ? xc + (int64_t)iy * q->W : NULL;
-            for (; i < e; i++, ox++) {
-                float *d = dst + (size_t)(i / NR) * NR * kc + i % NR;
-                if (src && i % NR == 0 && i + NR <= e && q->stride == 1 && ox >= lo && ox + NR <= hi) {
-                    memcpy(d, src + ox, NR * sizeof(float));
-                    i += NR - 1, ox += NR - 1;
-                } else *d = src && ox >= lo && ox < hi ? src[(int64_t)ox * q->stride] : 0.0f;
+        int r = p0 + p, kx = r % q->kw, ci = r / q->kw / q->kh;
+        taps[p] = (conv_tap){ q->x + (int64_t)ci * q->H * q->W + kx - q->pad_l, r / q->kw % q->kh, 0, 0 };
+        tap_cols(q, kx, &taps[p].lo, &taps[p].hi);
+    }
+    for (int pb = 0; pb < kc; pb += CONV_PB) {
+        int pe = kc - pb < CONV_PB ? kc : pb + CONV_PB;
+        for (int i0 = 0; i0 < n; i0 += NR) {
+            float *d = bp + (size_t)i0 * kc;
+            int oy = (j0 + i0) / q->Wo, ox = (j0 + i0) % q->Wo;
+            if (i0 + NR <= n && ox + NR <= q->Wo) {                /* one output row */
+                for (int p = pb; p < pe; p++) {
+                    const conv_tap *t = &taps[p];
+                    int iy = oy * q->stride - q->pad_t + t->ky;
+                    if (q->stride == 1 && iy >= 0 && iy < q->H && ox >= t->lo && ox + NR <= t->hi)
+                        memcpy(d + p * NR, t->x + (int64_t)iy * q->W + ox, NR * sizeof(float));
+                    else
+                        for (int j = 0; j < NR; j++) d[p * NR + j] = col_at(q, t, oy, ox + j);
+                }
+                continue;
+            }
+            for (int j = 0; j < NR; j++) {                         /* across a row end, or padding */
+                int pix = j0 + i0 + j;
+                for (int p = pb; p < pe; p++)
+                    d[p * NR + j] = i0 + j < n ? col_at(q, &taps[p], pix / q->Wo, pix % q->Wo) : 0.0f;
             }
         }
     }
