@@ -96,7 +96,7 @@ static void bench_attention(const char *filter, int S, int H, int D) {
     free(q); free(k); free(v); free(o);
 }
 
-/* a 3x3 convolution (pad 1) of Ci -> C channels at H x W (width W of a VAE decoder layer, fewer
+/* a 3x3 convolution (pad 1) of Ci -> C channels, W wide, H rows (the width of a VAE decoder layer, fewer
  * rows: the time per pixel depends on the width, the height only multiplies the pixels) */
 static void bench_conv(const char *filter, int Ci, int C, int H, int W) {
     char name[64];
