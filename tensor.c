@@ -1220,9 +1220,10 @@ void zi_attention(float *out, int64_t ldo, const float *q, int64_t ldq,
  * col is never stored whole (the VAE's 1024² layers would need gigabytes). The exact path
  * builds it straight in the GEMM's packed B layout, one KC x NC panel at a time, from the input
  * rows in place (implicit GEMM): W is packed once per call, each task owns NC output pixels
- * and, per K slice, packs their panel (in L2) and multiplies it by every row of W. Written out
- * first in bands, col cost the GEMM half its time in memory traffic on small machines. The
- * bf16 fast path keeps im2col bands fed to zi_gemm (which packs its own bf16 operands). */
+ * and, per K slice, packs their panel (in L2) and multiplies it by every row of W. (Written
+ * out first in bands of 16 MB, col went through memory twice and W was repacked every band:
+ * 10-25% slower on the 2-core machine, bench/README.md.) The bf16 fast path keeps im2col bands
+ * fed to zi_gemm (which packs its own bf16 operands). */
 enum { CONV_COL_FLOATS = 1 << 22 };    /* fast path: im2col band budget, 16 MB */
 
 typedef struct {
@@ -1240,23 +1241,20 @@ static void tap_cols(const conv_geom *c, int kx, int *lo, int *hi) {
     *hi = h;
 }
 
-/* dst[0 .. n) = col row r at output row oy, columns ox0 .. ox0+n (n <= Wo - ox0) */
-static void im2col_seg(float *dst, const conv_geom *c, int r, int oy, int ox0, int n) {
-    int kx = r % c->kw, ky = r / c->kw % c->kh, ci = r / c->kw / c->kh, lo, hi;
-    int iy = oy * c->stride - c->pad_t + ky;
-    if (iy < 0 || iy >= c->H) {
-        memset(dst, 0, (size_t)n * sizeof(float));
-        return;
-    }
-    tap_cols(c, kx, &lo, &hi);
-    const float *src = c->x + ((int64_t)ci * c->H + iy) * c->W + kx - c->pad_l;   /* + ox·stride */
-    for (int ox = ox0; ox < ox0 + n; ox++) {
-        if (ox >= lo && ox < hi && c->stride == 1) {       /* the inside run: one copy */
-            int e = hi < ox0 + n ? hi : ox0 + n;
-            memcpy(dst + ox - ox0, src + ox, (size_t)(e - ox) * sizeof(float));
-            ox = e - 1;
-        } else dst[ox - ox0] = ox >= lo && ox < hi ? src[(int64_t)ox * c->stride] : 0.0f;
-    }
+/* Row r = (ci·kh + ky)·kw + kx of col: where it reads. x: channel ci's plane, + kx - pad_l,
+ * so that output pixel (oy, ox) reads x[iy·W + ox·stride], iy = oy·stride - pad_t + ky. */
+typedef struct { const float *x; int ky, lo, hi; } conv_tap;
+
+static conv_tap tap_of(const conv_geom *q, int r) {
+    int kx = r % q->kw, ci = r / q->kw / q->kh;
+    conv_tap t = { q->x + (int64_t)ci * q->H * q->W + kx - q->pad_l, r / q->kw % q->kh, 0, 0 };
+    tap_cols(q, kx, &t.lo, &t.hi);
+    return t;
+}
+
+static float col_at(const conv_geom *q, const conv_tap *t, int oy, int ox) {
+    int iy = oy * q->stride - q->pad_t + t->ky;
+    return iy >= 0 && iy < q->H && ox >= t->lo && ox < t->hi ? t->x[(int64_t)iy * q->W + (int64_t)ox * q->stride] : 0.0f;
 }
 
 /* Exact path. */
@@ -1272,22 +1270,12 @@ typedef struct {
  * strip over all kc rows, the loads would come from kc rows of x at once. Where a strip lies
  * in one output row and tap p reads inside the image (stride 1), its row is one copy of NR
  * floats; elsewhere (borders, row ends) pixel by pixel. */
-typedef struct { const float *x; int ky, lo, hi; } conv_tap;   /* x: channel ci, + kx - pad_l */
 enum { CONV_PB = 16 };
-
-static float col_at(const conv_geom *q, const conv_tap *t, int oy, int ox) {
-    int iy = oy * q->stride - q->pad_t + t->ky;
-    return iy >= 0 && iy < q->H && ox >= t->lo && ox < t->hi ? t->x[(int64_t)iy * q->W + (int64_t)ox * q->stride] : 0.0f;
-}
 
 static void conv_pack_B(float *bp, const conv_job *c, int p0, int kc, int j0, int n) {
     const conv_geom *q = &c->geo;
     conv_tap taps[KC];
-    for (int p = 0; p < kc; p++) {
-        int r = p0 + p, kx = r % q->kw, ci = r / q->kw / q->kh;
-        taps[p] = (conv_tap){ q->x + (int64_t)ci * q->H * q->W + kx - q->pad_l, r / q->kw % q->kh, 0, 0 };
-        tap_cols(q, kx, &taps[p].lo, &taps[p].hi);
-    }
+    for (int p = 0; p < kc; p++) taps[p] = tap_of(q, p0 + p);
     for (int pb = 0; pb < kc; pb += CONV_PB) {
         int pe = kc - pb < CONV_PB ? kc : pb + CONV_PB;
         for (int i0 = 0; i0 < n; i0 += NR) {
@@ -1347,10 +1335,20 @@ typedef struct { float *col; const conv_geom *geo; int oy0, npix; } im2col_job;
 
 static void im2col_rows(void *ctx, int64_t begin, int64_t end) {
     const im2col_job *c = ctx;
-    int Wo = c->geo->Wo;
-    for (int64_t r = begin; r < end; r++)
-        for (int oy = 0; oy < c->npix / Wo; oy++)
-            im2col_seg(c->col + r * c->npix + (int64_t)oy * Wo, c->geo, (int)r, c->oy0 + oy, 0, Wo);
+    const conv_geom *q = c->geo;
+    for (int64_t r = begin; r < end; r++) {
+        conv_tap t = tap_of(q, (int)r);
+        for (int oy = c->oy0; oy < c->oy0 + c->npix / q->Wo; oy++) {
+            float *dst = c->col + r * c->npix + (int64_t)(oy - c->oy0) * q->Wo;
+            int iy = oy * q->stride - q->pad_t + t.ky;
+            if (q->stride == 1 && iy >= 0 && iy < q->H) {       /* zeros, the inside run, zeros */
+                memset(dst, 0, (size_t)t.lo * sizeof(float));
+                memcpy(dst + t.lo, t.x + (int64_t)iy * q->W + t.lo, (size_t)(t.hi - t.lo) * sizeof(float));
+                memset(dst + t.hi, 0, (size_t)(q->Wo - t.hi) * sizeof(float));
+            } else
+                for (int ox = 0; ox < q->Wo; ox++) dst[ox] = col_at(q, &t, oy, ox);
+        }
+    }
 }
 
 static void conv_bands(float *y, const conv_geom *geo, const float *A, int Cout, int K, int Ho) {
