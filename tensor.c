@@ -1269,8 +1269,9 @@ typedef struct {
  * strip: row by row, the stores would go NR·kc floats apart, all to one cache set; strip by
  * strip over all kc rows, the loads would come from kc rows of x at once. Where a strip lies
  * in one output row and tap p reads inside the image (stride 1), its row is one copy of NR
- * floats; elsewhere (borders, row ends) pixel by pixel. */
-enum { CONV_PB = 16 };
+ * floats (x fetched CONV_PF floats ahead: 16 rows at once are more streams than the
+ * hardware prefetcher follows); elsewhere (borders, row ends) pixel by pixel. */
+enum { CONV_PB = 16, CONV_PF = 4 * NR };
 
 static void conv_pack_B(float *bp, const conv_job *c, int p0, int kc, int j0, int n) {
     const conv_geom *q = &c->geo;
@@ -1285,9 +1286,11 @@ static void conv_pack_B(float *bp, const conv_job *c, int p0, int kc, int j0, in
                 for (int p = pb; p < pe; p++) {
                     const conv_tap *t = &taps[p];
                     int iy = oy * q->stride - q->pad_t + t->ky;
-                    if (q->stride == 1 && iy >= 0 && iy < q->H && ox >= t->lo && ox + NR <= t->hi)
-                        memcpy(d + p * NR, t->x + (int64_t)iy * q->W + ox, NR * sizeof(float));
-                    else
+                    if (q->stride == 1 && iy >= 0 && iy < q->H && ox >= t->lo && ox + NR <= t->hi) {
+                        const float *src = t->x + (int64_t)iy * q->W + ox;
+                        __builtin_prefetch(src + CONV_PF);
+                        memcpy(d + p * NR, src, NR * sizeof(float));
+                    } else
                         for (int j = 0; j < NR; j++) d[p * NR + j] = col_at(q, t, oy, ox + j);
                 }
                 continue;
