@@ -1224,42 +1224,157 @@ void zi_attention(float *out, int64_t ldo, const float *q, int64_t ldq,
 
 /* ---------------------------------------------------------------- convolution
  * y[Cout, pixels] = W[Cout, Cin·kh·kw] · col[Cin·kh·kw, pixels], where col (im2col) holds, for
- * each (ci, ky, kx), the input pixel each output pixel sees through that tap. col is built for
- * a band of output rows at a time so that its size stays bounded (the VAE's 1024² layers would
- * need gigabytes at once). W is the GEMM's A operand, which is fp32: a bf16/f16 conv weight is
- * converted once per call (conv weights are small next to the activations). */
-enum { CONV_COL_FLOATS = 1 << 22 };    /* im2col band budget: 16 MB */
+ * each row r = (ci·kh + ky)·kw + kx, the input pixel each output pixel sees through that tap.
+ * W is the GEMM's A operand, which is fp32: a bf16/f16 conv weight is converted once per call
+ * (conv weights are small next to the activations).
+ * col is never stored whole (the VAE's 1024² layers would need gigabytes). The exact path
+ * builds it straight in the GEMM's packed B layout, one KC x NC panel at a time, from the input
+ * rows in place (implicit GEMM): W is packed once per call, each task owns NC output pixels
+ * and, per K slice, packs their panel (in L2) and multiplies it by every row of W. (Written
+ * out first in bands of 16 MB, col went through memory twice and W was repacked every band:
+ * 10-25% slower on the 2-core machine, bench/README.md.) The bf16 fast path keeps im2col bands
+ * fed to zi_gemm (which packs its own bf16 operands). */
+enum { CONV_COL_FLOATS = 1 << 22 };    /* fast path: im2col band budget, 16 MB */
 
 typedef struct {
-    float *col; const float *x;
-    int H, W, Wo, kh, kw, stride, pad_t, pad_l, oy0, npix;
-} im2col_job;
+    const float *x;
+    int H, W, Wo, kh, kw, stride, pad_t, pad_l;
+} conv_geom;
+
+/* Output columns ox in [*lo, *hi) of tap column kx read inside the image:
+ * 0 <= ox·stride - pad_l + kx < W. */
+static void tap_cols(const conv_geom *c, int kx, int *lo, int *hi) {
+    int off = kx - c->pad_l, l = off >= 0 ? 0 : (-off + c->stride - 1) / c->stride;
+    int h = off >= c->W ? 0 : (c->W - 1 - off) / c->stride + 1;
+    h = h < c->Wo ? h : c->Wo;
+    *lo = l < h ? l : h;
+    *hi = h;
+}
+
+/* Row r = (ci·kh + ky)·kw + kx of col: where it reads. x: channel ci's plane, + kx - pad_l,
+ * so that output pixel (oy, ox) reads x[iy·W + ox·stride], iy = oy·stride - pad_t + ky. */
+typedef struct { const float *x; int ky, lo, hi; } conv_tap;
+
+static conv_tap tap_of(const conv_geom *q, int r) {
+    int kx = r % q->kw, ci = r / q->kw / q->kh;
+    conv_tap t = { q->x + (int64_t)ci * q->H * q->W + kx - q->pad_l, r / q->kw % q->kh, 0, 0 };
+    tap_cols(q, kx, &t.lo, &t.hi);
+    return t;
+}
+
+static float col_at(const conv_geom *q, const conv_tap *t, int oy, int ox) {
+    int iy = oy * q->stride - q->pad_t + t->ky;
+    return iy >= 0 && iy < q->H && ox >= t->lo && ox < t->hi ? t->x[(int64_t)iy * q->W + (int64_t)ox * q->stride] : 0.0f;
+}
+
+/* Exact path. */
+typedef struct {
+    conv_geom geo;
+    gemm_args g;            /* M = Cout, N = pixels, K = Cin·kh·kw; C = y */
+    packed_A pa;            /* W, every row, every KC slice */
+} conv_job;
+
+/* col rows [p0, p0 + kc) x output pixels [j0, j0 + n) (n <= NC), in pack_B's layout:
+ * strips of NR pixels, bp[strip][p][NR], zero padded. Written CONV_PB rows at a time, strip by
+ * strip: row by row, the stores would go NR·kc floats apart, all to one cache set; strip by
+ * strip over all kc rows, the loads would come from kc rows of x at once. Where a strip lies
+ * in one output row and tap p reads inside the image (stride 1), its row is one copy of NR
+ * floats (x fetched CONV_PF floats ahead: 16 rows at once are more streams than the
+ * hardware prefetcher follows); elsewhere (borders, row ends) pixel by pixel. */
+enum { CONV_PB = 16, CONV_PF = 4 * NR };
+
+static void conv_pack_B(float *bp, const conv_job *c, int p0, int kc, int j0, int n) {
+    const conv_geom *q = &c->geo;
+    conv_tap taps[KC];
+    for (int p = 0; p < kc; p++) taps[p] = tap_of(q, p0 + p);
+    for (int pb = 0; pb < kc; pb += CONV_PB) {
+        int pe = kc - pb < CONV_PB ? kc : pb + CONV_PB;
+        for (int i0 = 0; i0 < n; i0 += NR) {
+            float *d = bp + (size_t)i0 * kc;
+            int oy = (j0 + i0) / q->Wo, ox = (j0 + i0) % q->Wo;
+            if (i0 + NR <= n && ox + NR <= q->Wo) {                /* one output row */
+                for (int p = pb; p < pe; p++) {
+                    const conv_tap *t = &taps[p];
+                    int iy = oy * q->stride - q->pad_t + t->ky;
+                    if (q->stride == 1 && iy >= 0 && iy < q->H && ox >= t->lo && ox + NR <= t->hi) {
+                        const float *src = t->x + (int64_t)iy * q->W + ox;
+                        __builtin_prefetch(src + CONV_PF);
+                        memcpy(d + p * NR, src, NR * sizeof(float));
+                    } else
+                        for (int j = 0; j < NR; j++) d[p * NR + j] = col_at(q, t, oy, ox + j);
+                }
+                continue;
+            }
+            for (int j = 0; j < NR; j++) {                         /* across a row end, or padding */
+                int pix = j0 + i0 + j;
+                for (int p = pb; p < pe; p++)
+                    d[p * NR + j] = i0 + j < n ? col_at(q, &taps[p], pix / q->Wo, pix % q->Wo) : 0.0f;
+            }
+        }
+    }
+}
+
+/* tasks = blocks of NC output pixels; every C element is summed over the same fixed KC slices
+ * in order (slice 0 stored, later ones added), as in zi_gemm, whatever the thread count */
+static void conv_task(void *ctx, int64_t begin, int64_t end) {
+    const conv_job *c = ctx;
+    float *bp = scratch(0, (size_t)KC * NC);
+    for (int64_t t = begin; t < end; t++) {
+        int j0 = (int)t * NC, n = c->g.N - j0 < NC ? c->g.N - j0 : NC;
+        for (int pc = 0; pc < c->g.K; pc += KC) {
+            gemm_args s = c->g;                 /* this K slice alone */
+            s.K = c->g.K - pc < KC ? c->g.K - pc : KC;
+            s.beta = pc == 0 ? 0.0f : 1.0f;
+            packed_A a = { c->pa.p + (size_t)pc * c->pa.Mp, 0, c->pa.Mp };
+            conv_pack_B(bp, c, pc, s.K, j0, n);
+            gemm_tile_pb(&s, 0, s.M, j0, n, &a, bp);
+        }
+    }
+}
+
+static void conv_implicit(float *y, const conv_geom *geo, const float *A, int Cout, int K, int HWo) {
+    int Mp = (Cout + MR - 1) / MR * MR;
+    float *ap = zi_malloc((size_t)Mp * K * sizeof(float));
+    conv_job c = { *geo, { 0, 0, Cout, HWo, K, 1.0f, 0.0f, A, K, NULL, ZI_F32, 0, y, HWo }, { ap, 0, Mp } };
+    int T = (double)Cout * HWo * K < 1e6 ? 1 : zi_nthreads();
+    gemm_job jb = { &c.g, c.pa, Cout, 0, 0, 0 };
+    run_tasks(T, Mp / MR, pack_A_strips, &jb);
+    run_tasks(T, (HWo + NC - 1) / NC, conv_task, &c);
+    free(ap);
+}
+
+/* Fast path: col rows r = begin .. end for output rows oy0 .. oy0 + npix/Wo, into a band. */
+typedef struct { float *col; const conv_geom *geo; int oy0, npix; } im2col_job;
 
 static void im2col_rows(void *ctx, int64_t begin, int64_t end) {
     const im2col_job *c = ctx;
-    int rows = c->npix / c->Wo;
-    for (int64_t r = begin; r < end; r++) {         /* r = (ci·kh + ky)·kw + kx */
-        int kx = (int)(r % c->kw), ky = (int)(r / c->kw % c->kh), ci = (int)(r / c->kw / c->kh);
-        const float *xc = c->x + (int64_t)ci * c->H * c->W;
-        /* output columns ox in [lo, hi) read inside the image: 0 <= ox·stride - pad_l + kx < W */
-        int off = kx - c->pad_l, lo = off >= 0 ? 0 : (-off + c->stride - 1) / c->stride;
-        int hi = off >= c->W ? 0 : (c->W - 1 - off) / c->stride + 1;
-        hi = hi < c->Wo ? hi : c->Wo;
-        lo = lo < hi ? lo : hi;
-        for (int oy = 0; oy < rows; oy++) {
-            float *dst = c->col + r * c->npix + (int64_t)oy * c->Wo;
-            int iy = (c->oy0 + oy) * c->stride - c->pad_t + ky;
-            if (iy < 0 || iy >= c->H) {
-                memset(dst, 0, (size_t)c->Wo * sizeof(float));
-                continue;
-            }
-            const float *src = xc + (int64_t)iy * c->W + lo * c->stride + off;   /* ox = lo */
-            for (int ox = 0; ox < lo; ox++) dst[ox] = 0.0f;
-            if (c->stride == 1) memcpy(dst + lo, src, (size_t)(hi - lo) * sizeof(float));
-            else for (int ox = lo; ox < hi; ox++) dst[ox] = src[(int64_t)(ox - lo) * c->stride];
-            for (int ox = hi; ox < c->Wo; ox++) dst[ox] = 0.0f;
+    const conv_geom *q = c->geo;
+    for (int64_t r = begin; r < end; r++) {
+        conv_tap t = tap_of(q, (int)r);
+        for (int oy = c->oy0; oy < c->oy0 + c->npix / q->Wo; oy++) {
+            float *dst = c->col + r * c->npix + (int64_t)(oy - c->oy0) * q->Wo;
+            int iy = oy * q->stride - q->pad_t + t.ky;
+            if (q->stride == 1 && iy >= 0 && iy < q->H) {       /* zeros, the inside run, zeros */
+                memset(dst, 0, (size_t)t.lo * sizeof(float));
+                memcpy(dst + t.lo, t.x + (int64_t)iy * q->W + t.lo, (size_t)(t.hi - t.lo) * sizeof(float));
+                memset(dst + t.hi, 0, (size_t)(q->Wo - t.hi) * sizeof(float));
+            } else
+                for (int ox = 0; ox < q->Wo; ox++) dst[ox] = col_at(q, &t, oy, ox);
         }
     }
+}
+
+static void conv_bands(float *y, const conv_geom *geo, const float *A, int Cout, int K, int Ho) {
+    int Wo = geo->Wo, band = (int)(CONV_COL_FLOATS / ((int64_t)K * Wo));
+    band = band < 1 ? 1 : band > Ho ? Ho : band;
+    float *col = zi_malloc((size_t)K * band * Wo * sizeof(float));
+    for (int oy0 = 0; oy0 < Ho; oy0 += band) {
+        int rows = Ho - oy0 < band ? Ho - oy0 : band, npix = rows * Wo;
+        im2col_job c = { col, geo, oy0, npix };
+        zi_parallel_for(K, 1, im2col_rows, &c);
+        zi_gemm(0, 0, Cout, npix, K, 1.0f, A, K, col, ZI_F32, npix, 0.0f, y + (int64_t)oy0 * Wo, (int64_t)Ho * Wo);
+    }
+    free(col);
 }
 
 typedef struct { float *y; const float *bias; int64_t n; } chan_bias_job;
@@ -1284,21 +1399,11 @@ void zi_conv2d(float *y, const float *x, int Cin, int H, int W, const zi_mat *w,
         A = wf;
     }
     int64_t HWo = (int64_t)Ho * Wo;
-    int direct = kh == 1 && kw == 1 && stride == 1 && !pad_t && !pad_l && !pad_b && !pad_r;
-    if (direct) {                                   /* 1x1: x itself is the im2col matrix */
-        zi_gemm(0, 0, Cout, (int)HWo, K, 1.0f, A, K, x, ZI_F32, HWo, 0.0f, y, HWo);
-    } else {
-        int band = (int)(CONV_COL_FLOATS / ((int64_t)K * Wo));
-        band = band < 1 ? 1 : band > Ho ? Ho : band;
-        float *col = zi_malloc((size_t)K * band * Wo * sizeof(float));
-        for (int oy0 = 0; oy0 < Ho; oy0 += band) {
-            int rows = Ho - oy0 < band ? Ho - oy0 : band, npix = rows * Wo;
-            im2col_job c = { col, x, H, W, Wo, kh, kw, stride, pad_t, pad_l, oy0, npix };
-            zi_parallel_for(K, 1, im2col_rows, &c);
-            zi_gemm(0, 0, Cout, npix, K, 1.0f, A, K, col, ZI_F32, npix, 0.0f, y + (int64_t)oy0 * Wo, HWo);
-        }
-        free(col);
-    }
+    conv_geom geo = { x, H, W, Wo, kh, kw, stride, pad_t, pad_l };
+    if (kh == 1 && kw == 1 && stride == 1 && !pad_t && !pad_l && !pad_b && !pad_r)
+        zi_gemm(0, 0, Cout, (int)HWo, K, 1.0f, A, K, x, ZI_F32, HWo, 0.0f, y, HWo);   /* 1x1: x is col */
+    else if (zi_fast()) conv_bands(y, &geo, A, Cout, K, Ho);
+    else conv_implicit(y, &geo, A, Cout, K, (int)HWo);
     free(wf);
     if (bias) {
         chan_bias_job b = { y, bias, HWo };

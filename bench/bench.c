@@ -96,25 +96,26 @@ static void bench_attention(const char *filter, int S, int H, int D) {
     free(q); free(k); free(v); free(o);
 }
 
-/* a 3x3 convolution (pad 1) of C -> C channels at H x W, as in the VAE decoder */
-static void bench_conv(const char *filter, int C, int H, int W) {
+/* a 3x3 convolution (pad 1) of Ci -> C channels, W wide, H rows (the width of a VAE decoder layer, fewer
+ * rows: the time per pixel depends on the width, the height only multiplies the pixels) */
+static void bench_conv(const char *filter, int Ci, int C, int H, int W) {
     char name[64];
-    snprintf(name, sizeof name, "conv3x3 %d->%d at %dx%d", C, C, H, W);
+    snprintf(name, sizeof name, "conv3x3 %d->%d at %dx%d", Ci, C, W, H);   /* width x rows */
     if (!selected(filter, name)) return;
-    size_t nx = (size_t)C * H * W, nw = (size_t)C * C * 9;
+    size_t nx = (size_t)(Ci > C ? Ci : C) * H * W, nw = (size_t)C * Ci * 9;
     float *x = malloc(nx * 4), *y = malloc(nx * 4), *w = malloc(nw * 4);
     for (size_t i = 0; i < nx; i++) x[i] = (float)((i * 7919) % 1000) * 2e-3f - 1;
     for (size_t i = 0; i < nw; i++) w[i] = (float)((i * 104729) % 1000) * 1e-4f - 0.05f;
-    zi_mat wm = { w, ZI_F32, C, (int64_t)C * 9 };
+    zi_mat wm = { w, ZI_F32, C, (int64_t)Ci * 9 };
     double best = 1e30, best_cpu = 1e30;
     for (int r = 0; r < 2; r++) {
         double t0 = zi_now(), c0 = bench_cpu_now();
-        zi_conv2d(y, x, C, H, W, &wm, NULL, 3, 3, 1, 1, 1, 1, 1);
+        zi_conv2d(y, x, Ci, H, W, &wm, NULL, 3, 3, 1, 1, 1, 1, 1);
         double t = zi_now() - t0, c = bench_cpu_now() - c0;
         best = t < best ? t : best;
         best_cpu = c < best_cpu ? c : best_cpu;
     }
-    report(name, 2.0 * C * C * 9 * H * W, best, best_cpu);
+    report(name, 2.0 * C * Ci * 9 * H * W, best, best_cpu);
     free(x); free(y); free(w);
 }
 
@@ -160,8 +161,12 @@ int main(int argc, char **argv) {
         for (int i = 0; i < 3; i++)
             for (int j = 0; j < 3; j++) bench_linear(filter, Ms[i], KN[j][0], KN[j][1], f);
     for (int i = 0; i < 3; i++) bench_attention(filter, Ms[i], 30, 128);
-    bench_conv(filter, 128, 256, 256);
-    bench_conv(filter, 512, 64, 64);
+    /* the VAE decoder's layers: C -> C at 128², 256², 512², 1024², and the channel changes */
+    static const int convs[][4] = { {512, 512, 64, 128}, {512, 512, 32, 256}, {512, 256, 16, 512},
+                                    {256, 256, 32, 512}, {256, 128, 16, 1024}, {128, 128, 64, 1024},
+                                    {128, 128, 256, 256}, {512, 512, 64, 64} };
+    for (size_t i = 0; i < sizeof convs / sizeof *convs; i++)
+        bench_conv(filter, convs[i][0], convs[i][1], convs[i][2], convs[i][3]);
     bench_tokenizer(filter);
     return 0;
 }
