@@ -194,7 +194,7 @@ static void eval_dit(const char *dir, const zi_params *p, const zi_st *in, zi_st
     if (!rc) zi_stw_add_f32(out, "dit.out", 4, tx->shape, o);
     for (int i = p->n_lora - 1; i >= 0; i--) zi_lora_free(loras[i]);
     zi_dit_free(dit);
-    free(o); free(x); free(t); free(cap);
+    free(loras); free(o); free(x); free(t); free(cap);
     if (rc) zi_die("%s: %s", zi_st_path(in), zi_err());
 }
 
