@@ -1465,6 +1465,18 @@ static void moments(const float *x, int64_t n, float eps, float *mean, float *rs
 }
 
 /* y = (x - mean)·rstd·w + b over a row (layernorm) or a group of channels (groupnorm) */
+/* t·w + b rounded once where the CPU fuses multiply-adds. Compilers keep a vectorised and a
+ * scalar version of a loop and pick one at run time by whether y and x overlap (in place or
+ * not); left to -ffp-contract, clang fuses in one and not the other, and the two disagree
+ * in the last bit. */
+static inline float affine(float t, float w, float b) {
+#ifdef FP_FAST_FMAF
+    return fmaf(t, w, b);
+#else
+    return t * w + b;
+#endif
+}
+
 static void norm_rows(void *ctx, int64_t begin, int64_t end) {
     const row_job *r = ctx;
     for (int64_t i = begin; i < end; i++) {
@@ -1475,8 +1487,9 @@ static void norm_rows(void *ctx, int64_t begin, int64_t end) {
         for (int64_t j = 0; j < r->dim; j++) {
             int64_t c = r->inner ? c0 + j / r->inner : j;
             float t = (x[j] - mean) * rstd;
-            if (r->w) t *= r->w[c];
-            if (r->b) t += r->b[c];
+            if (r->w && r->b) t = affine(t, r->w[c], r->b[c]);
+            else if (r->w) t *= r->w[c];
+            else if (r->b) t += r->b[c];
             y[j] = t;
         }
     }
