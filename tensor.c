@@ -61,9 +61,27 @@ void zi_seterr(const char *fmt, ...) {
 
 const char *zi_err(void) { return errbuf[0] ? errbuf : "unknown error"; }
 
+static int progress_open;
+
+void zi_progress(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    fputc('\r', stderr);
+    vfprintf(stderr, fmt, ap);
+    fflush(stderr);
+    va_end(ap);
+    progress_open = 1;
+}
+
+void zi_progress_end(void) {
+    if (progress_open) fputc('\n', stderr);
+    progress_open = 0;
+}
+
 void zi_die(const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
+    zi_progress_end();
     fputs("error: ", stderr);
     vfprintf(stderr, fmt, ap);
     fputc('\n', stderr);

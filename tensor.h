@@ -61,6 +61,10 @@ static inline uint64_t zi_fnv1a(uint64_t h, const void *data, size_t n) {
 void zi_seterr(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 const char *zi_err(void);
 _Noreturn void zi_die(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+/* Progress on stderr, one line rewritten in place ('\r'); zi_progress_end() ends the line.
+ * zi_die() ends an open progress line first, so an error never lands in the middle of one. */
+void zi_progress(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+void zi_progress_end(void);
 void *zi_malloc(size_t n);                      /* dies with "out of memory" */
 void *zi_calloc(size_t n, size_t size);
 void *zi_realloc(void *p, size_t n);

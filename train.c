@@ -471,15 +471,15 @@ static sample *encode_dataset(const options *o, const zi_train_meta *meta, int C
             else {
                 ok = load_encoders(&e) == 0 && encode(&e, image, meta->items[i].prompt, D, i + 1, &s[i]) == 0;
                 ok = ok && cache_write(path, C, &s[i], D, image, meta->items[i].prompt) == 0;
-                if (ok && !o->quiet) fprintf(stderr, "\rencoded %d/%d", i + 1, meta->n);
+                if (ok && !o->quiet) zi_progress("encoded %d/%d", i + 1, meta->n);
             }
             free(path);
         }
         free(image);
     }
+    zi_progress_end();
     if (ok && !o->quiet)
-        fprintf(stderr, "%sdataset: %d examples (%d from the cache in %s)\n", cached < meta->n ? "\n" : "", meta->n,
-                cached, cache_dir);
+        fprintf(stderr, "dataset: %d examples (%d from the cache in %s)\n", meta->n, cached, cache_dir);
     for (int i = 0; ok && i < n_extra; i++) ok = load_text_encoder(&e) == 0 && encode_text(&e, D, &extra[i]) == 0;
     free_encoders(&e);
     free(e.model);
@@ -919,6 +919,9 @@ int main(int argc, char **argv) {
     zi_threads_init(o.threads);
     if (o.fast) zi_set_fast(1);
     int rc = o.eval_in ? eval(&o) : train(&o);
-    if (rc) fprintf(stderr, "error: %s\n", zi_err());
+    if (rc) {
+        zi_progress_end();
+        fprintf(stderr, "error: %s\n", zi_err());
+    }
     return rc ? 1 : 0;
 }

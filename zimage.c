@@ -177,9 +177,9 @@ static void on_step(void *ctx, int step, const float *x) {
     d->steps_done = step + 1;
     if (!d->quiet) {
         double el = zi_now() - d->t0, rate = d->steps_done / el;
-        fprintf(stderr, "\rstep %d/%d  %.2f it/s  %.1fs/it  ETA %.0fs   ", d->steps_done, d->evals, rate, 1 / rate,
-                (d->evals - d->steps_done) / rate);
-        if (d->steps_done == d->evals) fputc('\n', stderr);
+        zi_progress("step %d/%d  %.2f it/s  %.1fs/it  ETA %.0fs   ", d->steps_done, d->evals, rate, 1 / rate,
+                    (d->evals - d->steps_done) / rate);
+        if (d->steps_done == d->evals) zi_progress_end();
     }
 }
 
