@@ -427,6 +427,7 @@ int main(int argc, char **argv) {
            "%peak", "%p/cpu", "RSS GB", "-weights", "notes");
     fflush(stdout);
     int failed = 0;
+    double forward[2] = {0, 0};     /* dit256, dit512 run seconds: the training steps' yardstick */
     for (int i = 1; i < NSTAGES; i++) {
         if (!wanted(list, stages[i].name)) continue;
         result r = run_child(&stages[i], dir, &mach);
@@ -434,6 +435,15 @@ int main(int argc, char **argv) {
         printf("%-10s %7.2f %8.2f %8.2f %9.1f %8.1f %6.1f %7.1f %8.2f %8.2f  %s%s\n", stages[i].name, r.load, r.run,
                r.cpu, r.flop * 1e-9, rate * 1e-9, 100 * rate / mach.peak, 100 * rate_cpu / mach.peak_cpu, r.rss * 1e-9,
                (r.rss - r.weights) * 1e-9, r.ok ? "" : "FAILED ", r.note);
+        for (int k = 0; k < 2 && r.ok; k++) {
+            char dit[16], train[16];
+            snprintf(dit, sizeof dit, "dit%d", 256 << k);
+            snprintf(train, sizeof train, "train%d", 256 << k);
+            if (!strcmp(stages[i].name, dit)) forward[k] = r.run;
+            if (!strcmp(stages[i].name, train) && forward[k] > 0)
+                printf("%-10s a training step = %.2fx one %s forward (goal <= 3.5x; gradient checkpointing "
+                       "runs the forward twice)\n", "", r.run / forward[k], dit);
+        }
         fflush(stdout);
         failed |= !r.ok;
     }
