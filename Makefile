@@ -49,8 +49,9 @@ $(PROGS:%=$(BINDIR)/%): $(BINDIR)/%: $(BUILD)/%.o $(BUILD)/libzimage.a
 $(BUILD)/zitest: $(TESTOBJ) $(BUILD)/libzimage.a
 	$(CC) $(LDFLAGS) $^ -o $@ $(LDLIBS)
 
-# The runner's last line is "N passed, N failed". TEST=substring runs a subset.
-test: all $(BUILD)/zitest
+# The runner's last line is "N passed, N failed". TEST=substring runs a subset. The bench
+# programs are built too (not run), so that they cannot rot unnoticed.
+test: all $(BUILD)/zitest $(BUILD)/zibench $(BUILD)/bench_full $(BUILD)/make_model
 	ZI_BIN=$(BINDIR) $(BUILD)/zitest $(TEST)
 
 # bench programs: bench/NAME.c (+ bench/machine.c, the machine's peak and bandwidth)
