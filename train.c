@@ -806,8 +806,7 @@ static int train(const options *o) {
     zi_train_lora *lora = data && preset_ok ? zi_train_lora_new(lins, nlin, o->targets, o->rank, o->seed) : NULL;
 
     /* everything a resumed run must share with the run that wrote the state */
-    char config[1024];
-    snprintf(config, sizeof config,
+    char *config = zi_path(
              "rank=%d targets=%s lr=%.17g weight_decay=%.17g accum=%d repeat=%d seed=%llu rows=%d max_pixels=%lld "
              "size=%dx%d checkpoint=%s preset=%s task=%s teacher=%d,%.9g student=%d,%.9g", o->rank, o->targets, o->lr,
              o->weight_decay, o->accum, o->repeat, (unsigned long long)o->seed, meta.n, (long long)o->max_pixels,
@@ -833,6 +832,7 @@ static int train(const options *o) {
     }
     zi_train_lora_free(lora);
     zi_lora_free(preset);
+    free(config);
     for (int i = 0; i < 2; i++) free(extra[i].f);
     for (int i = 0; data && i < meta.n; i++) { free(data[i].x0); free(data[i].cap); }
     free(data);
