@@ -134,7 +134,8 @@ zi_lin *zi_dit_linear(zi_dit *m, const char *name);    /* NULL when absent */
 /* Training (LoRA). With on = 1, each zi_dit_forward keeps what the backward needs (replacing
  * what an earlier one kept); with gradient_checkpointing only each block's input, and the
  * block's forward runs again during the backward. While on, zi_dit_forward takes B = 1 only
- * (turn it off to sample with CFG). on = 0 frees the state. */
+ * (turn it off to sample with CFG), and the forward writes that state although it takes a
+ * const model: one zi_dit serves one thread of calls at a time. on = 0 frees the state. */
 void zi_dit_set_training(zi_dit *m, int on, int gradient_checkpointing);
 /* After a training forward: dout = dLoss/d(raw output) [C, 1, h, w] of that forward.
  * Accumulates into dA/dB of every adapter that has them (the others are frozen; the gradient
