@@ -118,6 +118,10 @@ double zi_now(void) {
     return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
+static _Thread_local zi_kernel_seconds kernel_time;
+
+zi_kernel_seconds zi_kernel_time(void) { return kernel_time; }
+
 /* ---------------------------------------------------------------- conversions */
 static inline uint32_t f32_bits(float f) { union { float f; uint32_t u; } v = { f }; return v.u; }
 static inline float bits_f32(uint32_t u) { union { uint32_t u; float f; } v = { u }; return v.f; }
@@ -982,8 +986,176 @@ static void fast_task(void *ctx, int64_t begin, int64_t end) {
     }
 }
 
+#ifdef ZI_AMX
+/* AMX with the weight read where it lies. A bf16 Linear weight W [N, K] is row-major with
+ * consecutive k, which is exactly an AMX A tile (16 rows x 32 k), so the product is computed
+ * transposed, Cᵀ = W · op(A)ᵀ: W's tiles are loaded straight from the (mmap'd) weight, never
+ * packed, and only op(A) — M x K, far smaller than W when M is a few hundred tokens — is
+ * packed, as the B operand: per block of 32 rows, [K/2][32][2] (a pair of consecutive k of
+ * one row is one 32-bit word). Each 32 x 32 block of C is summed in four tiles, FKC slices of
+ * K in order, by one task (so any thread count gives the same bits), and transposed on the way
+ * out. The
+ * packed-B path above remains for other operands (f32/f16 B, B not transposed, K or N not a
+ * multiple of 32). */
+typedef struct {
+    const gemm_args *g;
+    uint16_t *xp;               /* op(A) packed: block b (rows 32b ..) at xp + b·32·K */
+    int nmblk, mper, nper;      /* 32-row blocks of op(A); blocks per task along m, along n */
+} amx_wx_job;
+
+/* op(A) rows [32b, 32b + 32) x k [k0, k1) -> xp (rows past M are zeros) */
+static void amx_wx_pack(void *ctx, int64_t begin, int64_t end) {
+    const amx_wx_job *j = ctx;
+    const gemm_args *g = j->g;
+    int nk = (g->K + 255) / 256;
+    for (int64_t t = begin; t < end; t++) {
+        int b = (int)(t / nk), k0 = (int)(t % nk) * 256, k1 = k0 + 256 < g->K ? k0 + 256 : g->K;
+        uint16_t *dst = j->xp + (size_t)b * 32 * g->K;
+        for (int i = 0; i < 32; i++) {
+            int m = b * 32 + i, k = k0;
+#if defined(__AVX512BF16__)
+            /* 32 k at a time: rounded as pack_A_bf16 does, its 16 pairs scattered 32 words apart */
+            const __m512i at = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                                  _mm512_set1_epi32(32));
+            for (; m < g->M && !g->transA && k < k1; k += 32) {
+                const float *s = g->A + (int64_t)m * g->lda + k;
+                _mm512_i32scatter_epi32((int *)dst + (size_t)(k / 2) * 32 + i, at,
+                                        (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(s + 16), _mm512_loadu_ps(s)), 4);
+            }
+#endif
+            for (; k < k1; k++) {
+                float v = m >= g->M ? 0.0f : g->transA ? g->A[(int64_t)k * g->lda + m] : g->A[(int64_t)m * g->lda + k];
+                dst[(size_t)(k / 2) * 64 + 2 * i + (k & 1)] = zi_f32_to_bf16(v);
+            }
+        }
+    }
+}
+
+/* Rows 0..15 of a 16 x 16 block (rows `ld` floats apart) transposed into r[0..15]. */
+static void transpose16(const float *src, int ld, __m512 r[16]) {
+    __m512 t[16];
+    for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_ps(src + i * ld);
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {          /* r[i + c]: in each 128-bit lane l, column 4l + c of rows i .. i+3 */
+        r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
+        r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
+        r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
+        r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
+    }
+    for (int h = 0; h < 16; h += 8)            /* lanes 0, 2 and 1, 3 of rows h .. h+3 and h+4 .. h+7 */
+        for (int c = 0; c < 4; c++) {
+            t[h + c] = _mm512_shuffle_f32x4(r[h + c], r[h + 4 + c], 0x88);
+            t[h + 4 + c] = _mm512_shuffle_f32x4(r[h + c], r[h + 4 + c], 0xdd);
+        }
+    for (int c = 0; c < 8; c++) {              /* column c and c + 8 of all 16 rows */
+        r[c] = _mm512_shuffle_f32x4(t[c], t[8 + c], 0x88);
+        r[c + 8] = _mm512_shuffle_f32x4(t[c], t[8 + c], 0xdd);
+    }
+}
+
+/* ct[32][32] (Cᵀ block: [n][m]) += the K slice [k0, k0 + kc) of W rows n0 .. n0+31 times packed
+ * rows m0 .. m0+31 (x: their block at k0); first: ct starts from zero. */
+static void amx_wx_slice(const gemm_args *g, int n0, int k0, int kc, const uint16_t *x, float *ct, int first) {
+    const uint16_t *w = (const uint16_t *)g->B + (int64_t)n0 * g->ldb + k0;
+    int64_t ldw = g->ldb * 2;
+    amx_configure();
+    if (first) {
+        _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+    } else {
+        _tile_loadd(0, ct, 128); _tile_loadd(1, ct + 16, 128);
+        _tile_loadd(2, ct + 16 * 32, 128); _tile_loadd(3, ct + 16 * 32 + 16, 128);
+    }
+    for (int k = 0; k < kc; k += 32) {
+        _tile_loadd(4, w + k, ldw);                    /* W rows n0 .. n0+15 */
+        _tile_loadd(5, w + 16 * g->ldb + k, ldw);      /* rows n0+16 .. n0+31 */
+        _tile_loadd(6, x + (size_t)k * 32, 128);       /* pairs of k, rows m0 .. m0+15 */
+        _tile_loadd(7, x + (size_t)k * 32 + 32, 128);  /* rows m0+16 .. m0+31 */
+        _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
+    }
+    _tile_stored(0, ct, 128); _tile_stored(1, ct + 16, 128);
+    _tile_stored(2, ct + 16 * 32, 128); _tile_stored(3, ct + 16 * 32 + 16, 128);
+}
+
+/* C[m0 .. m0+mr, n0 .. n0+32] = alpha · ctᵀ + beta · C */
+static void amx_wx_store(const gemm_args *g, const float *ct, int m0, int mr, int n0) {
+    __m512 alpha = _mm512_set1_ps(g->alpha), beta = _mm512_set1_ps(g->beta);
+    for (int mh = 0; mh < 32 && mh < mr; mh += 16)
+        for (int nh = 0; nh < 32; nh += 16) {
+            __m512 r[16];
+            transpose16(ct + nh * 32 + mh, 32, r);     /* r[i]: row m0+mh+i, columns n0+nh .. +16 */
+            for (int i = 0; i < 16 && mh + i < mr; i++) {
+                float *c = g->C + (int64_t)(m0 + mh + i) * g->ldc + n0 + nh;
+                __m512 v = _mm512_mul_ps(alpha, r[i]);
+                if (g->beta != 0.0f) v = _mm512_fmadd_ps(beta, _mm512_loadu_ps(c), v);
+                _mm512_storeu_ps(c, v);
+            }
+        }
+}
+
+/* A task: the W rows of nper 32-blocks against mper 32-row blocks of op(A) (at most 1024 rows,
+ * their K slice in L2), one K slice of FKC at a time: each 32 x FKC slice of W (24 KB) is loaded
+ * once, from memory, and meets every row block while it sits in L1; the partial Cᵀ blocks wait
+ * in ct between slices. While it does, the next slice of those W rows is prefetched into L2,
+ * a share per row block, so that reading W from memory overlaps the tile products. */
+static void amx_wx_task(void *ctx, int64_t begin, int64_t end) {
+    const amx_wx_job *j = ctx;
+    const gemm_args *g = j->g;
+    int mtasks = (j->nmblk + j->mper - 1) / j->mper;
+    float *ct = scratch(0, (size_t)j->nper * j->mper * 32 * 32);
+    for (int64_t t = begin; t < end; t++) {
+        int b0 = (int)(t % mtasks) * j->mper, b1 = b0 + j->mper < j->nmblk ? b0 + j->mper : j->nmblk;
+        int n0 = (int)(t / mtasks) * j->nper * 32, n1 = n0 + j->nper * 32 < g->N ? n0 + j->nper * 32 : g->N;
+        int mb = b1 - b0;
+        for (int k0 = 0; k0 < g->K; k0 += FKC) {
+            int kc = g->K - k0 < FKC ? g->K - k0 : FKC, k1 = k0 + kc, kn = g->K - k1 < FKC ? g->K - k1 : FKC;
+            for (int n = n0; n < n1; n += 32) {
+                const char *next = (const char *)((const uint16_t *)g->B + (int64_t)n * g->ldb + k1);
+                for (int b = b0; b < b1; b++) {
+                    for (int r = (b - b0) * 32 / mb; r < (b - b0 + 1) * 32 / mb; r++)
+                        for (int q = 0; q < kn * 2; q += 64) _mm_prefetch(next + (int64_t)r * g->ldb * 2 + q, _MM_HINT_T1);
+                    amx_wx_slice(g, n, k0, kc, j->xp + (size_t)b * 32 * g->K + (size_t)k0 * 32,
+                                 ct + ((size_t)(n - n0) / 32 * mb + (b - b0)) * 1024, k0 == 0);
+                }
+            }
+        }
+        for (int n = n0; n < n1; n += 32)
+            for (int b = b0; b < b1; b++)
+                amx_wx_store(g, ct + ((size_t)(n - n0) / 32 * mb + (b - b0)) * 1024, b * 32,
+                             g->M - b * 32 < 32 ? g->M - b * 32 : 32, n);
+    }
+}
+
+static int amx_wx_fits(const gemm_args *g) {
+    return amx_usable && g->transB && g->bt == ZI_BF16 && g->K % 32 == 0 && g->N % 32 == 0;
+}
+
+static void amx_wx(const gemm_args *g, int T) {
+    amx_wx_job j = { g, NULL, (g->M + 31) / 32, 1, 1 };
+    j.xp = (uint16_t *)scratch(3, (size_t)j.nmblk * 32 * g->K / 2);
+    run_tasks(T, (int64_t)j.nmblk * ((g->K + 255) / 256), amx_wx_pack, &j);
+    /* tasks: row blocks of up to 1024 rows, and as many column ranges as give about three
+     * tasks per thread */
+    int nblk = g->N / 32, mtasks;
+    j.mper = j.nmblk < 32 ? j.nmblk : 32;
+    mtasks = (j.nmblk + j.mper - 1) / j.mper;
+    j.nper = nblk / ((3 * T + mtasks - 1) / mtasks);
+    j.nper = j.nper < 1 ? 1 : j.nper;
+    run_tasks(T, (int64_t)mtasks * ((nblk + j.nper - 1) / j.nper), amx_wx_task, &j);
+}
+#endif
+
 static void gemm_fast(const gemm_args *g, int T) {
     zi_fast_kernel();                          /* asks for the AMX state once */
+#ifdef ZI_AMX
+    if (amx_wx_fits(g)) {
+        amx_wx(g, T);
+        return;
+    }
+#endif
     int64_t Kp = g->K / FKC * FKC + ((g->K % FKC + 31) & ~31);   /* K padded to whole tiles per slice */
     /* rows of op(A) and columns of op(B) packed at a time: 2·A_PACK_FLOATS bf16 each */
     int per = (int)(2 * A_PACK_FLOATS / Kp) / FMR * FMR;
@@ -1011,9 +1183,9 @@ static void gemm_fast(const gemm_args *g, int T) {
     }
 }
 
-void zi_gemm(int transA, int transB, int M, int N, int K, float alpha,
-             const float *A, int64_t lda, const void *B, zi_dtype bt, int64_t ldb,
-             float beta, float *C, int64_t ldc) {
+static void gemm_run(int transA, int transB, int M, int N, int K, float alpha,
+                     const float *A, int64_t lda, const void *B, zi_dtype bt, int64_t ldb,
+                     float beta, float *C, int64_t ldc) {
     check_gemm_dtype(bt);
     if (M <= 0 || N <= 0) return;
     if (K <= 0) {                              /* empty sum: C = beta·C */
@@ -1045,6 +1217,14 @@ void zi_gemm(int transA, int transB, int M, int N, int K, float alpha,
         run_tasks(T, jb.pa.Mp / MR, pack_A_strips, &jb);
         run_tasks(T, (int64_t)ncb * jb.nmb, gemm_task, &jb);
     }
+}
+
+void zi_gemm(int transA, int transB, int M, int N, int K, float alpha,
+             const float *A, int64_t lda, const void *B, zi_dtype bt, int64_t ldb,
+             float beta, float *C, int64_t ldc) {
+    double t0 = zi_now();
+    gemm_run(transA, transB, M, N, K, alpha, A, lda, B, bt, ldb, beta, C, ldc);
+    kernel_time.gemm += zi_now() - t0;
 }
 
 void zi_gemm_ref(int transA, int transB, int M, int N, int K, float alpha,
@@ -1237,7 +1417,9 @@ void zi_attention(float *out, int64_t ldo, const float *q, int64_t ldq,
     int nchunks = (3 * T + Hq - 1) / Hq < nqb ? (3 * T + Hq - 1) / Hq : nqb, qchunk = (nqb + nchunks - 1) / nchunks;
     att_args a = { out, ldo, q, k, v, ldq, ldk, ldv, Sq, Sk, Hq, Hkv, D, causal, n_keys, nqb,
                    qchunk, (nqb + qchunk - 1) / qchunk, scale, lse };
+    double t0 = zi_now();
     zi_parallel_for((int64_t)Hq * a.nchunks, 1, att_task, &a);
+    kernel_time.attention += zi_now() - t0;
 }
 
 /* ---------------------------------------------------------------- convolution

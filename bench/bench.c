@@ -1,6 +1,6 @@
 /* bench.c: kernel benchmarks (`make bench`, BENCH=substring runs the matching cases).
  * First measures the machine: fp32 FMA peak over all threads and memory read bandwidth; then
- * times the GEMM (bf16 weights, the shapes of the model's Linear layers) and attention,
+ * times the GEMM (bf16 weights, the shapes of the DiT's and the text encoder's Linear layers) and attention,
  * printing each rate as a percentage of the measured peak, the VAE's convolutions, and last the
  * tokenizer (goals: loading tokenizer.json < 0.5 s, 1 MB of mixed text < 1 s). Rates are also
  * given per CPU-second (process CPU time), which on a machine shared with other jobs is the
@@ -160,6 +160,10 @@ int main(int argc, char **argv) {
     for (int f = 0; f < 2; f++)
         for (int i = 0; i < 3; i++)
             for (int j = 0; j < 3; j++) bench_linear(filter, Ms[i], KN[j][0], KN[j][1], f);
+    /* the text encoder's (Qwen3-4B) Linear layers on a 32-token prompt: q, k and v, o, gate and up, down */
+    static const int te[][2] = { {2560, 4096}, {2560, 1024}, {4096, 2560}, {2560, 9728}, {9728, 2560} };
+    for (int f = 0; f < 2; f++)
+        for (size_t i = 0; i < sizeof te / sizeof *te; i++) bench_linear(filter, 32, te[i][0], te[i][1], f);
     for (int i = 0; i < 3; i++) bench_attention(filter, Ms[i], 30, 128);
     /* the VAE decoder's layers: C -> C at 128², 256², 512², 1024², and the channel changes */
     static const int convs[][4] = { {512, 512, 64, 128}, {512, 512, 32, 256}, {512, 256, 16, 512},

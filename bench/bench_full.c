@@ -238,11 +238,16 @@ static void stage_dit(const char *dir, result *r, int px, int B) {
     const float *xs[2] = { x, x }, *caps[2] = { cap, cap }, ts[2] = { 0.5f, 0.5f };
     int hs[2] = { h, h }, ws[2] = { w, w }, Ls[2] = { L, L };
     float *outs[2] = { out, out + n };
+    zi_kernel_seconds k0 = zi_kernel_time();
     timer t = start();
     int rc = zi_dit_forward(m, B, xs, hs, ws, ts, caps, Ls, outs);
     stop(t, r);
+    zi_kernel_seconds k1 = zi_kernel_time();
     r->flop = B * dit_flop(m, h, w, L);
     r->ok = !rc && all_finite(out, B * n);
+    double gemm = k1.gemm - k0.gemm, att = k1.attention - k0.attention;
+    snprintf(r->note, sizeof r->note, "GEMM %.2f s + attention %.2f s; step = %.3fx their sum", gemm, att,
+             r->run / (gemm + att));
     if (rc) snprintf(r->note, sizeof r->note, "%s", zi_err());
     else if (!r->ok) snprintf(r->note, sizeof r->note, "output NOT FINITE");
     free(x); free(cap); free(out);

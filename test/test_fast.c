@@ -52,6 +52,10 @@ static const shape shapes[] = {
     { 1, 0, 5, 40, 7, ZI_F32, 1.0f, 0.0f },
     { 0, 1, 33, 4500, 4000, ZI_BF16, 1.0f, 0.0f },      /* op(B) packed in two column ranges */
     { 1, 0, 4300, 40, 3900, ZI_F32, 1.0f, 0.0f },       /* op(A) packed in two row blocks */
+    /* AMX reads a bf16 Wᵀ in place where K and N are multiples of 32 (tensor.c, amx_wx) */
+    { 0, 1, 300, 224, 3840, ZI_BF16, 1.0f, 0.0f },
+    { 1, 1, 45, 64, 416, ZI_BF16, 2.0f, 0.25f },
+    { 0, 1, 1, 32, 32, ZI_BF16, 1.0f, 1.0f },
 };
 
 /* Fast against exact within a bf16 tolerance: each operand carries a relative rounding of up to
@@ -78,8 +82,7 @@ TEST(fast_gemm_close) {
 
 /* The fast path gives the same bits with 1, 2 and 3 threads; switched off, the exact path gives
  * the bits it gave before the fast path ever ran. */
-TEST(fast_threads_and_off) {
-    const shape *s = &shapes[0];
+static void threads_and_off(const shape *s) {
     float *A = vals((size_t)s->M * s->K, 3), *Bf = vals((size_t)s->K * s->N, 5), *C0 = vals((size_t)s->M * s->N, 9);
     void *B = weights(s, Bf);
     zi_set_fast(0);
@@ -100,6 +103,11 @@ TEST(fast_threads_and_off) {
     CHECK(same, "the fast GEMM depends on the thread count");
     CHECK(restored, "the exact GEMM changed after the fast path ran");
     CHECK(differs, "the fast path gave the exact bits: it did not run");
+}
+
+TEST(fast_threads_and_off) {
+    threads_and_off(&shapes[0]);
+    threads_and_off(&shapes[7]);
 }
 
 /* max|fast - exact| / max|exact|, printed */
