@@ -1992,6 +1992,7 @@ void zi_attention_backward(float *dq, float *dk, float *dv, const float *q, cons
                            const float *v, const float *o, const float *dout, const float *lse,
                            int64_t ld, int Sq, int Sk, int H, int D, float scale) {
     if (Sq <= 0 || Sk <= 0 || H <= 0) return;
+    double t0 = zi_now();
     float *Di = zi_malloc((size_t)H * Sq * sizeof(float));
     att_di_job dj = { Di, o, dout, ld, Sq, H, D };
     zi_parallel_for(Sq, 16, att_di_rows, &dj);
@@ -2000,4 +2001,5 @@ void zi_attention_backward(float *dq, float *dk, float *dv, const float *q, cons
     zi_parallel_for((int64_t)H * a.nkb, 1, att_bw_keys, &a);
     zi_parallel_for((int64_t)H * a.nqb, 1, att_bw_queries, &a);
     free(Di);
+    kernel_time.attention += zi_now() - t0;
 }

@@ -70,8 +70,8 @@ void *zi_calloc(size_t n, size_t size);
 void *zi_realloc(void *p, size_t n);
 char *zi_strdup(const char *s);
 double zi_now(void);                            /* monotonic seconds */
-/* Wall seconds the calling thread has spent in zi_gemm and zi_attention since it started
- * (bench_full compares a DiT step with their sum: the rest is glue). */
+/* Wall seconds the calling thread has spent in zi_gemm and in zi_attention (and its backward)
+ * since it started (bench_full compares a DiT step with their sum: the rest is glue). */
 typedef struct { double gemm, attention; } zi_kernel_seconds;
 zi_kernel_seconds zi_kernel_time(void);
 

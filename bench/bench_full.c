@@ -303,6 +303,7 @@ static void stage_train(const char *dir, result *r, int px) {
     float *dout = zi_malloc((size_t)n * sizeof *dout);
     const float *xp = xt, *cp = cap;
     float sigma = 0.5f, t = zi_flow_t(sigma), loss = NAN;
+    zi_kernel_seconds k0 = zi_kernel_time();
     timer tm = start();
     zi_train_noisy(xt, x0, noise, sigma, n);
     int rc = zi_dit_forward(m, 1, &xp, &h, &w, &t, &cp, &L, &out);
@@ -314,8 +315,9 @@ static void stage_train(const char *dir, result *r, int px) {
     stop(tm, r);
     r->flop = train_flop(m, h, w, L);
     r->ok = !rc && isfinite(loss) && all_finite(lora->g, lora->n_params);
-    snprintf(r->note, sizeof r->note, "%s%d LoRA modules, %.1f M parameters, loss %.4f", rc ? zi_err() : "",
-             lora->lora.n, lora->n_params * 1e-6, loss);
+    zi_kernel_seconds k1 = zi_kernel_time();
+    snprintf(r->note, sizeof r->note, "%s%d LoRA modules, %.1f M parameters, loss %.4f; GEMM %.2f s + attention %.2f s",
+             rc ? zi_err() : "", lora->lora.n, lora->n_params * 1e-6, loss, k1.gemm - k0.gemm, k1.attention - k0.attention);
     free(x0); free(noise); free(cap); free(xt); free(out); free(dout); free(lins);
     zi_train_lora_free(lora);
     zi_dit_free(m);
