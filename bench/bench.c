@@ -1,8 +1,8 @@
 /* bench.c: kernel benchmarks (`make bench`, BENCH=substring runs the matching cases).
  * First measures the machine: fp32 FMA peak over all threads and memory read bandwidth; then
- * times the GEMM (bf16 weights, the shapes of the DiT's and the text encoder's Linear layers) and attention,
- * printing each rate as a percentage of the measured peak, the VAE's convolutions, and last the
- * tokenizer (goals: loading tokenizer.json < 0.5 s, 1 MB of mixed text < 1 s). Rates are also
+ * times the GEMM (bf16 weights, the shapes of the DiT's and the text encoder's Linear layers),
+ * attention and their thread scaling, printing each rate as a percentage of the measured peak,
+ * the VAE's convolutions, and last the tokenizer (goals: loading tokenizer.json < 0.5 s, 1 MB of mixed text < 1 s). Rates are also
  * given per CPU-second (process CPU time), which on a machine shared with other jobs is the
  * steadier figure. */
 #include "../zimage.h"
@@ -96,6 +96,49 @@ static void bench_attention(const char *filter, int S, int H, int D) {
     free(q); free(k); free(v); free(o);
 }
 
+/* Thread scaling: a Linear layer and attention at 1056 tokens, timed with one thread and with
+ * all of them. The speed-up is printed as a percentage of linear (the goal: >= 85%) and next
+ * to the speed-up of the FMA peak itself, which is less than linear where clocks drop with
+ * more busy cores or vCPUs share a core. */
+typedef struct { int M, K, N, S; float *x, *y, *q, *o; zi_mat W; } scaling_case;
+
+static double scaling_time(const scaling_case *c, int attention) {
+    double best = 1e30;
+    for (int r = 0; r < 3; r++) {
+        double t0 = zi_now();
+        if (attention) zi_attention(c->o, 3840, c->q, 3840, c->q, 3840, c->q, 3840, c->S, c->S, 30, 30, 128, 1 / 11.3f, 0, c->S, NULL);
+        else zi_linear(c->y, c->x, c->M, &c->W, NULL);
+        double t = zi_now() - t0;
+        best = t < best ? t : best;
+    }
+    return best;
+}
+
+static void bench_scaling(const char *filter) {
+    if (!selected(filter, "scaling")) return;
+    scaling_case c = { 1056, 3840, 3840, 1056, NULL, NULL, NULL, NULL, { NULL, ZI_BF16, 3840, 3840 } };
+    c.x = malloc((size_t)c.M * c.K * 4), c.y = malloc((size_t)c.M * c.N * 4);
+    c.q = malloc((size_t)c.S * 3840 * 4), c.o = malloc((size_t)c.S * 3840 * 4);
+    uint16_t *w = malloc((size_t)c.N * c.K * 2);
+    for (size_t i = 0; i < (size_t)c.M * c.K; i++) c.x[i] = (float)((i * 7919) % 1000) * 1e-3f - 0.5f;
+    for (size_t i = 0; i < (size_t)c.S * 3840; i++) c.q[i] = (float)((i * 7919) % 1000) * 2e-3f - 1;
+    for (size_t i = 0; i < (size_t)c.N * c.K; i++) w[i] = zi_f32_to_bf16((float)((i * 104729) % 1000) * 1e-3f - 0.5f);
+    c.W.data = w;
+    int T = zi_nthreads();
+    double all[2] = { scaling_time(&c, 0), scaling_time(&c, 1) }, one[2];
+    zi_threads_init(1);
+    bench_machine m1;
+    bench_measure(&m1);
+    one[0] = scaling_time(&c, 0), one[1] = scaling_time(&c, 1);
+    zi_threads_init(T);
+    for (int a = 0; a < 2; a++)
+        printf("scaling %-26s 1 thread %6.1f ms, %d threads %6.1f ms: %5.2fx = %5.1f%% of linear "
+               "(the FMA peak: %.2fx; relative to it %5.1f%%)\n", a ? "attention S=1056" : "gemm bf16 1056x3840x3840",
+               one[a] * 1e3, T, all[a] * 1e3, one[a] / all[a], 100 * one[a] / all[a] / T, mach.peak / m1.peak,
+               100 * (one[a] / all[a]) / (mach.peak / m1.peak));
+    free(c.x), free(c.y), free(c.q), free(c.o), free(w);
+}
+
 /* a 3x3 convolution (pad 1) of Ci -> C channels, W wide, H rows (the width of a VAE decoder layer, fewer
  * rows: the time per pixel depends on the width, the height only multiplies the pixels) */
 static void bench_conv(const char *filter, int Ci, int C, int H, int W) {
@@ -165,6 +208,7 @@ int main(int argc, char **argv) {
     for (int f = 0; f < 2; f++)
         for (size_t i = 0; i < sizeof te / sizeof *te; i++) bench_linear(filter, 32, te[i][0], te[i][1], f);
     for (int i = 0; i < 3; i++) bench_attention(filter, Ms[i], 30, 128);
+    bench_scaling(filter);
     /* the VAE decoder's layers: C -> C at 128², 256², 512², 1024², and the channel changes */
     static const int convs[][4] = { {512, 512, 64, 128}, {512, 512, 32, 256}, {512, 256, 16, 512},
                                     {256, 256, 32, 512}, {256, 128, 16, 1024}, {128, 128, 64, 1024},
