@@ -1611,6 +1611,84 @@ void zi_conv2d(float *y, const float *x, int Cin, int H, int W, const zi_mat *w,
     }
 }
 
+/* ---------------------------------------------------------------- SiLU
+ * silu(x) = x / (1.0f + expf(-x)). expf is most of its cost, and a call per element keeps the
+ * loop scalar; with AVX2 and FMA, e^x is computed here instead, 8 values at a time, by the
+ * method of glibc's expf (the build on such a CPU: its __expf_fma), with the same operations
+ * in the same order, hence the same bits. In double: k = round(x·32/ln 2), r = x·32/ln 2 - k,
+ *   e^x = 2^(k/32) · 2^(r/32),  2^(k/32) = 2^floor(k/32) · EXP_TAB[k mod 32],
+ *   2^(r/32) ≈ 1 + C2·r + C1·r² + C0·r³  (the constants carry the 1/32 scaling),
+ * then rounded to float once. |x| >= 88 and NaN go to expf (overflow, underflow, errno).
+ * The scalar and vector versions give the same bits, so a result does not depend on
+ * which elements a chunk boundary left to the scalar loop. */
+#if defined(__AVX2__) && defined(__FMA__)
+static const double EXP_TAB[32] = {     /* 2^(i/32), correctly rounded */
+    0x1.0000000000000p+0, 0x1.059b0d3158574p+0, 0x1.0b5586cf9890fp+0, 0x1.11301d0125b51p+0,
+    0x1.172b83c7d517bp+0, 0x1.1d4873168b9aap+0, 0x1.2387a6e756238p+0, 0x1.29e9df51fdee1p+0,
+    0x1.306fe0a31b715p+0, 0x1.371a7373aa9cbp+0, 0x1.3dea64c123422p+0, 0x1.44e086061892dp+0,
+    0x1.4bfdad5362a27p+0, 0x1.5342b569d4f82p+0, 0x1.5ab07dd485429p+0, 0x1.6247eb03a5585p+0,
+    0x1.6a09e667f3bcdp+0, 0x1.71f75e8ec5f74p+0, 0x1.7a11473eb0187p+0, 0x1.82589994cce13p+0,
+    0x1.8ace5422aa0dbp+0, 0x1.93737b0cdc5e5p+0, 0x1.9c49182a3f090p+0, 0x1.a5503b23e255dp+0,
+    0x1.ae89f995ad3adp+0, 0x1.b7f76f2fb5e47p+0, 0x1.c199bdd85529cp+0, 0x1.cb720dcef9069p+0,
+    0x1.d5818dcfba487p+0, 0x1.dfc97337b9b5fp+0, 0x1.ea4afa2a490dap+0, 0x1.f50765b6e4540p+0,
+};
+#define EXP_INV_LN2_32 (0x1.71547652b82fep+0 * 32)  /* 32/ln 2 */
+#define EXP_SHIFT 0x1.8p+52                         /* 1.5·2^52: adding it rounds to an integer */
+#define EXP_C0 (0x1.c6af84b912394p-5 / 32 / 32 / 32)
+#define EXP_C1 (0x1.ebfce50fac4f3p-3 / 32 / 32)
+#define EXP_C2 (0x1.62e42ff0c52d6p-1 / 32)
+
+static inline int exp_special(float x) { return (f32_bits(x) & 0x7fffffffu) >= 0x42b00000u; }  /* |x| >= 88, NaN */
+
+static float exp_f32(float x) {
+    if (exp_special(x)) return expf(x);
+    double xd = x, kd = fma(EXP_INV_LN2_32, xd, EXP_SHIFT);
+    union { double d; uint64_t u; } k = { kd }, s = { EXP_TAB[k.u & 31] };
+    kd -= EXP_SHIFT;
+    double r = fma(EXP_INV_LN2_32, xd, -kd);
+    s.u += (k.u - (k.u & 31)) << 47;                /* times 2^floor(k/32): added to the exponent */
+    double z = fma(r, EXP_C0, EXP_C1), r2 = r * r, p = fma(r, EXP_C2, 1.0);
+    return (float)(fma(z, r2, p) * s.d);
+}
+
+/* exp_f32 of 4 values, before the rounding to float */
+static inline __m256d exp_f64x4(__m128 x) {
+    const __m256d inv = _mm256_set1_pd(EXP_INV_LN2_32), shift = _mm256_set1_pd(EXP_SHIFT);
+    __m256d xd = _mm256_cvtps_pd(x), kd = _mm256_fmadd_pd(inv, xd, shift);
+    __m256i k = _mm256_castpd_si256(kd), i = _mm256_and_si256(k, _mm256_set1_epi64x(31));
+    __m256i s = _mm256_i64gather_epi64((const long long *)EXP_TAB, i, 8);
+    kd = _mm256_sub_pd(kd, shift);
+    __m256d r = _mm256_fmsub_pd(inv, xd, kd);
+    s = _mm256_add_epi64(s, _mm256_slli_epi64(_mm256_sub_epi64(k, i), 47));
+    __m256d z = _mm256_fmadd_pd(r, _mm256_set1_pd(EXP_C0), _mm256_set1_pd(EXP_C1)), r2 = _mm256_mul_pd(r, r);
+    __m256d p = _mm256_fmadd_pd(r, _mm256_set1_pd(EXP_C2), _mm256_set1_pd(1.0));
+    return _mm256_mul_pd(_mm256_fmadd_pd(z, r2, p), _mm256_castsi256_pd(s));
+}
+
+static inline float silu_f32(float x) { return x / (1.0f + exp_f32(-x)); }
+
+static void silu_span(float *y, const float *x, int64_t n) {
+    const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f), big = _mm256_set1_ps(88.0f);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 v = _mm256_loadu_ps(x + i), m = _mm256_xor_ps(v, sign);          /* -x */
+        /* a lane with |x| >= 88 or NaN (not below 88): these 8 the scalar way */
+        if (_mm256_movemask_ps(_mm256_cmp_ps(_mm256_andnot_ps(sign, v), big, _CMP_NLT_UQ))) {
+            for (int j = 0; j < 8; j++) y[i + j] = silu_f32(x[i + j]);
+            continue;
+        }
+        __m256 e = _mm256_set_m128(_mm256_cvtpd_ps(exp_f64x4(_mm256_extractf128_ps(m, 1))),
+                                   _mm256_cvtpd_ps(exp_f64x4(_mm256_castps256_ps128(m))));
+        _mm256_storeu_ps(y + i, _mm256_div_ps(v, _mm256_add_ps(one, e)));
+    }
+    for (; i < n; i++) y[i] = silu_f32(x[i]);
+}
+#else
+static void silu_span(float *y, const float *x, int64_t n) {
+    for (int64_t i = 0; i < n; i++) y[i] = x[i] / (1.0f + expf(-x[i]));
+}
+#endif
+
 /* ---------------------------------------------------------------- row kernels
  * Statistics are accumulated in double: the result is then the correctly rounded fp32 value
  * (within an ulp), which is what PyTorch's pairwise fp32 sums approximate. Each row is
@@ -1704,8 +1782,6 @@ void zi_layernorm(float *y, const float *x, const float *w, const float *b,
     zi_parallel_for(rows, 1 + 16384 / (dim + 1), norm_rows, &r);
 }
 
-static void silu_span(float *y, const float *x, int64_t n);
-
 /* GroupNorm (and SiLU): one task per group. The group's moments come first (two passes over
  * it), then each channel is written with its own w and b (no per-element channel index:
  * the loop vectorises), GN_BLOCK values at a time, so that SiLU reads them back from L1
@@ -1762,84 +1838,6 @@ void zi_softmax(float *y, const float *x, int64_t rows, int n) {
     row_job r = { y, x, NULL, NULL, n, 0 };
     zi_parallel_for(rows, 1 + 16384 / (n + 1), softmax_rows, &r);
 }
-
-/* ---------------------------------------------------------------- SiLU
- * silu(x) = x / (1.0f + expf(-x)). expf is most of its cost, and a call per element keeps the
- * loop scalar; with AVX2 and FMA, e^x is computed here instead, 8 values at a time, by the
- * method of glibc's expf (the build on such a CPU: its __expf_fma), with the same operations
- * in the same order, hence the same bits. In double: k = round(x·32/ln 2), r = x·32/ln 2 - k,
- *   e^x = 2^(k/32) · 2^(r/32),  2^(k/32) = 2^floor(k/32) · EXP_TAB[k mod 32],
- *   2^(r/32) ≈ 1 + C2·r + C1·r² + C0·r³  (the constants carry the 1/32 scaling),
- * then rounded to float once. |x| >= 88 and NaN go to expf (overflow, underflow, errno).
- * The scalar and vector versions give the same bits, so a result does not depend on
- * which elements a chunk boundary left to the scalar loop. */
-#if defined(__AVX2__) && defined(__FMA__)
-static const double EXP_TAB[32] = {     /* 2^(i/32), correctly rounded */
-    0x1.0000000000000p+0, 0x1.059b0d3158574p+0, 0x1.0b5586cf9890fp+0, 0x1.11301d0125b51p+0,
-    0x1.172b83c7d517bp+0, 0x1.1d4873168b9aap+0, 0x1.2387a6e756238p+0, 0x1.29e9df51fdee1p+0,
-    0x1.306fe0a31b715p+0, 0x1.371a7373aa9cbp+0, 0x1.3dea64c123422p+0, 0x1.44e086061892dp+0,
-    0x1.4bfdad5362a27p+0, 0x1.5342b569d4f82p+0, 0x1.5ab07dd485429p+0, 0x1.6247eb03a5585p+0,
-    0x1.6a09e667f3bcdp+0, 0x1.71f75e8ec5f74p+0, 0x1.7a11473eb0187p+0, 0x1.82589994cce13p+0,
-    0x1.8ace5422aa0dbp+0, 0x1.93737b0cdc5e5p+0, 0x1.9c49182a3f090p+0, 0x1.a5503b23e255dp+0,
-    0x1.ae89f995ad3adp+0, 0x1.b7f76f2fb5e47p+0, 0x1.c199bdd85529cp+0, 0x1.cb720dcef9069p+0,
-    0x1.d5818dcfba487p+0, 0x1.dfc97337b9b5fp+0, 0x1.ea4afa2a490dap+0, 0x1.f50765b6e4540p+0,
-};
-#define EXP_INV_LN2_32 (0x1.71547652b82fep+0 * 32)  /* 32/ln 2 */
-#define EXP_SHIFT 0x1.8p+52                         /* 1.5·2^52: adding it rounds to an integer */
-#define EXP_C0 (0x1.c6af84b912394p-5 / 32 / 32 / 32)
-#define EXP_C1 (0x1.ebfce50fac4f3p-3 / 32 / 32)
-#define EXP_C2 (0x1.62e42ff0c52d6p-1 / 32)
-
-static inline int exp_special(float x) { return (f32_bits(x) & 0x7fffffffu) >= 0x42b00000u; }  /* |x| >= 88, NaN */
-
-static float exp_f32(float x) {
-    if (exp_special(x)) return expf(x);
-    double xd = x, kd = fma(EXP_INV_LN2_32, xd, EXP_SHIFT);
-    union { double d; uint64_t u; } k = { kd }, s = { EXP_TAB[k.u & 31] };
-    kd -= EXP_SHIFT;
-    double r = fma(EXP_INV_LN2_32, xd, -kd);
-    s.u += (k.u - (k.u & 31)) << 47;                /* times 2^floor(k/32): added to the exponent */
-    double z = fma(r, EXP_C0, EXP_C1), r2 = r * r, p = fma(r, EXP_C2, 1.0);
-    return (float)(fma(z, r2, p) * s.d);
-}
-
-/* exp_f32 of 4 values, before the rounding to float */
-static inline __m256d exp_f64x4(__m128 x) {
-    const __m256d inv = _mm256_set1_pd(EXP_INV_LN2_32), shift = _mm256_set1_pd(EXP_SHIFT);
-    __m256d xd = _mm256_cvtps_pd(x), kd = _mm256_fmadd_pd(inv, xd, shift);
-    __m256i k = _mm256_castpd_si256(kd), i = _mm256_and_si256(k, _mm256_set1_epi64x(31));
-    __m256i s = _mm256_i64gather_epi64((const long long *)EXP_TAB, i, 8);
-    kd = _mm256_sub_pd(kd, shift);
-    __m256d r = _mm256_fmsub_pd(inv, xd, kd);
-    s = _mm256_add_epi64(s, _mm256_slli_epi64(_mm256_sub_epi64(k, i), 47));
-    __m256d z = _mm256_fmadd_pd(r, _mm256_set1_pd(EXP_C0), _mm256_set1_pd(EXP_C1)), r2 = _mm256_mul_pd(r, r);
-    __m256d p = _mm256_fmadd_pd(r, _mm256_set1_pd(EXP_C2), _mm256_set1_pd(1.0));
-    return _mm256_mul_pd(_mm256_fmadd_pd(z, r2, p), _mm256_castsi256_pd(s));
-}
-
-static inline float silu_f32(float x) { return x / (1.0f + exp_f32(-x)); }
-
-static void silu_span(float *y, const float *x, int64_t n) {
-    const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f), big = _mm256_set1_ps(88.0f);
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        __m256 v = _mm256_loadu_ps(x + i), m = _mm256_xor_ps(v, sign);          /* -x */
-        /* a lane with |x| >= 88 or NaN (not below 88): these 8 the scalar way */
-        if (_mm256_movemask_ps(_mm256_cmp_ps(_mm256_andnot_ps(sign, v), big, _CMP_NLT_UQ))) {
-            for (int j = 0; j < 8; j++) y[i + j] = silu_f32(x[i + j]);
-            continue;
-        }
-        __m256 e = _mm256_set_m128(_mm256_cvtpd_ps(exp_f64x4(_mm256_extractf128_ps(m, 1))),
-                                   _mm256_cvtpd_ps(exp_f64x4(_mm256_castps256_ps128(m))));
-        _mm256_storeu_ps(y + i, _mm256_div_ps(v, _mm256_add_ps(one, e)));
-    }
-    for (; i < n; i++) y[i] = silu_f32(x[i]);
-}
-#else
-static void silu_span(float *y, const float *x, int64_t n) {
-    for (int64_t i = 0; i < n; i++) y[i] = x[i] / (1.0f + expf(-x[i]));
-}
-#endif
 
 /* ---------------------------------------------------------------- elementwise kernels */
 typedef enum { EW_SILU, EW_SILU_MUL, EW_TANH, EW_ADD, EW_MUL, EW_SCALE } ew_op;

@@ -300,8 +300,9 @@ int zi_vae_factor(const zi_vae *v) { return 1 << (v->nblocks - 1); }
 
 /* ---------------------------------------------------------------- activation buffers
  * Every layer writes a new [C, H, W] buffer, and the decoder asks for the same few sizes over
- * and over. Memory fresh from malloc is new pages, which the kernel faults in and zeroes one
- * by one on first touch: 5% of a decode's time. So a freed activation is kept (up to
+ * and over. Memory fresh from malloc (mmap'd, for these sizes) is new pages, which the
+ * kernel faults in and zeroes one by one on first touch, and unmaps again on free, all of it
+ * system time of the thread that touches it. So a freed activation is kept (up to
  * VAE_KEEP of them) and handed out again for the next request of its size; a request of
  * another size releases the kept ones first, and so does the end of a decode or an encode.
  * The peak memory does not grow: kept buffers are reused before any buffer of their size is
@@ -361,10 +362,18 @@ static float *resnet(zi_vae *v, const vae_resnet *r, float *x, int H, int W) {
     return y;
 }
 
-/* [R, C] <-> [C, R] */
+/* [rows, cols] -> [cols, rows], threaded over the columns (rows of dst) */
+typedef struct { float *dst; const float *src; int64_t rows, cols; } transpose_ctx;
+
+static void transpose_cols(void *vctx, int64_t j0, int64_t j1) {
+    const transpose_ctx *t = vctx;
+    for (int64_t i = 0; i < t->rows; i++)
+        for (int64_t j = j0; j < j1; j++) t->dst[j * t->rows + i] = t->src[i * t->cols + j];
+}
+
 static void transpose(float *dst, const float *src, int64_t rows, int64_t cols) {
-    for (int64_t i = 0; i < rows; i++)
-        for (int64_t j = 0; j < cols; j++) dst[j * rows + i] = src[i * cols + j];
+    transpose_ctx t = { dst, src, rows, cols };
+    zi_parallel_for(cols, 16, transpose_cols, &t);
 }
 
 /* The mid-block attention, in place on x [C, HW]: x += out(attention(q, k, v)) where
