@@ -1611,6 +1611,84 @@ void zi_conv2d(float *y, const float *x, int Cin, int H, int W, const zi_mat *w,
     }
 }
 
+/* ---------------------------------------------------------------- SiLU
+ * silu(x) = x / (1.0f + expf(-x)). expf is most of its cost, and a call per element keeps the
+ * loop scalar; with AVX2 and FMA, e^x is computed here instead, 8 values at a time, by the
+ * method of glibc's expf (the build on such a CPU: its __expf_fma), with the same operations
+ * in the same order, hence the same bits. In double: k = round(x·32/ln 2), r = x·32/ln 2 - k,
+ *   e^x = 2^(k/32) · 2^(r/32),  2^(k/32) = 2^floor(k/32) · EXP_TAB[k mod 32],
+ *   2^(r/32) ≈ 1 + C2·r + C1·r² + C0·r³  (the constants carry the 1/32 scaling),
+ * then rounded to float once. |x| >= 88 and NaN go to expf (overflow, underflow, errno).
+ * The scalar and vector versions give the same bits, so a result does not depend on
+ * which elements a chunk boundary left to the scalar loop. */
+#if defined(__AVX2__) && defined(__FMA__)
+static const double EXP_TAB[32] = {     /* 2^(i/32), correctly rounded */
+    0x1.0000000000000p+0, 0x1.059b0d3158574p+0, 0x1.0b5586cf9890fp+0, 0x1.11301d0125b51p+0,
+    0x1.172b83c7d517bp+0, 0x1.1d4873168b9aap+0, 0x1.2387a6e756238p+0, 0x1.29e9df51fdee1p+0,
+    0x1.306fe0a31b715p+0, 0x1.371a7373aa9cbp+0, 0x1.3dea64c123422p+0, 0x1.44e086061892dp+0,
+    0x1.4bfdad5362a27p+0, 0x1.5342b569d4f82p+0, 0x1.5ab07dd485429p+0, 0x1.6247eb03a5585p+0,
+    0x1.6a09e667f3bcdp+0, 0x1.71f75e8ec5f74p+0, 0x1.7a11473eb0187p+0, 0x1.82589994cce13p+0,
+    0x1.8ace5422aa0dbp+0, 0x1.93737b0cdc5e5p+0, 0x1.9c49182a3f090p+0, 0x1.a5503b23e255dp+0,
+    0x1.ae89f995ad3adp+0, 0x1.b7f76f2fb5e47p+0, 0x1.c199bdd85529cp+0, 0x1.cb720dcef9069p+0,
+    0x1.d5818dcfba487p+0, 0x1.dfc97337b9b5fp+0, 0x1.ea4afa2a490dap+0, 0x1.f50765b6e4540p+0,
+};
+#define EXP_INV_LN2_32 (0x1.71547652b82fep+0 * 32)  /* 32/ln 2 */
+#define EXP_SHIFT 0x1.8p+52                         /* 1.5·2^52: adding it rounds to an integer */
+#define EXP_C0 (0x1.c6af84b912394p-5 / 32 / 32 / 32)
+#define EXP_C1 (0x1.ebfce50fac4f3p-3 / 32 / 32)
+#define EXP_C2 (0x1.62e42ff0c52d6p-1 / 32)
+
+static inline int exp_special(float x) { return (f32_bits(x) & 0x7fffffffu) >= 0x42b00000u; }  /* |x| >= 88, NaN */
+
+static float exp_f32(float x) {
+    if (exp_special(x)) return expf(x);
+    double xd = x, kd = fma(EXP_INV_LN2_32, xd, EXP_SHIFT);
+    union { double d; uint64_t u; } k = { kd }, s = { EXP_TAB[k.u & 31] };
+    kd -= EXP_SHIFT;
+    double r = fma(EXP_INV_LN2_32, xd, -kd);
+    s.u += (k.u - (k.u & 31)) << 47;                /* times 2^floor(k/32): added to the exponent */
+    double z = fma(r, EXP_C0, EXP_C1), r2 = r * r, p = fma(r, EXP_C2, 1.0);
+    return (float)(fma(z, r2, p) * s.d);
+}
+
+/* exp_f32 of 4 values, before the rounding to float */
+static inline __m256d exp_f64x4(__m128 x) {
+    const __m256d inv = _mm256_set1_pd(EXP_INV_LN2_32), shift = _mm256_set1_pd(EXP_SHIFT);
+    __m256d xd = _mm256_cvtps_pd(x), kd = _mm256_fmadd_pd(inv, xd, shift);
+    __m256i k = _mm256_castpd_si256(kd), i = _mm256_and_si256(k, _mm256_set1_epi64x(31));
+    __m256i s = _mm256_i64gather_epi64((const long long *)EXP_TAB, i, 8);
+    kd = _mm256_sub_pd(kd, shift);
+    __m256d r = _mm256_fmsub_pd(inv, xd, kd);
+    s = _mm256_add_epi64(s, _mm256_slli_epi64(_mm256_sub_epi64(k, i), 47));
+    __m256d z = _mm256_fmadd_pd(r, _mm256_set1_pd(EXP_C0), _mm256_set1_pd(EXP_C1)), r2 = _mm256_mul_pd(r, r);
+    __m256d p = _mm256_fmadd_pd(r, _mm256_set1_pd(EXP_C2), _mm256_set1_pd(1.0));
+    return _mm256_mul_pd(_mm256_fmadd_pd(z, r2, p), _mm256_castsi256_pd(s));
+}
+
+static inline float silu_f32(float x) { return x / (1.0f + exp_f32(-x)); }
+
+static void silu_span(float *y, const float *x, int64_t n) {
+    const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f), big = _mm256_set1_ps(88.0f);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 v = _mm256_loadu_ps(x + i), m = _mm256_xor_ps(v, sign);          /* -x */
+        /* a lane with |x| >= 88 or NaN (not below 88): these 8 the scalar way */
+        if (_mm256_movemask_ps(_mm256_cmp_ps(_mm256_andnot_ps(sign, v), big, _CMP_NLT_UQ))) {
+            for (int j = 0; j < 8; j++) y[i + j] = silu_f32(x[i + j]);
+            continue;
+        }
+        __m256 e = _mm256_set_m128(_mm256_cvtpd_ps(exp_f64x4(_mm256_extractf128_ps(m, 1))),
+                                   _mm256_cvtpd_ps(exp_f64x4(_mm256_castps256_ps128(m))));
+        _mm256_storeu_ps(y + i, _mm256_div_ps(v, _mm256_add_ps(one, e)));
+    }
+    for (; i < n; i++) y[i] = silu_f32(x[i]);
+}
+#else
+static void silu_span(float *y, const float *x, int64_t n) {
+    for (int64_t i = 0; i < n; i++) y[i] = x[i] / (1.0f + expf(-x[i]));
+}
+#endif
+
 /* ---------------------------------------------------------------- row kernels
  * Statistics are accumulated in double: the result is then the correctly rounded fp32 value
  * (within an ulp), which is what PyTorch's pairwise fp32 sums approximate. Each row is
@@ -1637,8 +1715,7 @@ static double sum_sq(const float *x, int64_t n, double mu) {
 
 typedef struct {
     float *y; const float *x, *w, *b;
-    int64_t dim;        /* elements per row (groupnorm: per group) */
-    int64_t inner;      /* groupnorm: HW (the weight index is channel = element / inner) */
+    int64_t dim;        /* elements per row */
     float eps;
 } row_job;
 
@@ -1653,7 +1730,7 @@ static void rmsnorm_rows(void *ctx, int64_t begin, int64_t end) {
 }
 
 void zi_rmsnorm(float *y, const float *x, const float *w, int64_t rows, int dim, float eps) {
-    row_job r = { y, x, w, NULL, dim, 1, eps };
+    row_job r = { y, x, w, NULL, dim, eps };
     zi_parallel_for(rows, 1 + 16384 / (dim + 1), rmsnorm_rows, &r);
 }
 
@@ -1664,7 +1741,6 @@ static void moments(const float *x, int64_t n, float eps, float *mean, float *rs
     *rstd = 1.0f / sqrtf((float)(sum_sq(x, n, mu) / n) + eps);
 }
 
-/* y = (x - mean)·rstd·w + b over a row (layernorm) or a group of channels (groupnorm) */
 /* t·w + b rounded once where the CPU fuses multiply-adds. Compilers keep a vectorised and a
  * scalar version of a loop and pick one at run time by whether y and x overlap (in place or
  * not); left to -ffp-contract, clang fuses in one and not the other, and the two disagree
@@ -1677,35 +1753,72 @@ static inline float affine(float t, float w, float b) {
 #endif
 }
 
+/* y = (x - mean)·rstd·w + b over a row: w, b per element (layernorm) or, with wstep 0, one w
+ * and b for all n elements (a channel of a groupnorm) */
+static inline void norm_span(float *y, const float *x, int64_t n, float mean, float rstd,
+                             const float *w, const float *b, int64_t wstep) {
+    for (int64_t j = 0; j < n; j++) {
+        float t = (x[j] - mean) * rstd;
+        if (w && b) t = affine(t, w[j * wstep], b[j * wstep]);
+        else if (w) t *= w[j * wstep];
+        else if (b) t += b[j * wstep];
+        y[j] = t;
+    }
+}
+
 static void norm_rows(void *ctx, int64_t begin, int64_t end) {
     const row_job *r = ctx;
     for (int64_t i = begin; i < end; i++) {
         const float *x = r->x + i * r->dim;
-        float *y = r->y + i * r->dim, mean, rstd;
-        int64_t c0 = r->inner ? i * (r->dim / r->inner) : 0;     /* first channel of the group */
+        float mean, rstd;
         moments(x, r->dim, r->eps, &mean, &rstd);
-        for (int64_t j = 0; j < r->dim; j++) {
-            int64_t c = r->inner ? c0 + j / r->inner : j;
-            float t = (x[j] - mean) * rstd;
-            if (r->w && r->b) t = affine(t, r->w[c], r->b[c]);
-            else if (r->w) t *= r->w[c];
-            else if (r->b) t += r->b[c];
-            y[j] = t;
-        }
+        norm_span(r->y + i * r->dim, x, r->dim, mean, rstd, r->w, r->b, 1);
     }
 }
 
 void zi_layernorm(float *y, const float *x, const float *w, const float *b,
                   int64_t rows, int dim, float eps) {
-    row_job r = { y, x, w, b, dim, 0, eps };
+    row_job r = { y, x, w, b, dim, eps };
     zi_parallel_for(rows, 1 + 16384 / (dim + 1), norm_rows, &r);
+}
+
+/* GroupNorm (and SiLU): one task per group. The group's moments come first (two passes over
+ * it), then each channel is written with its own w and b (no per-element channel index:
+ * the loop vectorises), GN_BLOCK values at a time, so that SiLU reads them back from L1
+ * rather than making one more pass over memory. */
+enum { GN_BLOCK = 1024 };
+typedef struct { float *y; const float *x, *w, *b; int64_t HW; int cpg, silu; float eps; } gn_job;
+
+static void gn_groups(void *ctx, int64_t begin, int64_t end) {
+    const gn_job *g = ctx;
+    int64_t n = g->cpg * g->HW;
+    for (int64_t i = begin; i < end; i++) {
+        float mean, rstd;
+        moments(g->x + i * n, n, g->eps, &mean, &rstd);
+        for (int64_t c = i * g->cpg; c < (i + 1) * g->cpg; c++)
+            for (int64_t j = c * g->HW; j < (c + 1) * g->HW; j += GN_BLOCK) {
+                int64_t m = (c + 1) * g->HW - j < GN_BLOCK ? (c + 1) * g->HW - j : GN_BLOCK;
+                norm_span(g->y + j, g->x + j, m, mean, rstd, g->w ? g->w + c : NULL, g->b ? g->b + c : NULL, 0);
+                if (g->silu) silu_span(g->y + j, g->y + j, m);
+            }
+    }
+}
+
+static void groupnorm(float *y, const float *x, const float *w, const float *b,
+                      int C, int64_t HW, int groups, float eps, int silu) {
+    if (groups <= 0 || C % groups) zi_die("zi_groupnorm: %d channels in %d groups", C, groups);
+    gn_job g = { y, x, w, b, HW, C / groups, silu, eps };
+    zi_parallel_for(groups, 1, gn_groups, &g);
 }
 
 void zi_groupnorm(float *y, const float *x, const float *w, const float *b,
                   int C, int64_t HW, int groups, float eps) {
-    if (groups <= 0 || C % groups) zi_die("zi_groupnorm: %d channels in %d groups", C, groups);
-    row_job r = { y, x, w, b, (int64_t)(C / groups) * HW, HW, eps };
-    zi_parallel_for(groups, 1, norm_rows, &r);
+    groupnorm(y, x, w, b, C, HW, groups, eps, 0);
+}
+
+void zi_groupnorm_silu(float *y, const float *x, const float *w, const float *b,
+                       int C, int64_t HW, int groups, float eps) {
+    groupnorm(y, x, w, b, C, HW, groups, eps, 1);
 }
 
 static void softmax_rows(void *ctx, int64_t begin, int64_t end) {
@@ -1722,23 +1835,28 @@ static void softmax_rows(void *ctx, int64_t begin, int64_t end) {
 }
 
 void zi_softmax(float *y, const float *x, int64_t rows, int n) {
-    row_job r = { y, x, NULL, NULL, n, 0, 0 };
+    row_job r = { y, x, NULL, NULL, n, 0 };
     zi_parallel_for(rows, 1 + 16384 / (n + 1), softmax_rows, &r);
 }
 
 /* ---------------------------------------------------------------- elementwise kernels */
 typedef enum { EW_SILU, EW_SILU_MUL, EW_TANH, EW_ADD, EW_MUL, EW_SCALE } ew_op;
 typedef struct { ew_op op; float *y; const float *a, *b; float s; } ew_job;
-enum { EW_GRAIN = 16384 };
+enum { EW_GRAIN = 16384, EW_BLOCK = 256 };
 
 static void ew_range(void *ctx, int64_t begin, int64_t end) {
     const ew_job *e = ctx;
     float *y = e->y;
     const float *a = e->a, *b = e->b;
     switch (e->op) {
-    case EW_SILU: for (int64_t i = begin; i < end; i++) y[i] = a[i] / (1.0f + expf(-a[i])); break;
-    case EW_SILU_MUL:
-        for (int64_t i = begin; i < end; i++) y[i] = a[i] / (1.0f + expf(-a[i])) * b[i];
+    case EW_SILU: silu_span(y + begin, a + begin, end - begin); break;
+    case EW_SILU_MUL:           /* silu(a) into a block on the stack first: y may be b */
+        for (int64_t i = begin; i < end; i += EW_BLOCK) {
+            float s[EW_BLOCK];
+            int64_t m = end - i < EW_BLOCK ? end - i : EW_BLOCK;
+            silu_span(s, a + i, m);
+            for (int64_t j = 0; j < m; j++) y[i + j] = s[j] * b[i + j];
+        }
         break;
     case EW_TANH: for (int64_t i = begin; i < end; i++) y[i] = tanhf(a[i]); break;
     case EW_ADD: for (int64_t i = begin; i < end; i++) y[i] = a[i] + b[i]; break;

@@ -149,6 +149,9 @@ void zi_layernorm(float *y, const float *x, const float *w, const float *b,
 /* x: [C, HW] (one sample, channels first); groups split C evenly. w, b may be NULL. */
 void zi_groupnorm(float *y, const float *x, const float *w, const float *b,
                   int C, int64_t HW, int groups, float eps);
+/* silu(groupnorm(x)) in one pass over y, the same bits as the two calls */
+void zi_groupnorm_silu(float *y, const float *x, const float *w, const float *b,
+                       int C, int64_t HW, int groups, float eps);
 void zi_softmax(float *y, const float *x, int64_t rows, int n);
 void zi_silu(float *y, const float *x, int64_t n);
 void zi_silu_mul(float *y, const float *gate, const float *up, int64_t n);   /* silu(gate)·up */

@@ -34,6 +34,7 @@
 #define VAE_MAXBLOCKS 8
 #define VAE_EPS 1e-6f               /* every GroupNorm of diffusers' Encoder/Decoder */
 #define VAE_BAND_FLOATS (4 << 20)   /* target size of one upsample band (16 MB) */
+#define VAE_KEEP 4                  /* freed activation buffers kept for reuse (see act_new) */
 
 /* ---------------------------------------------------------------- model structures */
 typedef struct {
@@ -84,6 +85,11 @@ struct zi_vae {
     int has_quant, has_post_quant;
     float **owned;                  /* float32 copies of biases and norm parameters */
     int nowned;
+    struct {                        /* freed activation buffers, all of `bytes` bytes */
+        float *buf[VAE_KEEP];
+        size_t bytes;
+        int n;
+    } kept;
 };
 
 /* ---------------------------------------------------------------- loading */
@@ -292,12 +298,38 @@ float zi_vae_shift(const zi_vae *v) { return v->shift; }
 int zi_vae_latent_channels(const zi_vae *v) { return v->latent_ch; }
 int zi_vae_factor(const zi_vae *v) { return 1 << (v->nblocks - 1); }
 
-/* ---------------------------------------------------------------- building blocks */
-static float *new_act(int C, int64_t HW) { return zi_malloc((size_t)C * (size_t)HW * sizeof(float)); }
+/* ---------------------------------------------------------------- activation buffers
+ * Every layer writes a new [C, H, W] buffer, and the decoder asks for the same few sizes over
+ * and over. Memory fresh from malloc (mmap'd, for these sizes) is new pages, which the
+ * kernel faults in and zeroes one by one on first touch, and unmaps again on free, all of it
+ * system time of the thread that touches it. So a freed activation is kept (up to
+ * VAE_KEEP of them) and handed out again for the next request of its size; a request of
+ * another size releases the kept ones first, and so does the end of a decode or an encode.
+ * The peak memory does not grow: kept buffers are reused before any buffer of their size is
+ * allocated, and released before any buffer of another size is. */
+static void act_release(zi_vae *v) {
+    while (v->kept.n) free(v->kept.buf[--v->kept.n]);
+}
 
+static float *act_new(zi_vae *v, int C, int64_t HW) {
+    size_t bytes = (size_t)C * (size_t)HW * sizeof(float);
+    if (v->kept.n && v->kept.bytes == bytes) return v->kept.buf[--v->kept.n];
+    act_release(v);
+    return zi_malloc(bytes);
+}
+
+/* frees x [C, HW], or keeps it when it has the kept buffers' size (or there are none) */
+static void act_free(zi_vae *v, float *x, int C, int64_t HW) {
+    size_t bytes = (size_t)C * (size_t)HW * sizeof(float);
+    if (v->kept.n == 0) v->kept.bytes = bytes;
+    if (v->kept.bytes == bytes && v->kept.n < VAE_KEEP) v->kept.buf[v->kept.n++] = x;
+    else free(x);
+}
+
+/* ---------------------------------------------------------------- building blocks */
 /* A stride-1 "same" convolution into a new buffer: x [cin, H, W] -> [cout, H, W]. */
-static float *conv_same(const vae_conv *c, const float *x, int H, int W) {
-    float *y = new_act(c->cout, (int64_t)H * W);
+static float *conv_same(zi_vae *v, const vae_conv *c, const float *x, int H, int W) {
+    float *y = act_new(v, c->cout, (int64_t)H * W);
     int p = c->k / 2;
     zi_conv2d(y, x, c->cin, H, W, &c->w, c->b, c->k, c->k, 1, p, p, p, p);
     return y;
@@ -305,46 +337,54 @@ static float *conv_same(const vae_conv *c, const float *x, int H, int W) {
 
 /* x [C, HW] -> SiLU(GroupNorm(x)) in y (y may be x) */
 static void norm_silu(const zi_vae *v, const vae_norm *n, float *y, const float *x, int64_t HW) {
-    zi_groupnorm(y, x, n->w, n->b, n->C, HW, v->groups, VAE_EPS);
-    zi_silu(y, y, (int64_t)n->C * HW);
+    zi_groupnorm_silu(y, x, n->w, n->b, n->C, HW, v->groups, VAE_EPS);
 }
 
 /* ResnetBlock2D. Consumes x [cin, H, W] (freed), returns [cout, H, W].
  * Peak: three buffers of the larger width (x or the shortcut, conv1's input, conv1's output). */
-static float *resnet(const zi_vae *v, const vae_resnet *r, float *x, int H, int W) {
+static float *resnet(zi_vae *v, const vae_resnet *r, float *x, int H, int W) {
     int64_t HW = (int64_t)H * W;
+    int cin = r->conv1.cin, cout = r->conv2.cout;
     float *skip = x, *t = x;
     if (r->has_shortcut) {
-        skip = conv_same(&r->shortcut, x, H, W);    /* x is not needed afterwards: */
+        skip = conv_same(v, &r->shortcut, x, H, W); /* x is not needed afterwards: */
     } else {
-        t = new_act(r->conv1.cin, HW);              /* x is the skip, keep it */
+        t = act_new(v, cin, HW);                    /* x is the skip, keep it */
     }
     norm_silu(v, &r->norm1, t, x, HW);
-    float *h = conv_same(&r->conv1, t, H, W);
-    free(t);
+    float *h = conv_same(v, &r->conv1, t, H, W);
+    act_free(v, t, cin, HW);
     norm_silu(v, &r->norm2, h, h, HW);
-    float *y = conv_same(&r->conv2, h, H, W);       /* dropout is 0 */
-    free(h);
-    zi_add(y, y, skip, (int64_t)r->conv2.cout * HW);
-    free(skip);
+    float *y = conv_same(v, &r->conv2, h, H, W);    /* dropout is 0 */
+    act_free(v, h, cout, HW);
+    zi_add(y, y, skip, (int64_t)cout * HW);
+    act_free(v, skip, cout, HW);
     return y;
 }
 
-/* [R, C] <-> [C, R] */
+/* [rows, cols] -> [cols, rows], threaded over the columns (rows of dst) */
+typedef struct { float *dst; const float *src; int64_t rows, cols; } transpose_ctx;
+
+static void transpose_cols(void *vctx, int64_t j0, int64_t j1) {
+    const transpose_ctx *t = vctx;
+    for (int64_t i = 0; i < t->rows; i++)
+        for (int64_t j = j0; j < j1; j++) t->dst[j * t->rows + i] = t->src[i * t->cols + j];
+}
+
 static void transpose(float *dst, const float *src, int64_t rows, int64_t cols) {
-    for (int64_t i = 0; i < rows; i++)
-        for (int64_t j = 0; j < cols; j++) dst[j * rows + i] = src[i * cols + j];
+    transpose_ctx t = { dst, src, rows, cols };
+    zi_parallel_for(cols, 16, transpose_cols, &t);
 }
 
 /* The mid-block attention, in place on x [C, HW]: x += out(attention(q, k, v)) where
  * q, k, v = Linear(GN(x)ᵀ) are [HW, C]: one head of width C, HW tokens. zi_attention
  * streams over the keys, so no [HW, HW] score matrix is ever formed. */
-static void attention(const zi_vae *v, const vae_attn *a, float *x, int64_t HW) {
+static void attention(zi_vae *v, const vae_attn *a, float *x, int64_t HW) {
     int C = a->C, S = (int)HW;
-    float *t = new_act(C, HW), *tok = new_act(C, HW);
+    float *t = act_new(v, C, HW), *tok = act_new(v, C, HW);
     zi_groupnorm(t, x, a->norm.w, a->norm.b, C, HW, v->groups, VAE_EPS);
     transpose(tok, t, C, HW);                       /* [C, HW] -> tokens [HW, C] */
-    float *q = t, *k = new_act(C, HW), *val = new_act(C, HW);
+    float *q = t, *k = act_new(v, C, HW), *val = act_new(v, C, HW);
     zi_linear(q, tok, S, &a->q, a->bq);
     zi_linear(k, tok, S, &a->k, a->bk);
     zi_linear(val, tok, S, &a->v, a->bv);
@@ -354,11 +394,11 @@ static void attention(const zi_vae *v, const vae_attn *a, float *x, int64_t HW) 
     zi_linear(p, o, S, &a->out, a->bout);           /* [HW, C] */
     transpose(t, p, HW, C);                         /* back to [C, HW] */
     zi_add(x, x, t, (int64_t)C * HW);               /* residual connection, rescale 1 */
-    free(t), free(tok), free(k), free(val);
+    act_free(v, t, C, HW), act_free(v, tok, C, HW), act_free(v, k, C, HW), act_free(v, val, C, HW);
 }
 
 /* UNetMidBlock2D: resnet, attention, resnet at constant width. Consumes x. */
-static float *mid_block(const zi_vae *v, const vae_coder *c, float *x, int H, int W) {
+static float *mid_block(zi_vae *v, const vae_coder *c, float *x, int H, int W) {
     x = resnet(v, &c->mid[0], x, H, W);
     if (c->has_attn) attention(v, &c->attn, x, (int64_t)H * W);
     return resnet(v, &c->mid[1], x, H, W);
@@ -366,10 +406,10 @@ static float *mid_block(const zi_vae *v, const vae_coder *c, float *x, int H, in
 
 /* Downsample2D (padding 0): zero-pad right and bottom by one, conv3x3 stride 2.
  * Consumes x [C, H, W]; returns [C, H/2, W/2]. */
-static float *downsample(const vae_conv *c, float *x, int H, int W) {
-    float *y = new_act(c->cout, (int64_t)(H / 2) * (W / 2));
+static float *downsample(zi_vae *v, const vae_conv *c, float *x, int H, int W) {
+    float *y = act_new(v, c->cout, (int64_t)(H / 2) * (W / 2));
     zi_conv2d(y, x, c->cin, H, W, &c->w, c->b, c->k, c->k, 2, 0, 0, 1, 1);
-    free(x);
+    act_free(v, x, c->cin, (int64_t)H * W);
     return y;
 }
 
@@ -388,34 +428,47 @@ static void upfill(void *vctx, int64_t c0, int64_t c1) {
         }
 }
 
+/* A band's conv output out [Cout, n, Wo] into rows r0 .. r0 + n of y [Cout, Ho, Wo]; one
+ * channel per index. */
+typedef struct { float *y; const float *out; int Ho, Wo, r0, n; } bandcopy_ctx;
+
+static void bandcopy(void *vctx, int64_t o0, int64_t o1) {
+    const bandcopy_ctx *b = vctx;
+    size_t len = (size_t)b->n * b->Wo;
+    for (int64_t o = o0; o < o1; o++)
+        memcpy(b->y + ((size_t)o * b->Ho + b->r0) * b->Wo, b->out + (size_t)o * len, len * sizeof(float));
+}
+
 /* Upsample2D: nearest ×2 then conv3x3 (padding 1). Consumes x [C, H, W]; returns
  * [C, 2H, 2W]. The output is produced in bands of rows; each band's conv reads the upsampled
  * rows it covers plus one halo row on either side (zero padding at the image border), so
  * only one band of the upsampled image exists at a time. */
-static float *upsample(const vae_conv *c, float *x, int H, int W) {
+static float *upsample(zi_vae *v, const vae_conv *c, float *x, int H, int W) {
     int Ho = 2 * H, Wo = 2 * W, C = c->cin;
     int R = (int)(VAE_BAND_FLOATS / ((int64_t)C * Wo));
     R = R < 1 ? 1 : R > Ho ? Ho : R;
-    float *y = new_act(c->cout, (int64_t)Ho * Wo);
-    float *in = new_act(C, (int64_t)(R + 2) * Wo), *out = new_act(c->cout, (int64_t)R * Wo);
+    float *y = act_new(v, c->cout, (int64_t)Ho * Wo);
+    float *in = zi_malloc((size_t)C * (R + 2) * Wo * sizeof(float));
+    float *out = zi_malloc((size_t)c->cout * R * Wo * sizeof(float));
     for (int r0 = 0; r0 < Ho; r0 += R) {
         int r1 = r0 + R < Ho ? r0 + R : Ho, n = r1 - r0;
         int lo = r0 > 0 ? r0 - 1 : 0, hi = r1 < Ho ? r1 + 1 : Ho;
         upfill_ctx u = { in, x, H, W, lo, hi };
         zi_parallel_for(C, 1, upfill, &u);
         zi_conv2d(out, in, C, hi - lo, Wo, &c->w, c->b, 3, 3, 1, r0 == 0, 1, r1 == Ho, 1);
-        for (int o = 0; o < c->cout; o++)
-            memcpy(y + ((size_t)o * Ho + r0) * Wo, out + (size_t)o * n * Wo, (size_t)n * Wo * sizeof(float));
+        bandcopy_ctx b = { y, out, Ho, Wo, r0, n };
+        zi_parallel_for(c->cout, 1, bandcopy, &b);
     }
-    free(in), free(out), free(x);
+    free(in), free(out);
+    act_free(v, x, C, (int64_t)H * W);
     return y;
 }
 
 /* conv_norm_out, SiLU, conv_out. Consumes x. */
-static float *head(const zi_vae *v, const vae_coder *c, float *x, int H, int W) {
+static float *head(zi_vae *v, const vae_coder *c, float *x, int H, int W) {
     norm_silu(v, &c->norm_out, x, x, (int64_t)H * W);
-    float *y = conv_same(&c->conv_out, x, H, W);
-    free(x);
+    float *y = conv_same(v, &c->conv_out, x, H, W);
+    act_free(v, x, c->norm_out.C, (int64_t)H * W);
     return y;
 }
 
@@ -433,32 +486,34 @@ float *zi_vae_decode(zi_vae *v, const float *z, int h, int w) {
     if (check_size("decode", h, w, 1)) return NULL;
     const vae_coder *d = &v->dec;
     float *pq = NULL;
-    if (v->has_post_quant) z = pq = conv_same(&v->post_quant, z, h, w);
-    float *x = conv_same(&d->conv_in, z, h, w);
+    if (v->has_post_quant) z = pq = conv_same(v, &v->post_quant, z, h, w);
+    float *x = conv_same(v, &d->conv_in, z, h, w);
     free(pq);
     x = mid_block(v, d, x, h, w);
     for (int i = 0; i < v->nblocks; i++) {
         const vae_block *b = &d->blocks[i];
         for (int j = 0; j < b->nres; j++) x = resnet(v, &b->res[j], x, h, w);
-        if (b->has_resample) x = upsample(&b->resample, x, h, w), h *= 2, w *= 2;
+        if (b->has_resample) x = upsample(v, &b->resample, x, h, w), h *= 2, w *= 2;
     }
-    return head(v, d, x, h, w);
+    x = head(v, d, x, h, w);
+    act_release(v);
+    return x;
 }
 
 int zi_vae_encode(zi_vae *v, const float *img, int H, int W, float **mean, float **logvar) {
     *mean = *logvar = NULL;
     if (check_size("encode", H, W, zi_vae_factor(v))) return -1;
     const vae_coder *e = &v->enc;
-    float *x = conv_same(&e->conv_in, img, H, W);
+    float *x = conv_same(v, &e->conv_in, img, H, W);
     for (int i = 0; i < v->nblocks; i++) {
         const vae_block *b = &e->blocks[i];
         for (int j = 0; j < b->nres; j++) x = resnet(v, &b->res[j], x, H, W);
-        if (b->has_resample) x = downsample(&b->resample, x, H, W), H /= 2, W /= 2;
+        if (b->has_resample) x = downsample(v, &b->resample, x, H, W), H /= 2, W /= 2;
     }
     x = mid_block(v, e, x, H, W);
     x = head(v, e, x, H, W);                        /* [2·latent, H, W] */
     if (v->has_quant) {
-        float *q = conv_same(&v->quant, x, H, W);
+        float *q = conv_same(v, &v->quant, x, H, W);
         free(x);
         x = q;
     }
@@ -473,5 +528,6 @@ int zi_vae_encode(zi_vae *v, const float *img, int H, int W, float **mean, float
         (*logvar)[i] = l < -30.0f ? -30.0f : l > 20.0f ? 20.0f : l;
     }
     free(x);
+    act_release(v);
     return 0;
 }

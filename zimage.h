@@ -147,7 +147,8 @@ int zi_dit_backward(zi_dit *m, const float *dout);
 /* ================================================================ vae.c
  * The FLUX VAE (diffusers AutoencoderKL), float32, one image at a time. Latents of the
  * diffusion model relate to the decoder input by z = latents / scaling + shift (and
- * latents = (mean - shift) · scaling after encoding); the caller applies that. */
+ * latents = (mean - shift) · scaling after encoding); the caller applies that. A zi_vae
+ * serves one caller at a time (decode and encode reuse buffers it holds). */
 typedef struct zi_vae zi_vae;
 /* vae_dir holds config.json and the safetensors weights (diffusers layout). */
 zi_vae *zi_vae_load(const char *vae_dir);

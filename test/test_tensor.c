@@ -331,6 +331,13 @@ TEST(norms) {
     }
     zi_groupnorm(y, x, w, b, C, HW, G, 1e-6f);
     CHECK_CLOSE("groupnorm", y, r, (size_t)C * HW, 1e-6);
+    /* fused with SiLU: the same bits as the two kernels, in place too */
+    zi_silu(y, y, C * HW);
+    memcpy(r, x, sizeof(float) * C * HW);
+    zi_groupnorm_silu(r, r, w, b, C, HW, G, 1e-6f);
+    CHECK(!memcmp(r, y, sizeof(float) * C * HW), "groupnorm_silu in place");
+    zi_groupnorm_silu(r, x, w, b, C, HW, G, 1e-6f);
+    CHECK(!memcmp(r, y, sizeof(float) * C * HW), "groupnorm_silu");
     free(x); free(w); free(b); free(y); free(r);
 }
 
@@ -356,6 +363,24 @@ TEST(elementwise) {
     zi_silu(c, c, n);
     zi_silu(y, a, n);
     CHECK(!memcmp(c, y, sizeof(float) * n), "silu in place");
+#ifdef __GLIBC__
+    /* where tensor.c computes e^x itself (8 at a time, by glibc's method), SiLU keeps the bits
+     * of x / (1 + expf(-x)) with glibc's expf, limits and special values included */
+    const float sp[] = { 88.0f, -88.0f, 87.99f, -87.99f, 88.8f, -103.5f, -104.5f, 200.0f, INFINITY,
+                         -INFINITY, NAN, 0.0f, -0.0f, 1e-30f, 0x1p-149f, -1e-8f, 0.5f, -17.25f };
+    int ns = (int)(sizeof sp / sizeof *sp);
+    memcpy(c + 3, sp, sizeof sp);
+    zi_silu(y, c, n);
+    for (int i = 0; i < n; i++) {
+        float e = c[i] / (1.0f + expf(-c[i]));
+        CHECK(!memcmp(&e, &y[i], sizeof e) || (isnan(e) && isnan(y[i])), "silu(%a): %a, expf gives %a", c[i], y[i], e);
+    }
+    zi_silu_mul(y, c, b, ns + 13);
+    for (int i = 0; i < ns + 13; i++) {
+        float e = c[i] / (1.0f + expf(-c[i])) * b[i];
+        CHECK(!memcmp(&e, &y[i], sizeof e) || (isnan(e) && isnan(y[i])), "silu_mul(%a)", c[i]);
+    }
+#endif
     /* softmax over rows of 1000 */
     zi_softmax(y, a, n / 1000, 1000);
     for (int i = 0; i < n / 1000; i++) {
