@@ -86,7 +86,7 @@ static float *load_vec(const zi_dit *m, const char *name, int64_t n, int row) {
 
 /* The Linear module NAME: weight [out, in] (a view into the mmap), optional bias [out]. */
 static int load_lin(zi_dit *m, zi_lin *l, const char *name, int64_t out, int64_t in, int bias) {
-    char key[160];
+    char key[160 + 8];                         /* a block's module name (< 160) + ".weight" */
     snprintf(key, sizeof key, "%s.weight", name);
     zi_mat W;
     if (zi_st_need_mat(m->st, key, 2, (const int64_t[]){ out, in }, &W)) return -1;
