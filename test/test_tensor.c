@@ -169,6 +169,41 @@ TEST(gemm_vs_ref) {
     CHECK(c[0] == 1 && c[1] == 2, "K = 0");
 }
 
+/* Few rows times a transposed B (y = x·Wᵀ of a short sequence: zi_gemm's path for 8 or 16 <= M
+ * <= 64): M around the strip sizes and the thresholds, K around vector and slice lengths, N odd */
+TEST(gemm_small_m) {
+    static const int Ms[] = { 1, 2, 5, 7, 8, 15, 16, 17, 31, 32, 33, 48, 63, 64, 65, 70 };
+    static const int Ks[] = { 1, 7, 8, 9, 100, 255, 256, 257, 600 };
+    static const int Ns[] = { 1, 3, 13, 37, 50 };
+    zi_dtype dts[3] = { ZI_F32, ZI_BF16, ZI_F16 };
+    int c = 0;
+    for (size_t m = 0; m < sizeof Ms / sizeof *Ms; m++)
+        for (size_t k = 0; k < sizeof Ks / sizeof *Ks; k++, c++) {
+            float alpha = c % 3 == 1 ? 0.5f : 1.0f, beta = c % 4 == 2 ? 0.75f : c % 4 == 3 ? -1.0f : 0.0f;
+            CHECK(gemm_case(c % 5 == 4, 1, Ms[m], Ns[c % 5], Ks[k], alpha, beta, dts[c % 3], c % 3), "M %d K %d", Ms[m], Ks[k]);
+        }
+    /* every dtype at the text encoder's shape, scaled down */
+    for (int d = 0; d < 3; d++) CHECK(gemm_case(0, 1, 32, 61, 1030, 1.0f, 0.0f, dts[d], 0), "dtype %d", d);
+    /* the same bits as the packed path (M = 100): a row of C must not depend on how many rows
+     * are computed together (batches, tiles) */
+    int N = 45, K = 700;
+    float *A = rand_vec((size_t)100 * K, 1), *Bv = rand_vec((size_t)N * K, 1), *C0 = rand_vec((size_t)100 * N, 1);
+    float *big = malloc(sizeof(float) * 100 * N), *few = malloc(sizeof(float) * 33 * N);
+    for (int d = 0; d < 3; d++)
+        for (int t = 0; t < 2; t++) {
+            void *B = make_B(Bv, (size_t)N * K, dts[d]);
+            float beta = t ? 0.75f : 0.0f;
+            memcpy(big, C0, sizeof(float) * 100 * N);
+            memcpy(few, C0, sizeof(float) * 33 * N);
+            zi_gemm(0, 1, 100, N, K, 1.0f, A, K, B, dts[d], K, beta, big, N);
+            zi_gemm(0, 1, 33, N, K, 1.0f, A, K, B, dts[d], K, beta, few, N);
+            free(B);
+            CHECK(!memcmp(big, few, sizeof(float) * 33 * N), "rows 0..33 of M = 100 and of M = 33 differ (%s, %d)",
+                  zi_dtype_name(dts[d]), t);
+        }
+    free(A); free(Bv); free(C0); free(big); free(few);
+}
+
 TEST(gemm_linear) {
     int M = 33, in = 70, out = 45;
     float *x = rand_vec((size_t)M * in, 1), *wv = rand_vec((size_t)out * in, 1), *bias = rand_vec(out, 1);
@@ -421,15 +456,19 @@ TEST(rope) {
 }
 
 /* ---------------------------------------------------------------- thread-count invariance */
-typedef struct { float *gemm_bf16, *gemm_f16, *att, *lse, *conv, *norm, *gn; } invariant_out;
+typedef struct { float *gemm_bf16, *gemm_f16, *small_bf16, *small_f32, *att, *lse, *conv, *norm, *gn; } invariant_out;
 
-static void invariant_run(invariant_out *o, const float *A, const void *Bb, const void *Bh, const float *q,
-                          const float *x, const zi_mat *cw) {
+static void invariant_run(invariant_out *o, const float *A, const void *Bb, const void *Bh, const float *Bf,
+                          const float *q, const float *x, const zi_mat *cw) {
     int M = 150, N = 333, K = 700;
     o->gemm_bf16 = malloc(sizeof(float) * M * N);
     o->gemm_f16 = malloc(sizeof(float) * M * N);
     zi_gemm(0, 1, M, N, K, 1, A, K, Bb, ZI_BF16, K, 0, o->gemm_bf16, N);
     zi_gemm(1, 0, M, N, K, 0.5f, A, M, Bh, ZI_F16, N, 0, o->gemm_f16, N);
+    o->small_bf16 = malloc(sizeof(float) * 33 * N);            /* few rows: the small-M path */
+    o->small_f32 = malloc(sizeof(float) * 20 * N);
+    zi_gemm(0, 1, 33, N, K, 1, A, K, Bb, ZI_BF16, K, 0, o->small_bf16, N);
+    zi_gemm(1, 1, 20, N, K, 1, A, M, Bf, ZI_F32, K, 0, o->small_f32, N);
     int S = 300, H = 4, D = 64;
     o->att = malloc(sizeof(float) * S * H * D);
     o->lse = malloc(sizeof(float) * S * H);
@@ -444,7 +483,7 @@ static void invariant_run(invariant_out *o, const float *A, const void *Bb, cons
 }
 
 static void invariant_free(invariant_out *o) {
-    free(o->gemm_bf16); free(o->gemm_f16); free(o->att); free(o->lse); free(o->conv); free(o->norm); free(o->gn);
+    free(o->gemm_bf16); free(o->gemm_f16); free(o->small_bf16); free(o->small_f32); free(o->att); free(o->lse); free(o->conv); free(o->norm); free(o->gn);
 }
 
 TEST(thread_invariance) {
@@ -457,11 +496,13 @@ TEST(thread_invariance) {
     invariant_out ref, o;
     for (int t = 0; t < 4; t++) {
         zi_threads_init(counts[t]);
-        invariant_run(t ? &o : &ref, A, Bb, Bh, q, x, &cw);
+        invariant_run(t ? &o : &ref, A, Bb, Bh, Bv, q, x, &cw);
         if (!t) continue;
         int nt = zi_nthreads();
         CHECK(!memcmp(o.gemm_bf16, ref.gemm_bf16, sizeof(float) * M * N), "gemm bf16, %d threads", nt);
         CHECK(!memcmp(o.gemm_f16, ref.gemm_f16, sizeof(float) * M * N), "gemm f16, %d threads", nt);
+        CHECK(!memcmp(o.small_bf16, ref.small_bf16, sizeof(float) * 33 * N), "small-M gemm bf16, %d threads", nt);
+        CHECK(!memcmp(o.small_f32, ref.small_f32, sizeof(float) * 20 * N), "small-M gemm f32, %d threads", nt);
         CHECK(!memcmp(o.att, ref.att, sizeof(float) * 300 * 4 * 64), "attention, %d threads", nt);
         CHECK(!memcmp(o.lse, ref.lse, sizeof(float) * 300 * 4), "lse, %d threads", nt);
         CHECK(!memcmp(o.conv, ref.conv, sizeof(float) * 8 * 33 * 40), "conv, %d threads", nt);
