@@ -91,7 +91,9 @@ void zi_parallel_for(int64_t n, int64_t grain, zi_range_fn fn, void *ctx);
  *   A: float32. transA = 0: A is [M,K] (lda); transA = 1: A is stored [K,M] (lda).
  *   B: dtype bt (F32, BF16, F16). transB = 1: B is stored [N,K] (ldb), the layout of a
  *      Linear weight (y = x·Wᵀ); transB = 0: B is stored [K,N] (ldb).
- * One blocked, packed kernel serves Linear layers, attention and convolutions (im2col). */
+ * One blocked, packed kernel serves Linear layers, attention and convolutions (im2col); with
+ * few rows (a short prompt) and transB, a variant reads W's rows in place. Both sum each
+ * element in the same order, so a row's result does not depend on how many rows come with it. */
 void zi_gemm(int transA, int transB, int M, int N, int K, float alpha,
              const float *A, int64_t lda, const void *B, zi_dtype bt, int64_t ldb,
              float beta, float *C, int64_t ldc);
