@@ -1445,6 +1445,8 @@ typedef struct {
     int qchunk, nchunks;    /* a task: one head, qchunk query blocks (nchunks tasks per head) */
     float scale;
     float *lse;
+    float *kv;              /* NULL, or every kv head's K and V packed once (att_pack_heads) */
+    int nkb;                /* key blocks of kv: of the first min(n_keys, Sk) keys */
 } att_args;
 
 /* e^x for x <= 0 (softmax arguments), within 2 ulp: x = n·ln 2 + r with |r| <= ln2/2, e^r by
@@ -1545,6 +1547,27 @@ static void att_block(const att_args *a, int h, int q0, const float *Kp, const f
 
 /* A task: head h, query blocks c·qchunk .. Its head's keys and values (those any of its
  * queries may see) are packed once, for all its query blocks. */
+/* The key blocks [0, nkb) of kv head g, packed as the B operands of S = Q·Kᵀ (Kp) and O = P·V (Vp) */
+static void att_pack(const att_args *a, int g, int nkb, int kend, float *Kp, float *Vp) {
+    int D = a->D;
+    for (int jb = 0; jb < nkb; jb++) {
+        int j0 = jb * ATT_BK, bk = kend - j0 < ATT_BK ? kend - j0 : ATT_BK;
+        const float *k = a->k + (int64_t)j0 * a->ldk + (int64_t)g * D, *v = a->v + (int64_t)j0 * a->ldv + (int64_t)g * D;
+        gemm_args kb = { 0, 1, 0, bk, D, 0, 0, NULL, 0, k, ZI_F32, a->ldk, NULL, 0 };
+        gemm_args vb = { 0, 0, 0, D, bk, 0, 0, NULL, 0, v, ZI_F32, a->ldv, NULL, 0 };
+        pack_B_all(Kp + (size_t)jb * att_kstride(D), &kb, 0, bk);
+        pack_B_all(Vp + (size_t)jb * att_vstride(D), &vb, 0, D);
+    }
+}
+
+static void att_pack_heads(void *ctx, int64_t begin, int64_t end) {
+    const att_args *a = ctx;
+    size_t per = (size_t)a->nkb * (att_kstride(a->D) + att_vstride(a->D));
+    int kend = a->n_keys < a->Sk ? a->n_keys : a->Sk;
+    for (int64_t g = begin; g < end; g++)
+        att_pack(a, (int)g, a->nkb, kend, a->kv + g * per, a->kv + g * per + (size_t)a->nkb * att_kstride(a->D));
+}
+
 static void att_task(void *ctx, int64_t begin, int64_t end) {
     const att_args *a = ctx;
     int D = a->D;
@@ -1554,14 +1577,14 @@ static void att_task(void *ctx, int64_t begin, int64_t end) {
         int kend = a->n_keys < a->Sk ? a->n_keys : a->Sk, qend = qb1 * ATT_BQ < a->Sq ? qb1 * ATT_BQ : a->Sq;
         if (a->causal && qend < kend) kend = qend;
         int nkb = (kend + ATT_BK - 1) / ATT_BK;
-        float *Kp = scratch(4, (size_t)nkb * (att_kstride(D) + att_vstride(D))), *Vp = Kp + (size_t)nkb * att_kstride(D);
-        for (int jb = 0; jb < nkb; jb++) {
-            int j0 = jb * ATT_BK, bk = kend - j0 < ATT_BK ? kend - j0 : ATT_BK;
-            const float *k = a->k + (int64_t)j0 * a->ldk + (int64_t)g * D, *v = a->v + (int64_t)j0 * a->ldv + (int64_t)g * D;
-            gemm_args kb = { 0, 1, 0, bk, D, 0, 0, NULL, 0, k, ZI_F32, a->ldk, NULL, 0 };   /* B of S = Q·Kᵀ */
-            gemm_args vb = { 0, 0, 0, D, bk, 0, 0, NULL, 0, v, ZI_F32, a->ldv, NULL, 0 };   /* B of O = P·V */
-            pack_B_all(Kp + (size_t)jb * att_kstride(D), &kb, 0, bk);
-            pack_B_all(Vp + (size_t)jb * att_vstride(D), &vb, 0, D);
+        float *Kp, *Vp;
+        if (a->kv) {                               /* packed once for all tasks: the first nkb blocks */
+            Kp = a->kv + (size_t)g * a->nkb * (att_kstride(D) + att_vstride(D));
+            Vp = Kp + (size_t)a->nkb * att_kstride(D);
+        } else {                                   /* this task's own copy of the head's blocks */
+            Kp = scratch(4, (size_t)nkb * (att_kstride(D) + att_vstride(D)));
+            Vp = Kp + (size_t)nkb * att_kstride(D);
+            att_pack(a, g, nkb, kend, Kp, Vp);
         }
         for (int qb = qb0; qb < qb1; qb++) att_block(a, h, qb * ATT_BQ, Kp, Vp);
     }
@@ -1577,9 +1600,20 @@ void zi_attention(float *out, int64_t ldo, const float *q, int64_t ldq,
     /* each head's query blocks in as few chunks as give every thread about three tasks */
     int nchunks = (3 * T + Hq - 1) / Hq < nqb ? (3 * T + Hq - 1) / Hq : nqb, qchunk = (nqb + nchunks - 1) / nchunks;
     att_args a = { out, ldo, q, k, v, ldq, ldk, ldv, Sq, Sk, Hq, Hkv, D, causal, n_keys, nqb,
-                   qchunk, (nqb + qchunk - 1) / qchunk, scale, lse };
+                   qchunk, (nqb + qchunk - 1) / qchunk, scale, lse, NULL, 0 };
     double t0 = zi_now();
+    /* Each task packs its kv head's K and V. With fewer kv heads than threads, several tasks
+     * would pack the same head, each into a buffer of its own thread (the VAE: one head of 512
+     * over 16384 tokens at 1024², 67 MB per thread): then every head is packed once, shared.
+     * (Not when causal: there a task packs only the keys its queries see, and the last block's
+     * layout depends on where that ends.) */
+    if (Hkv < T && !causal) {
+        a.nkb = ((n_keys < Sk ? n_keys : Sk) + ATT_BK - 1) / ATT_BK;
+        a.kv = zi_malloc((size_t)Hkv * a.nkb * (att_kstride(D) + att_vstride(D)) * sizeof(float));
+        zi_parallel_for(Hkv, 1, att_pack_heads, &a);
+    }
     zi_parallel_for((int64_t)Hq * a.nchunks, 1, att_task, &a);
+    free(a.kv);
     kernel_time.attention += zi_now() - t0;
 }
 
