@@ -94,10 +94,17 @@ static void amx_loop(void *ctx, int64_t begin, int64_t end) {
     int64_t iters = *(const int64_t *)ctx;
     struct { uint8_t palette, start_row, zero[14]; uint16_t colsb[16]; uint8_t rows[16]; } cfg = { .palette = 1 };
     for (int i = 0; i < 8; i++) cfg.colsb[i] = 64, cfg.rows[i] = 16;
-    static const uint16_t ones[16 * 32] = {0};
+    /* bf16 values in (-1, 1), not zeros: a tile product's power, and so the clock it runs at,
+     * depends on the data */
+    uint16_t vals[16 * 32];
+    uint32_t seed = 12345;
+    for (int i = 0; i < 16 * 32; i++) {
+        seed = seed * 1103515245u + 12345u;
+        vals[i] = zi_f32_to_bf16((float)((seed >> 8) & 0xffff) / 32768.0f - 1.0f);
+    }
     for (int64_t t = begin; t < end; t++) {
         _tile_loadconfig(&cfg);
-        _tile_loadd(4, ones, 64); _tile_loadd(5, ones, 64); _tile_loadd(6, ones, 64); _tile_loadd(7, ones, 64);
+        _tile_loadd(4, vals, 64); _tile_loadd(5, vals, 64); _tile_loadd(6, vals, 64); _tile_loadd(7, vals, 64);
         _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
         for (int64_t k = 0; k < iters; k++) {
             _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7); _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
