@@ -994,9 +994,8 @@ static void fast_task(void *ctx, int64_t begin, int64_t end) {
  * packed, as the B operand: per block of 32 rows, [K/2][32][2] (a pair of consecutive k of
  * one row is one 32-bit word). Each 32 x 32 block of C is summed in four tiles, FKC slices of
  * K in order, by one task (so any thread count gives the same bits), and transposed on the way
- * out. The
- * packed-B path above remains for other operands (f32/f16 B, B not transposed, K or N not a
- * multiple of 32). */
+ * out. The packed-B path above remains for other operands (f32/f16 B, B not transposed, K or N
+ * not a multiple of 32). */
 typedef struct {
     const gemm_args *g;
     uint16_t *xp;               /* op(A) packed: block b (rows 32b ..) at xp + b·32·K */
@@ -1011,12 +1010,13 @@ static void amx_wx_pack(void *ctx, int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; t++) {
         int b = (int)(t / nk), k0 = (int)(t % nk) * 256, k1 = k0 + 256 < g->K ? k0 + 256 : g->K;
         uint16_t *dst = j->xp + (size_t)b * 32 * g->K;
+#if defined(__AVX512BF16__)
+        /* 32 k at a time: rounded as pack_A_bf16 does, the 16 pairs scattered 32 words apart */
+        const __m512i at = _mm512_setr_epi32(0, 32, 64, 96, 128, 160, 192, 224, 256, 288, 320, 352, 384, 416, 448, 480);
+#endif
         for (int i = 0; i < 32; i++) {
             int m = b * 32 + i, k = k0;
 #if defined(__AVX512BF16__)
-            /* 32 k at a time: rounded as pack_A_bf16 does, its 16 pairs scattered 32 words apart */
-            const __m512i at = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                                  _mm512_set1_epi32(32));
             for (; m < g->M && !g->transA && k < k1; k += 32) {
                 const float *s = g->A + (int64_t)m * g->lda + k;
                 _mm512_i32scatter_epi32((int *)dst + (size_t)(k / 2) * 32 + i, at,
