@@ -1099,8 +1099,8 @@ static void amx_wx_store(const gemm_args *g, const float *ct, int m0, int mr, in
 /* A task: the W rows of nper 32-blocks against mper 32-row blocks of op(A) (at most 1024 rows,
  * their K slice in L2), one K slice of FKC at a time: each 32 x FKC slice of W (24 KB) is loaded
  * once, from memory, and meets every row block while it sits in L1; the partial Cᵀ blocks wait
- * in ct between slices. While it does, the next slice of those W rows is prefetched into L2,
- * a share per row block, so that reading W from memory overlaps the tile products. */
+ * in ct between slices. (Software prefetch of the next slice of W, other slice depths and task
+ * shapes measured no better: bench/README.md.) */
 static void amx_wx_task(void *ctx, int64_t begin, int64_t end) {
     const amx_wx_job *j = ctx;
     const gemm_args *g = j->g;
@@ -1111,16 +1111,11 @@ static void amx_wx_task(void *ctx, int64_t begin, int64_t end) {
         int n0 = (int)(t / mtasks) * j->nper * 32, n1 = n0 + j->nper * 32 < g->N ? n0 + j->nper * 32 : g->N;
         int mb = b1 - b0;
         for (int k0 = 0; k0 < g->K; k0 += FKC) {
-            int kc = g->K - k0 < FKC ? g->K - k0 : FKC, k1 = k0 + kc, kn = g->K - k1 < FKC ? g->K - k1 : FKC;
-            for (int n = n0; n < n1; n += 32) {
-                const char *next = (const char *)((const uint16_t *)g->B + (int64_t)n * g->ldb + k1);
-                for (int b = b0; b < b1; b++) {
-                    for (int r = (b - b0) * 32 / mb; r < (b - b0 + 1) * 32 / mb; r++)
-                        for (int q = 0; q < kn * 2; q += 64) _mm_prefetch(next + (int64_t)r * g->ldb * 2 + q, _MM_HINT_T1);
+            int kc = g->K - k0 < FKC ? g->K - k0 : FKC;
+            for (int n = n0; n < n1; n += 32)
+                for (int b = b0; b < b1; b++)
                     amx_wx_slice(g, n, k0, kc, j->xp + (size_t)b * 32 * g->K + (size_t)k0 * 32,
                                  ct + ((size_t)(n - n0) / 32 * mb + (b - b0)) * 1024, k0 == 0);
-                }
-            }
         }
         for (int n = n0; n < n1; n += 32)
             for (int b = b0; b < b1; b++)
