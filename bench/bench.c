@@ -30,7 +30,36 @@ static void report(const char *name, double flop, double wall, double cpu) {
 
 static int selected(const char *filter, const char *name) { return !filter || strstr(name, filter); }
 
-/* y[M, N] = x[M, K] · Wᵀ with W [N, K] in bf16, like a Linear layer */
+/* y[M, N] = x[M, K] · Wᵀ with W [N, K] in bf16, like a Linear layer; fixed input values */
+typedef struct { int M, K, N; float *x, *y; zi_mat W; } linear_case;
+
+static linear_case linear_new(int M, int K, int N) {
+    linear_case c = { M, K, N, malloc((size_t)M * K * 4), malloc((size_t)M * N * 4), { NULL, ZI_BF16, N, K } };
+    uint16_t *w = malloc((size_t)N * K * 2);
+    for (size_t i = 0; i < (size_t)M * K; i++) c.x[i] = (float)((i * 7919) % 1000) * 1e-3f - 0.5f;
+    for (size_t i = 0; i < (size_t)N * K; i++) w[i] = zi_f32_to_bf16((float)((i * 104729) % 1000) * 1e-3f - 0.5f);
+    c.W.data = w;
+    return c;
+}
+
+static void linear_free(linear_case *c) { free(c->x); free(c->y); free((void *)c->W.data); }
+
+/* The best of a few runs (after a warm-up that pages the weight in and sizes the pack
+ * buffers): wall seconds; its CPU seconds in *cpu. */
+static double linear_time(const linear_case *c, double *cpu) {
+    zi_linear(c->y, c->x, c->M < 64 ? c->M : 64, &c->W, NULL);
+    double best = 1e30;
+    *cpu = 1e30;
+    for (int r = 0; r < ((double)c->M * c->N * c->K < 2e10 ? 3 : 1); r++) {
+        double t0 = zi_now(), c0 = bench_cpu_now();
+        zi_linear(c->y, c->x, c->M, &c->W, NULL);
+        double t = zi_now() - t0, u = bench_cpu_now() - c0;
+        best = t < best ? t : best;
+        *cpu = u < *cpu ? u : *cpu;
+    }
+    return best;
+}
+
 /* fast = 1: the same with zi_set_fast(1) (bf16 activations too), as a percentage of the bf16
  * peak (of the fp32 peak where the CPU has no bf16 dot products), and its error against the
  * exact path: max |fast - exact| / max |exact| over the output. */
@@ -38,105 +67,92 @@ static void bench_linear(const char *filter, int M, int K, int N, int fast) {
     char name[64];
     snprintf(name, sizeof name, "gemm %s %dx%dx%d", fast ? "fast" : "bf16", M, N, K);
     if (!selected(filter, name)) return;
-    float *x = malloc((size_t)M * K * 4), *y = malloc((size_t)M * N * 4);
-    uint16_t *w = malloc((size_t)N * K * 2);
-    for (size_t i = 0; i < (size_t)M * K; i++) x[i] = (float)((i * 7919) % 1000) * 1e-3f - 0.5f;
-    for (size_t i = 0; i < (size_t)N * K; i++) w[i] = zi_f32_to_bf16((float)((i * 104729) % 1000) * 1e-3f - 0.5f);
-    zi_mat W = { w, ZI_BF16, N, K };
+    linear_case c = linear_new(M, K, N);
     float *exact = NULL;
     if (fast) {
         exact = malloc((size_t)M * N * 4);
-        zi_linear(exact, x, M, &W, NULL);
+        zi_linear(exact, c.x, M, &c.W, NULL);
     }
     zi_set_fast(fast);
-    zi_linear(y, x, M < 64 ? M : 64, &W, NULL);   /* warm-up: page the weight in, pack buffers */
-    double best = 1e30, best_cpu = 1e30;
-    int reps = (double)M * N * K < 2e10 ? 3 : 1;
-    for (int r = 0; r < reps; r++) {
-        double t0 = zi_now(), c0 = bench_cpu_now();
-        zi_linear(y, x, M, &W, NULL);
-        double t = zi_now() - t0, c = bench_cpu_now() - c0;
-        best = t < best ? t : best;
-        best_cpu = c < best_cpu ? c : best_cpu;
-    }
+    double cpu, best = linear_time(&c, &cpu);
     zi_set_fast(0);
     if (!fast) {
-        report(name, 2.0 * M * N * K, best, best_cpu);
-        free(x); free(y); free(w);
+        report(name, 2.0 * M * N * K, best, cpu);
+        linear_free(&c);
         return;
     }
-    report_of(name, 2.0 * M * N * K, best, best_cpu, mach.bpeak ? mach.bpeak : mach.peak,
+    report_of(name, 2.0 * M * N * K, best, cpu, mach.bpeak ? mach.bpeak : mach.peak,
               mach.bpeak ? mach.bpeak_cpu : mach.peak_cpu);
     double d = 0, m = 0;
     for (size_t i = 0; i < (size_t)M * N; i++) {
-        d = fmax(d, fabs((double)y[i] - exact[i]));
+        d = fmax(d, fabs((double)c.y[i] - exact[i]));
         m = fmax(m, fabs((double)exact[i]));
     }
     printf("%-34s error vs exact: max %.2e of max |exact| %.3g (%.1e relative)\n", "", d, m, d / m);
-    free(x); free(y); free(w); free(exact);
+    linear_free(&c);
+    free(exact);
 }
 
-/* self-attention of S tokens, H heads of D, as in the DiT */
+/* self-attention of S tokens, H heads of D, as in the DiT; fixed input values */
+typedef struct { int S, H, D; float *q, *k, *v, *o; } attention_case;
+
+static attention_case attention_new(int S, int H, int D) {
+    size_t n = (size_t)S * H * D;
+    attention_case c = { S, H, D, malloc(n * 4), malloc(n * 4), malloc(n * 4), malloc(n * 4) };
+    for (size_t i = 0; i < n; i++) c.q[i] = (float)((i * 7919) % 1000) * 2e-3f - 1;
+    for (size_t i = 0; i < n; i++) c.k[i] = c.q[(i * 31) % n], c.v[i] = c.q[(i * 17) % n];
+    return c;
+}
+
+static void attention_free(attention_case *c) { free(c->q); free(c->k); free(c->v); free(c->o); }
+
+/* the best of two runs (one above 2048 tokens): wall seconds; its CPU seconds in *cpu */
+static double attention_time(const attention_case *c, double *cpu) {
+    int ld = c->H * c->D;
+    double best = 1e30;
+    *cpu = 1e30;
+    for (int r = 0; r < (c->S > 2048 ? 1 : 2); r++) {
+        double t0 = zi_now(), c0 = bench_cpu_now();
+        zi_attention(c->o, ld, c->q, ld, c->k, ld, c->v, ld, c->S, c->S, c->H, c->H, c->D, 1 / 11.3f, 0, c->S, NULL);
+        double t = zi_now() - t0, u = bench_cpu_now() - c0;
+        best = t < best ? t : best;
+        *cpu = u < *cpu ? u : *cpu;
+    }
+    return best;
+}
+
 static void bench_attention(const char *filter, int S, int H, int D) {
     char name[64];
     snprintf(name, sizeof name, "attention %d heads x %d, S=%d", H, D, S);
     if (!selected(filter, name)) return;
-    size_t n = (size_t)S * H * D;
-    float *q = malloc(n * 4), *k = malloc(n * 4), *v = malloc(n * 4), *o = malloc(n * 4);
-    for (size_t i = 0; i < n; i++) q[i] = (float)((i * 7919) % 1000) * 2e-3f - 1, k[i] = q[(i * 31) % n], v[i] = q[(i * 17) % n];
-    double best = 1e30, best_cpu = 1e30;
-    for (int r = 0; r < (S > 2048 ? 1 : 2); r++) {
-        double t0 = zi_now(), c0 = bench_cpu_now();
-        zi_attention(o, H * D, q, H * D, k, H * D, v, H * D, S, S, H, H, D, 1 / 11.3f, 0, S, NULL);
-        double t = zi_now() - t0, c = bench_cpu_now() - c0;
-        best = t < best ? t : best;
-        best_cpu = c < best_cpu ? c : best_cpu;
-    }
-    report(name, 4.0 * S * S * H * D, best, best_cpu);
-    free(q); free(k); free(v); free(o);
+    attention_case c = attention_new(S, H, D);
+    double cpu, best = attention_time(&c, &cpu);
+    report(name, 4.0 * S * S * H * D, best, cpu);
+    attention_free(&c);
 }
 
 /* Thread scaling: a Linear layer and attention at 1056 tokens, timed with one thread and with
  * all of them. The speed-up is printed as a percentage of linear (the goal: >= 85%) and next
  * to the speed-up of the FMA peak itself, which is less than linear where clocks drop with
  * more busy cores or vCPUs share a core. */
-typedef struct { int M, K, N, S; float *x, *y, *q, *o; zi_mat W; } scaling_case;
-
-static double scaling_time(const scaling_case *c, int attention) {
-    double best = 1e30;
-    for (int r = 0; r < 3; r++) {
-        double t0 = zi_now();
-        if (attention) zi_attention(c->o, 3840, c->q, 3840, c->q, 3840, c->q, 3840, c->S, c->S, 30, 30, 128, 1 / 11.3f, 0, c->S, NULL);
-        else zi_linear(c->y, c->x, c->M, &c->W, NULL);
-        double t = zi_now() - t0;
-        best = t < best ? t : best;
-    }
-    return best;
-}
-
 static void bench_scaling(const char *filter) {
     if (!selected(filter, "scaling")) return;
-    scaling_case c = { 1056, 3840, 3840, 1056, NULL, NULL, NULL, NULL, { NULL, ZI_BF16, 3840, 3840 } };
-    c.x = malloc((size_t)c.M * c.K * 4), c.y = malloc((size_t)c.M * c.N * 4);
-    c.q = malloc((size_t)c.S * 3840 * 4), c.o = malloc((size_t)c.S * 3840 * 4);
-    uint16_t *w = malloc((size_t)c.N * c.K * 2);
-    for (size_t i = 0; i < (size_t)c.M * c.K; i++) c.x[i] = (float)((i * 7919) % 1000) * 1e-3f - 0.5f;
-    for (size_t i = 0; i < (size_t)c.S * 3840; i++) c.q[i] = (float)((i * 7919) % 1000) * 2e-3f - 1;
-    for (size_t i = 0; i < (size_t)c.N * c.K; i++) w[i] = zi_f32_to_bf16((float)((i * 104729) % 1000) * 1e-3f - 0.5f);
-    c.W.data = w;
+    linear_case lc = linear_new(1056, 3840, 3840);
+    attention_case ac = attention_new(1056, 30, 128);
     int T = zi_nthreads();
-    double all[2] = { scaling_time(&c, 0), scaling_time(&c, 1) }, one[2];
+    double cpu, all[2] = { linear_time(&lc, &cpu), attention_time(&ac, &cpu) }, one[2];
     zi_threads_init(1);
     bench_machine m1;
     bench_measure(&m1);
-    one[0] = scaling_time(&c, 0), one[1] = scaling_time(&c, 1);
+    one[0] = linear_time(&lc, &cpu), one[1] = attention_time(&ac, &cpu);
     zi_threads_init(T);
     for (int a = 0; a < 2; a++)
         printf("scaling %-26s 1 thread %6.1f ms, %d threads %6.1f ms: %5.2fx = %5.1f%% of linear "
                "(the FMA peak: %.2fx; relative to it %5.1f%%)\n", a ? "attention S=1056" : "gemm bf16 1056x3840x3840",
                one[a] * 1e3, T, all[a] * 1e3, one[a] / all[a], 100 * one[a] / all[a] / T, mach.peak / m1.peak,
                100 * (one[a] / all[a]) / (mach.peak / m1.peak));
-    free(c.x), free(c.y), free(c.q), free(c.o), free(w);
+    linear_free(&lc);
+    attention_free(&ac);
 }
 
 /* a 3x3 convolution (pad 1) of Ci -> C channels, W wide, H rows (the width of a VAE decoder layer, fewer
