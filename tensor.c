@@ -171,7 +171,15 @@ void zi_to_f32(float *dst, const void *src, zi_dtype t, size_t n) {
     size_t i = 0;
     switch (t) {
     case ZI_F32: memmove(dst, src, n * sizeof(float)); break;
-    case ZI_BF16: { const uint16_t *s = src; for (; i < n; i++) dst[i] = zi_bf16_to_f32(s[i]); } break;
+    case ZI_BF16: {
+        const uint16_t *s = src;
+#ifdef __AVX2__
+        for (; i + 8 <= n; i += 8)              /* the 16 bits become the top half of a float */
+            _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(
+                                          _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(s + i))), 16)));
+#endif
+        for (; i < n; i++) dst[i] = zi_bf16_to_f32(s[i]);
+    } break;
     case ZI_F16: {
         const uint16_t *s = src;
 #ifdef __F16C__
@@ -1277,17 +1285,6 @@ static void small_pack_x(float *xt, const gemm_args *g, int Mp) {
         }
 }
 
-/* n values of dtype bt at src -> fp32 at dst */
-static void row_to_f32(float *dst, const char *src, zi_dtype bt, int n) {
-    int p = 0;
-#if defined(__AVX2__) && defined(__F16C__)
-    size_t es = zi_dtype_size(bt);
-    for (; p + 8 <= n; p += 8) _mm256_storeu_ps(dst + p, load8(src + p * es, bt));
-    src += p * es;
-#endif
-    zi_to_f32(dst + p, src, bt, (size_t)(n - p));
-}
-
 /* C's columns j .. j+n (n <= MR: one group of W's rows), every row */
 static void small_group(const small_job *s, int j, int n) {
     const gemm_args *g = s->g;
@@ -1307,7 +1304,7 @@ static void small_group(const small_job *s, int j, int n) {
     for (int pc = 0; pc < g->K; pc += KC) {
         int kc = g->K - pc < KC ? g->K - pc : KC;
         for (int r = 0; r < n; r++)
-            row_to_f32(wf + r * KC, (const char *)g->B + ((int64_t)(j + r) * g->ldb + pc) * es, g->bt, kc);
+            zi_to_f32(wf + r * KC, (const char *)g->B + ((int64_t)(j + r) * g->ldb + pc) * es, g->bt, (size_t)kc);
         for (int m = 0; m < s->Mp; m += NR) {
             int nf = lines - done < npf ? (int)(lines - done) : npf;
             micro_rows(kc, wf, s->xt + (size_t)m * g->K + (size_t)pc * NR, acc + m, s->Mp, pc == 0 && g->beta == 0,
