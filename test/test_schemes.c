@@ -20,16 +20,29 @@ static zi_lin **dit_lins(zi_dit *dit, int *n) {
     return l;
 }
 
-/* distill-0's inputs: x_T and the prompt features */
+/* distill-0's inputs (x_T and the prompt features), the default schedules, the tiny DiT and
+ * the SFT LoRA every distillation test starts from */
 typedef struct {
     zi_st *st;
     float *xT, *cap, *neg;
     zi_distill_input in;
     int64_t n;
+    zi_distill_cfg cfg;
+    zi_distill_sched s;
+    zi_dit *dit;
+    zi_lora *sft;
+    zi_lin **lins;
+    int nlin;
 } distill_case;
 
 static int distill_case_load(distill_case *c) {
     memset(c, 0, sizeof *c);
+    c->cfg = zi_distill_default();
+    if (zi_distill_sched_init(&c->s, &c->cfg)) return -1;
+    c->dit = zi_dit_load(TINY_DIT);
+    c->sft = zi_lora_load(zt_golden("lora-a-diffsynth.safetensors"));
+    if (!c->dit || !c->sft) return -1;
+    c->lins = dit_lins(c->dit, &c->nlin);
     if (!(c->st = zi_st_open(zt_golden("distill-0.safetensors")))) return -1;
     const zi_tensor *x = zi_st_get(c->st, "distill.xT"), *cp = zi_st_get(c->st, "distill.cap"),
                     *ng = zi_st_get(c->st, "distill.neg");
@@ -44,6 +57,10 @@ static int distill_case_load(distill_case *c) {
 static void distill_case_free(distill_case *c) {
     free(c->xT); free(c->cap); free(c->neg);
     zi_st_close(c->st);
+    free(c->lins);
+    zi_lora_free(c->sft);
+    zi_dit_free(c->dit);
+    zi_distill_sched_free(&c->s);
 }
 
 static int close_to(const zi_st *st, const char *name, const float *got, double tol) {
@@ -61,49 +78,41 @@ static int close_to(const zi_st *st, const char *name, const float *got, double 
 TEST(distill_golden) {
     distill_case c;
     CHECK(distill_case_load(&c) == 0, "distill-0: %s", zi_err());
-    zi_distill_cfg cfg = zi_distill_default();
-    zi_distill_sched s;
-    CHECK(zi_distill_sched_init(&s, &cfg) == 0, "%s", zi_err());
-    int ok = close_to(c.st, "distill.teacher_timesteps", s.t_time, 1e-6) &&
-             close_to(c.st, "distill.teacher_sigmas", s.t_sigma, 1e-6) &&
-             close_to(c.st, "distill.student_sigmas", s.s_sigma, 1e-6) &&
-             close_to(c.st, "distill.student_timesteps", s.s_time, 1e-6) &&
-             close_to(c.st, "distill.weights", s.s_weight, 1e-6);
+    int ok = close_to(c.st, "distill.teacher_timesteps", c.s.t_time, 1e-6) &&
+             close_to(c.st, "distill.teacher_sigmas", c.s.t_sigma, 1e-6) &&
+             close_to(c.st, "distill.student_sigmas", c.s.s_sigma, 1e-6) &&
+             close_to(c.st, "distill.student_timesteps", c.s.s_time, 1e-6) &&
+             close_to(c.st, "distill.weights", c.s.s_weight, 1e-6);
     const zi_tensor *gi = zi_st_get(c.st, "distill.idx");
-    for (int i = 0; ok && i <= s.ns; i++) ok = ((const int64_t *)gi->data)[i] == s.idx[i];
+    for (int i = 0; ok && i <= c.s.ns; i++) ok = ((const int64_t *)gi->data)[i] == c.s.idx[i];
     CHECK(ok, "schedules differ");
 
-    zi_dit *dit = zi_dit_load(TINY_DIT);
-    zi_lora *sft = zi_lora_load(zt_golden("lora-a-diffsynth.safetensors"));
-    CHECK(dit && sft, "%s", zi_err());
-    int nlin;
-    zi_lin **lins = dit_lins(dit, &nlin);
     int64_t n = c.n;
-    float *traj = malloc((size_t)(s.ns + 1) * n * sizeof(float)), *tg = malloc((size_t)n * sizeof(float));
-    float *v = malloc((size_t)s.ns * n * sizeof(float)), terms[64];
+    float *traj = malloc((size_t)(c.s.ns + 1) * n * sizeof(float)), *tg = malloc((size_t)n * sizeof(float));
+    float *v = malloc((size_t)c.s.ns * n * sizeof(float)), terms[64];
 
     /* the teacher: base + the SFT LoRA at run time */
-    CHECK(zi_lora_apply(sft, lins, nlin, 1.0f, 0, 0) > 0, "%s", zi_err());
-    CHECK(zi_distill_teacher(dit, &s, cfg.teacher_cfg, &c.in, c.xT, traj) == 0, "%s", zi_err());
-    zi_lora_remove(sft);
+    CHECK(zi_lora_apply(c.sft, c.lins, c.nlin, 1.0f, 0, 0) > 0, "%s", zi_err());
+    CHECK(zi_distill_teacher(c.dit, &c.s, c.cfg.teacher_cfg, &c.in, c.xT, traj) == 0, "%s", zi_err());
+    zi_lora_remove(c.sft);
     char name[64];
-    for (int i = 0; i < s.ns; i++) {
+    for (int i = 0; i < c.s.ns; i++) {
         snprintf(name, sizeof name, "distill.x.%d", i);
         ok &= close_to(c.st, name, traj + (size_t)i * n, 1e-4);
-        zi_distill_target(&s, i, traj, n, tg);
+        zi_distill_target(&c.s, i, traj, n, tg);
         snprintf(name, sizeof name, "distill.target.%d", i);
         ok &= close_to(c.st, name, tg, 1e-4);
     }
-    ok &= close_to(c.st, "distill.final", traj + (size_t)s.ns * n, 1e-4);
+    ok &= close_to(c.st, "distill.final", traj + (size_t)c.s.ns * n, 1e-4);
     CHECK(ok, "teacher trajectory or targets differ");
 
     /* the student: the same LoRA, trainable */
-    zi_train_lora *st = zi_train_lora_of(sft, lins, nlin, 1.0f);
+    zi_train_lora *st = zi_train_lora_of(c.sft, c.lins, c.nlin, 1.0f);
     CHECK(st, "%s", zi_err());
-    zi_dit_set_training(dit, 1, 0);
-    float loss = zi_distill_student(dit, &s, cfg.student_cfg, &c.in, traj, 1.0f, 0, terms, v);
+    zi_dit_set_training(c.dit, 1, 0);
+    float loss = zi_distill_student(c.dit, &c.s, c.cfg.student_cfg, &c.in, traj, 1.0f, 0, terms, v);
     CHECK(!isnan(loss), "%s", zi_err());
-    for (int i = 0; i < s.ns; i++) {
+    for (int i = 0; i < c.s.ns; i++) {
         snprintf(name, sizeof name, "distill.v.%d", i);
         ok &= close_to(c.st, name, v + (size_t)i * n, 1e-4);
         snprintf(name, sizeof name, "distill.term.%d", i);
@@ -125,42 +134,31 @@ TEST(distill_golden) {
     float *g1 = malloc((size_t)st->n_params * sizeof(float));
     memcpy(g1, st->g, (size_t)st->n_params * sizeof(float));
     zi_train_lora_zero_grad(st);
-    float loss2 = zi_distill_sample(dit, st, sft, &s, &cfg, &c.in, c.xT, 1.0f, 0);
+    float loss2 = zi_distill_sample(c.dit, st, c.sft, &c.s, &c.cfg, &c.in, c.xT, 1.0f, 0);
     CHECK(loss2 == loss && !memcmp(g1, st->g, (size_t)st->n_params * sizeof(float)),
           "zi_distill_sample: loss %.9g vs %.9g, or the gradients differ", loss2, loss);
-    for (int i = 0; i < nlin; i++) {
+    for (int i = 0; i < c.nlin; i++) {
         int k = 0;
-        for (const zi_lora_adapter *a = lins[i]->lora; a; a = a->next) k++;
-        CHECK(k <= 1, "%s: %d adapters attached after zi_distill_sample", lins[i]->name, k);
+        for (const zi_lora_adapter *a = c.lins[i]->lora; a; a = a->next) k++;
+        CHECK(k <= 1, "%s: %d adapters attached after zi_distill_sample", c.lins[i]->name, k);
     }
     free(g1);
     zi_train_lora_free(st);
-    zi_lora_free(sft);
-    zi_dit_free(dit);
-    zi_distill_sched_free(&s);
     distill_case_free(&c);
-    free(lins); free(traj); free(tg); free(v);
+    free(traj); free(tg); free(v);
 }
 
 /* A few AdamW steps of distillation on the fixed noise and prompt lower the loss. */
 TEST(distill_short_run) {
     distill_case c;
     CHECK(distill_case_load(&c) == 0, "distill-0: %s", zi_err());
-    zi_distill_cfg cfg = zi_distill_default();
-    zi_distill_sched s;
-    CHECK(zi_distill_sched_init(&s, &cfg) == 0, "%s", zi_err());
-    zi_dit *dit = zi_dit_load(TINY_DIT);
-    zi_lora *sft = zi_lora_load(zt_golden("lora-a-diffsynth.safetensors"));
-    CHECK(dit && sft, "%s", zi_err());
-    int nlin;
-    zi_lin **lins = dit_lins(dit, &nlin);
-    zi_train_lora *st = zi_train_lora_of(sft, lins, nlin, 1.0f);
+    zi_train_lora *st = zi_train_lora_of(c.sft, c.lins, c.nlin, 1.0f);
     CHECK(st, "%s", zi_err());
-    zi_dit_set_training(dit, 1, 1);
+    zi_dit_set_training(c.dit, 1, 1);
     float first = NAN, last = NAN;
     for (int k = 0; k < 6; k++) {
         zi_train_lora_zero_grad(st);
-        last = zi_distill_sample(dit, st, sft, &s, &cfg, &c.in, c.xT, 1.0f, 1);
+        last = zi_distill_sample(c.dit, st, c.sft, &c.s, &c.cfg, &c.in, c.xT, 1.0f, 1);
         CHECK(!isnan(last), "%s", zi_err());
         if (k == 0) first = last;
         zi_train_lora_step(st, 1e-2, 0.01);
@@ -168,11 +166,7 @@ TEST(distill_short_run) {
     fprintf(stderr, "    distillation loss: %.6f -> %.6f after 5 steps\n", first, last);
     CHECK(last < 0.9f * first, "loss %g -> %g did not go down", first, last);
     zi_train_lora_free(st);
-    zi_lora_free(sft);
-    zi_dit_free(dit);
-    zi_distill_sched_free(&s);
     distill_case_free(&c);
-    free(lins);
 }
 
 /* A guided student (cfg 2) whose negative prompt is its prompt has v = v_pos: the same loss
@@ -181,18 +175,10 @@ TEST(distill_short_run) {
 TEST(distill_student_cfg) {
     distill_case c;
     CHECK(distill_case_load(&c) == 0, "distill-0: %s", zi_err());
-    zi_distill_cfg cfg = zi_distill_default();
-    zi_distill_sched s;
-    CHECK(zi_distill_sched_init(&s, &cfg) == 0, "%s", zi_err());
-    zi_dit *dit = zi_dit_load(TINY_DIT);
-    zi_lora *sft = zi_lora_load(zt_golden("lora-a-diffsynth.safetensors"));
-    CHECK(dit && sft, "%s", zi_err());
-    int nlin;
-    zi_lin **lins = dit_lins(dit, &nlin);
-    float *traj = malloc((size_t)(s.ns + 1) * c.n * sizeof(float));
-    for (int i = 0; i <= s.ns; i++) {         /* the teacher's latents, from the golden file */
+    float *traj = malloc((size_t)(c.s.ns + 1) * c.n * sizeof(float));
+    for (int i = 0; i <= c.s.ns; i++) {       /* the teacher's latents, from the golden file */
         char name[64];
-        if (i < s.ns) snprintf(name, sizeof name, "distill.x.%d", i);
+        if (i < c.s.ns) snprintf(name, sizeof name, "distill.x.%d", i);
         else snprintf(name, sizeof name, "distill.final");
         const zi_tensor *xs = zi_st_get(c.st, name);
         CHECK(xs, "%s missing", name);
@@ -200,26 +186,22 @@ TEST(distill_student_cfg) {
         memcpy(traj + (size_t)i * c.n, x, (size_t)c.n * sizeof(float));
         free(x);
     }
-    zi_train_lora *st = zi_train_lora_of(sft, lins, nlin, 1.0f);
+    zi_train_lora *st = zi_train_lora_of(c.sft, c.lins, c.nlin, 1.0f);
     CHECK(st, "%s", zi_err());
-    zi_dit_set_training(dit, 1, 0);
-    float l1 = zi_distill_student(dit, &s, 1.0f, &c.in, traj, 1.0f, 0, NULL, NULL);
+    zi_dit_set_training(c.dit, 1, 0);
+    float l1 = zi_distill_student(c.dit, &c.s, 1.0f, &c.in, traj, 1.0f, 0, NULL, NULL);
     float *g1 = malloc((size_t)st->n_params * sizeof(float));
     memcpy(g1, st->g, (size_t)st->n_params * sizeof(float));
     zi_train_lora_zero_grad(st);
     zi_distill_input same = c.in;
     same.neg = same.cap;
     same.Ln = same.L;
-    float l2 = zi_distill_student(dit, &s, 2.0f, &same, traj, 1.0f, 0, NULL, NULL);
+    float l2 = zi_distill_student(c.dit, &c.s, 2.0f, &same, traj, 1.0f, 0, NULL, NULL);
     CHECK(l1 == l2, "loss %.9g (cfg 1) vs %.9g (cfg 2, negative = prompt)", l1, l2);
     CHECK_CLOSE("gradients, cfg 2 vs cfg 1", st->g, g1, (size_t)st->n_params, 1e-4);
     free(g1);
     free(traj);
-    free(lins);
     zi_train_lora_free(st);
-    zi_lora_free(sft);
-    zi_dit_free(dit);
-    zi_distill_sched_free(&s);
     distill_case_free(&c);
 }
 
