@@ -350,6 +350,27 @@ static double train_loss(train_setup *s, int backward) {
     return loss;
 }
 
+/* The backward's gradient against a central difference of the loss, at the element of p (n
+ * values, gradient g) whose gradient is largest; both are appended to ana and num, and
+ * printed with the module's name. */
+static void fd_probe(train_setup *s, const char *name, int ab, float *p, const float *g, size_t n,
+                     float *ana, float *num, int *k) {
+    size_t at = 0;
+    for (size_t e = 0; e < n; e++)
+        if (fabsf(g[e]) > fabsf(g[at])) at = e;
+    const float h = 1e-2f;
+    float p0 = p[at];
+    p[at] = p0 + h;
+    double lp = train_loss(s, 0);
+    p[at] = p0 - h;
+    double lm = train_loss(s, 0);
+    p[at] = p0;
+    num[*k] = (float)((lp - lm) / (2 * h));
+    ana[(*k)++] = g[at];
+    fprintf(stderr, "    %s.lora_%c[%zu]: backward %.6g, finite difference %.6g\n", name, ab ? 'B' : 'A', at, g[at],
+            num[*k - 1]);
+}
+
 static int compare_golden(train_setup *s, double loss) {
     const zi_tensor *lt = zi_st_get(s->st, "train.loss");
     float *lr = lt ? zi_tensor_f32(lt) : NULL, lg = (float)loss;
@@ -409,23 +430,9 @@ TEST(backward_dit_fd) {
         for (int i = 0; i < s.lora->n; i++) {
             zi_lora_module *mo = &s.lora->m[i];
             if (strcmp(mo->name, mods[j])) continue;
-            for (int ab = 0; ab < 2; ab++) {
-                float *p = ab ? mo->B : mo->A, *g = ab ? s.dB[i] : s.dA[i];
-                size_t n = ab ? (size_t)mo->out * mo->rank : (size_t)mo->rank * mo->in, at = 0;
-                for (size_t e = 0; e < n; e++)
-                    if (fabsf(g[e]) > fabsf(g[at])) at = e;
-                const float h = 1e-2f;
-                float p0 = p[at];
-                p[at] = p0 + h;
-                double lp = train_loss(&s, 0);
-                p[at] = p0 - h;
-                double lm = train_loss(&s, 0);
-                p[at] = p0;
-                num[k] = (float)((lp - lm) / (2 * h));
-                ana[k++] = g[at];
-                fprintf(stderr, "    %s.lora_%c[%zu]: backward %.6g, finite difference %.6g\n", mods[j], ab ? 'B' : 'A',
-                        at, g[at], num[k - 1]);
-            }
+            for (int ab = 0; ab < 2; ab++)
+                fd_probe(&s, mods[j], ab, ab ? mo->B : mo->A, ab ? s.dB[i] : s.dA[i],
+                         ab ? (size_t)mo->out * mo->rank : (size_t)mo->rank * mo->in, ana, num, &k);
         }
     int ok = k == 10 && zt_close("dit lora grads vs fd", ana, num, k, 2e-3);
     setup_close(&s);
@@ -463,23 +470,9 @@ TEST(backward_dit_fd_all_linears) {
         int j = 0;
         while (j < NM && strcmp(mods[j], l->name)) j++;
         if (j == NM) continue;
-        for (int ab = 0; ab < 2; ab++) {
-            float *p = (float *)(ab ? ad[i].B : ad[i].A), *g = ab ? ad[i].dB : ad[i].dA;
-            size_t n = (size_t)R * (ab ? l->W.rows : l->W.cols), at = 0;
-            for (size_t e = 0; e < n; e++)
-                if (fabsf(g[e]) > fabsf(g[at])) at = e;
-            const float h = 1e-2f;
-            float p0 = p[at];
-            p[at] = p0 + h;
-            double lp = train_loss(&s, 0);
-            p[at] = p0 - h;
-            double lm = train_loss(&s, 0);
-            p[at] = p0;
-            num[k] = (float)((lp - lm) / (2 * h));
-            ana[k++] = g[at];
-            fprintf(stderr, "    %s.lora_%c[%zu]: backward %.6g, finite difference %.6g\n", l->name, ab ? 'B' : 'A', at,
-                    g[at], num[k - 1]);
-        }
+        for (int ab = 0; ab < 2; ab++)
+            fd_probe(&s, l->name, ab, (float *)(ab ? ad[i].B : ad[i].A), ab ? ad[i].dB : ad[i].dA,
+                     (size_t)R * (ab ? l->W.rows : l->W.cols), ana, num, &k);
     }
     int ok = k == 2 * NM && zt_close("all-linear grads vs fd", ana, num, k, 2e-3);
     for (int i = 0; i < nl; i++) {
