@@ -13,7 +13,7 @@
 #ifdef ZI_OMP
 #include <omp.h>
 #endif
-#if defined(__AVX2__) || defined(__AVX512F__) || defined(__F16C__)
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #endif
 #if defined(__ARM_NEON) && defined(__aarch64__)
@@ -251,15 +251,19 @@ void zi_parallel_for(int64_t n, int64_t grain, zi_range_fn fn, void *ctx) {
     }
 }
 #else
-/* The pool: T-1 workers plus the calling thread. A job is published under the mutex with a
- * new generation number; workers sleep on `wake` between jobs and take chunks from an atomic
- * counter; the caller waits on `done` until every worker has left the job. */
+/* The pool: T-1 workers plus the calling thread. A job is published by bumping the generation
+ * number `gen`; workers take chunks from an atomic counter and count `busy` down when they
+ * leave the job. Between jobs a worker first spins on `gen` for a short while, and the caller
+ * spins on `busy` the same way: a job of a few microseconds (the text encoder's layers at 32
+ * tokens, thousands of them) would otherwise wait tens of microseconds on the kernel to wake 15
+ * threads one after another. After SPIN_S without news they sleep on `wake` / `done`. */
 static struct {
     pthread_mutex_t mu;
     pthread_cond_t wake, done;
     pthread_t *tid;
-    int n, started, quit, busy;
-    int64_t gen, gen0;     /* job generation; gen0: its value when the workers were created */
+    int n, started, quit;
+    atomic_llong gen, busy;    /* job generation; workers still in the job */
+    long long gen0;            /* gen when the workers were created */
     zi_range_fn fn;
     void *ctx;
     int64_t len, chunk;
@@ -269,6 +273,30 @@ static struct {
 static pthread_mutex_t pool_job = PTHREAD_MUTEX_INITIALIZER;   /* one job (or resize) at a time */
 static _Thread_local int in_job;                                /* nested calls run serially */
 
+#define SPIN_S 100e-6
+
+static void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    _mm_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+/* Spins until (*v == x) == want, for at most SPIN_S seconds: whether that came. */
+static int spin_for(atomic_llong *v, long long x, int want) {
+    double t0 = 0;
+    for (int i = 1;; i++) {
+        if ((atomic_load_explicit(v, memory_order_acquire) == x) == want) return 1;
+        cpu_relax();
+        if (i % 64 == 0) {
+            double t = zi_now();
+            if (t0 == 0) t0 = t;
+            else if (t - t0 > SPIN_S) return 0;
+        }
+    }
+}
+
 static void pool_run_chunks(void) {
     for (;;) {
         int64_t b = atomic_fetch_add(&pool.next, pool.chunk);
@@ -277,30 +305,42 @@ static void pool_run_chunks(void) {
     }
 }
 
+/* The sleeping side of both waits: the test is repeated under the mutex that the publishing
+ * side takes before it signals, so a signal cannot fall between test and sleep. */
 static void *pool_worker(void *arg) {
     (void)arg;
     in_job = 1;
-    pthread_mutex_lock(&pool.mu);
-    int64_t seen = pool.gen0;      /* not pool.gen: a job may have been published already */
+    long long seen = pool.gen0;    /* not pool.gen: a job may have been published already */
     for (;;) {
-        while (pool.gen == seen && !pool.quit) pthread_cond_wait(&pool.wake, &pool.mu);
-        if (pool.quit) break;
-        seen = pool.gen;
-        pthread_mutex_unlock(&pool.mu);
+        if (!spin_for(&pool.gen, seen, 0)) {
+            pthread_mutex_lock(&pool.mu);
+            while (atomic_load(&pool.gen) == seen) pthread_cond_wait(&pool.wake, &pool.mu);
+            pthread_mutex_unlock(&pool.mu);
+        }
+        if (pool.quit) break;      /* written before gen was bumped */
+        seen = atomic_load(&pool.gen);
         pool_run_chunks();
-        pthread_mutex_lock(&pool.mu);
-        if (--pool.busy == 0) pthread_cond_signal(&pool.done);
+        if (atomic_fetch_sub(&pool.busy, 1) == 1) {
+            pthread_mutex_lock(&pool.mu);
+            pthread_cond_signal(&pool.done);
+            pthread_mutex_unlock(&pool.mu);
+        }
     }
-    pthread_mutex_unlock(&pool.mu);
     return NULL;
+}
+
+/* Publishes a job (fn, ctx, ... already set) or the order to quit. */
+static void pool_publish(void) {
+    atomic_fetch_add_explicit(&pool.gen, 1, memory_order_release);
+    pthread_mutex_lock(&pool.mu);
+    pthread_cond_broadcast(&pool.wake);
+    pthread_mutex_unlock(&pool.mu);
 }
 
 static void pool_stop(void) {              /* called with pool_job held */
     if (!pool.started) return;
-    pthread_mutex_lock(&pool.mu);
     pool.quit = 1;
-    pthread_cond_broadcast(&pool.wake);
-    pthread_mutex_unlock(&pool.mu);
+    pool_publish();
     for (int i = 0; i < pool.n - 1; i++) pthread_join(pool.tid[i], NULL);
     free(pool.tid);
     pool.tid = NULL;
@@ -339,22 +379,21 @@ void zi_parallel_for(int64_t n, int64_t grain, zi_range_fn fn, void *ctx) {
     int64_t chunk = chunk_len(n, grain, T);
     /* serial: one chunk, one thread, a nested call, or another thread's job in flight */
     if (chunk >= n || T == 1 || in_job || pthread_mutex_trylock(&pool_job)) { fn(ctx, 0, n); return; }
-    pthread_mutex_lock(&pool.mu);
     pool.fn = fn;
     pool.ctx = ctx;
     pool.len = n;
     pool.chunk = chunk;
     atomic_store(&pool.next, 0);
-    pool.busy = pool.n - 1;
-    pool.gen++;
-    pthread_cond_broadcast(&pool.wake);
-    pthread_mutex_unlock(&pool.mu);
+    atomic_store(&pool.busy, pool.n - 1);
+    pool_publish();
     in_job = 1;
     pool_run_chunks();
     in_job = 0;
-    pthread_mutex_lock(&pool.mu);
-    while (pool.busy > 0) pthread_cond_wait(&pool.done, &pool.mu);
-    pthread_mutex_unlock(&pool.mu);
+    if (!spin_for(&pool.busy, 0, 1)) {
+        pthread_mutex_lock(&pool.mu);
+        while (atomic_load(&pool.busy) > 0) pthread_cond_wait(&pool.done, &pool.mu);
+        pthread_mutex_unlock(&pool.mu);
+    }
     pthread_mutex_unlock(&pool_job);
 }
 #endif
@@ -1107,8 +1146,9 @@ static void amx_wx_store(const gemm_args *g, const float *ct, int m0, int mr, in
 /* A task: the W rows of nper 32-blocks against mper 32-row blocks of op(A) (at most 1024 rows,
  * their K slice in L2), one K slice of FKC at a time: each 32 x FKC slice of W (24 KB) is loaded
  * once, from memory, and meets every row block while it sits in L1; the partial Cᵀ blocks wait
- * in ct between slices. (Software prefetch of the next slice of W, other slice depths and task
- * shapes measured no better: bench/README.md.) */
+ * in ct between slices. A task with a single row block (M ≤ 32: the text encoder) reuses no
+ * slice, so it takes the whole K at once and its sums never leave the tiles. (Software prefetch
+ * of W, other slice depths and task shapes measured no better: bench/README.md.) */
 static void amx_wx_task(void *ctx, int64_t begin, int64_t end) {
     const amx_wx_job *j = ctx;
     const gemm_args *g = j->g;
@@ -1117,9 +1157,9 @@ static void amx_wx_task(void *ctx, int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; t++) {
         int b0 = (int)(t % mtasks) * j->mper, b1 = b0 + j->mper < j->nmblk ? b0 + j->mper : j->nmblk;
         int n0 = (int)(t / mtasks) * j->nper * 32, n1 = n0 + j->nper * 32 < g->N ? n0 + j->nper * 32 : g->N;
-        int mb = b1 - b0;
-        for (int k0 = 0; k0 < g->K; k0 += FKC) {
-            int kc = g->K - k0 < FKC ? g->K - k0 : FKC;
+        int mb = b1 - b0, slice = mb == 1 ? g->K : FKC;
+        for (int k0 = 0; k0 < g->K; k0 += slice) {
+            int kc = g->K - k0 < slice ? g->K - k0 : slice;
             for (int n = n0; n < n1; n += 32)
                 for (int b = b0; b < b1; b++)
                     amx_wx_slice(g, n, k0, kc, j->xp + (size_t)b * 32 * g->K + (size_t)k0 * 32,
@@ -1141,7 +1181,8 @@ static void amx_wx(const gemm_args *g, int T) {
     j.xp = (uint16_t *)scratch(3, (size_t)j.nmblk * 32 * g->K / 2);
     run_tasks(T, (int64_t)j.nmblk * ((g->K + 255) / 256), amx_wx_pack, &j);
     /* tasks: row blocks of up to 1024 rows, and as many column ranges as give about three
-     * tasks per thread */
+     * tasks per thread (one task per thread measured slower: a thread that starts late then
+     * holds up the call) */
     int nblk = g->N / 32, mtasks;
     j.mper = j.nmblk < 32 ? j.nmblk : 32;
     mtasks = (j.nmblk + j.mper - 1) / j.mper;
