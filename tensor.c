@@ -1127,11 +1127,11 @@ static void amx_wx_slice(const gemm_args *g, int n0, int k0, int kc, const uint1
     _tile_stored(2, ct + 16 * 32, 128); _tile_stored(3, ct + 16 * 32 + 16, 128);
 }
 
-/* C[m0 .. m0+mr, n0 .. n0+32] = alpha · ctᵀ + beta · C */
-static void amx_wx_store(const gemm_args *g, const float *ct, int m0, int mr, int n0) {
+/* C[m0 .. m0+mr, n0 .. n0+nr] = alpha · ctᵀ + beta · C (nr: 16 or 32 rows of ct) */
+static void amx_wx_store(const gemm_args *g, const float *ct, int m0, int mr, int n0, int nr) {
     __m512 alpha = _mm512_set1_ps(g->alpha), beta = _mm512_set1_ps(g->beta);
     for (int mh = 0; mh < 32 && mh < mr; mh += 16)
-        for (int nh = 0; nh < 32; nh += 16) {
+        for (int nh = 0; nh < nr; nh += 16) {
             __m512 r[16];
             transpose16(ct + nh * 32 + mh, 32, r);     /* r[i]: row m0+mh+i, columns n0+nh .. +16 */
             for (int i = 0; i < 16 && mh + i < mr; i++) {
@@ -1143,12 +1143,29 @@ static void amx_wx_store(const gemm_args *g, const float *ct, int m0, int mr, in
         }
 }
 
+/* The single row block (M ≤ 32: the text encoder), W rows n0 .. n0+15 over the whole K into
+ * ct[16][32]: W meets no other block, so nothing is gained by slicing K, and the sums stay in
+ * two tiles. W is read 16 rows at a time, not 32: half as many streams from memory per core,
+ * which measured faster for this layer-sized streaming. The sums are those of the 32-row
+ * blocks of the general path, bit for bit (each element's tile products, in the same order). */
+static void amx_wx_rows16(const gemm_args *g, int n0, const uint16_t *x, float *ct) {
+    const uint16_t *w = (const uint16_t *)g->B + (int64_t)n0 * g->ldb;
+    amx_configure();
+    _tile_zero(0); _tile_zero(1);
+    for (int k = 0; k < g->K; k += 32) {
+        _tile_loadd(4, w + k, g->ldb * 2);             /* W rows n0 .. n0+15 */
+        _tile_loadd(6, x + (size_t)k * 32, 128);       /* pairs of k, rows 0 .. 15 */
+        _tile_loadd(7, x + (size_t)k * 32 + 32, 128);  /* rows 16 .. 31 */
+        _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7);
+    }
+    _tile_stored(0, ct, 128); _tile_stored(1, ct + 16, 128);
+}
+
 /* A task: the W rows of nper 32-blocks against mper 32-row blocks of op(A) (at most 1024 rows,
  * their K slice in L2), one K slice of FKC at a time: each 32 x FKC slice of W (24 KB) is loaded
  * once, from memory, and meets every row block while it sits in L1; the partial Cᵀ blocks wait
- * in ct between slices. A task with a single row block (M ≤ 32: the text encoder) reuses no
- * slice, so it takes the whole K at once and its sums never leave the tiles. (Software prefetch
- * of W, other slice depths and task shapes measured no better: bench/README.md.) */
+ * in ct between slices. (Software prefetch of W, other slice depths and task shapes measured no
+ * better: bench/README.md.) */
 static void amx_wx_task(void *ctx, int64_t begin, int64_t end) {
     const amx_wx_job *j = ctx;
     const gemm_args *g = j->g;
@@ -1157,9 +1174,16 @@ static void amx_wx_task(void *ctx, int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; t++) {
         int b0 = (int)(t % mtasks) * j->mper, b1 = b0 + j->mper < j->nmblk ? b0 + j->mper : j->nmblk;
         int n0 = (int)(t / mtasks) * j->nper * 32, n1 = n0 + j->nper * 32 < g->N ? n0 + j->nper * 32 : g->N;
-        int mb = b1 - b0, slice = mb == 1 ? g->K : FKC;
-        for (int k0 = 0; k0 < g->K; k0 += slice) {
-            int kc = g->K - k0 < slice ? g->K - k0 : slice;
+        int mb = b1 - b0, mr = g->M - b0 * 32 < 32 ? g->M - b0 * 32 : 32;
+        if (mb == 1) {
+            for (int n = n0; n < n1; n += 16) {
+                amx_wx_rows16(g, n, j->xp + (size_t)b0 * 32 * g->K, ct);
+                amx_wx_store(g, ct, b0 * 32, mr, n, 16);
+            }
+            continue;
+        }
+        for (int k0 = 0; k0 < g->K; k0 += FKC) {
+            int kc = g->K - k0 < FKC ? g->K - k0 : FKC;
             for (int n = n0; n < n1; n += 32)
                 for (int b = b0; b < b1; b++)
                     amx_wx_slice(g, n, k0, kc, j->xp + (size_t)b * 32 * g->K + (size_t)k0 * 32,
@@ -1168,7 +1192,7 @@ static void amx_wx_task(void *ctx, int64_t begin, int64_t end) {
         for (int n = n0; n < n1; n += 32)
             for (int b = b0; b < b1; b++)
                 amx_wx_store(g, ct + ((size_t)(n - n0) / 32 * mb + (b - b0)) * 1024, b * 32,
-                             g->M - b * 32 < 32 ? g->M - b * 32 : 32, n);
+                             g->M - b * 32 < 32 ? g->M - b * 32 : 32, n, 32);
     }
 }
 
