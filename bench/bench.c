@@ -2,6 +2,7 @@
  * First measures the machine: fp32 FMA peak over all threads and memory read bandwidth; then
  * times the GEMM (bf16 weights, the shapes of the DiT's and the text encoder's Linear layers),
  * attention and their thread scaling, printing each rate as a percentage of the measured peak,
+ * the thread pool's cost per parallel call,
  * the VAE's convolutions, and last the tokenizer (goals: loading tokenizer.json < 0.5 s, 1 MB of mixed text < 1 s). Rates are also
  * given per CPU-second (process CPU time), which on a machine shared with other jobs is the
  * steadier figure. */
@@ -10,6 +11,7 @@
 #include "machine.h"
 
 #include <math.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -135,6 +137,25 @@ static void bench_attention(const char *filter, int S, int H, int D) {
  * all of them. The speed-up is printed as a percentage of linear (the goal: >= 85%) and next
  * to the speed-up of the FMA peak itself, which is less than linear where clocks drop with
  * more busy cores or vCPUs share a core. */
+/* The thread pool's own cost: zi_parallel_for over n items that do (almost) nothing, the price
+ * every parallel step pays; the text encoder at 32 tokens makes about 900 such calls. */
+static void count_items(void *ctx, int64_t b, int64_t e) { atomic_fetch_add((atomic_llong *)ctx, e - b); }
+
+static void bench_dispatch(const char *filter) {
+    if (!selected(filter, "dispatch")) return;
+    atomic_llong items = 0;
+    for (int n = 16; n <= 256; n *= 4) {
+        double best = 1e30;
+        for (int r = 0; r < 3; r++) {
+            double t0 = zi_now();
+            for (int i = 0; i < 10000; i++) zi_parallel_for(n, 1, count_items, &items);
+            double t = (zi_now() - t0) / 10000;
+            best = t < best ? t : best;
+        }
+        printf("dispatch: zi_parallel_for over %3d items on %d threads: %6.2f us\n", n, zi_nthreads(), best * 1e6);
+    }
+}
+
 static void bench_scaling(const char *filter) {
     if (!selected(filter, "scaling")) return;
     linear_case lc = linear_new(1056, 3840, 3840);
@@ -225,6 +246,7 @@ int main(int argc, char **argv) {
         for (size_t i = 0; i < sizeof te / sizeof *te; i++) bench_linear(filter, 32, te[i][0], te[i][1], f);
     for (int i = 0; i < 3; i++) bench_attention(filter, Ms[i], 30, 128);
     bench_scaling(filter);
+    bench_dispatch(filter);
     /* the VAE decoder's layers: C -> C at 128², 256², 512², 1024², and the channel changes */
     static const int convs[][4] = { {512, 512, 64, 128}, {512, 512, 32, 256}, {512, 256, 16, 512},
                                     {256, 256, 32, 512}, {256, 128, 16, 1024}, {128, 128, 64, 1024},
