@@ -10,6 +10,7 @@
 #include <unistd.h>
 #include <stdatomic.h>
 #include <pthread.h>
+#include <sched.h>
 #ifdef ZI_OMP
 #include <omp.h>
 #endif
@@ -283,13 +284,16 @@ static void cpu_relax(void) {
 #endif
 }
 
-/* Spins until (*v == x) == want, for at most SPIN_S seconds: whether that came. */
+/* Spins until (*v == x) == want, for at most SPIN_S seconds: whether that came. It yields the
+ * CPU now and then, so that with more threads than free cores the spinning does not keep a
+ * thread with work from running. */
 static int spin_for(atomic_llong *v, long long x, int want) {
     double t0 = 0;
     for (int i = 1;; i++) {
         if ((atomic_load_explicit(v, memory_order_acquire) == x) == want) return 1;
         cpu_relax();
         if (i % 64 == 0) {
+            sched_yield();
             double t = zi_now();
             if (t0 == 0) t0 = t;
             else if (t - t0 > SPIN_S) return 0;
