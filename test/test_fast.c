@@ -106,8 +106,29 @@ static void threads_and_off(const shape *s) {
 }
 
 TEST(fast_threads_and_off) {
+    static const shape few = { 0, 1, 20, 96, 416, ZI_BF16, 1.0f, 0.0f };   /* AMX: one row block */
     threads_and_off(&shapes[0]);
     threads_and_off(&shapes[7]);
+    threads_and_off(&few);
+}
+
+/* A row's result does not depend on the rows computed with it: each row alone (M = 1; with AMX
+ * the single-block kernel) gives the bits it has in a batch of 70 (AMX: K sliced, 2 x 2 tiles). */
+TEST(fast_rows_batch_free) {
+    const shape all = { 0, 1, 70, 96, 416, ZI_BF16, 1.0f, 0.0f }, one = { 0, 1, 1, 96, 416, ZI_BF16, 1.0f, 0.0f };
+    float *A = vals((size_t)all.M * all.K, 2), *Bf = vals((size_t)all.K * all.N, 4), *C0 = vals((size_t)all.M * all.N, 6);
+    void *B = weights(&all, Bf);
+    zi_set_fast(1);
+    float *batch = run(&all, A, B, C0);
+    int same = 1;
+    for (int i = 0; i < all.M; i++) {
+        float *row = run(&one, A + (size_t)i * all.K, B, C0 + (size_t)i * all.N);
+        same &= !memcmp(row, batch + (size_t)i * all.N, (size_t)all.N * sizeof(float));
+        free(row);
+    }
+    zi_set_fast(0);
+    free(A), free(Bf), free(C0), free(B), free(batch);
+    CHECK(same, "a row of the fast GEMM depends on the batch it is computed in");
 }
 
 /* max|fast - exact| / max|exact|, printed */
