@@ -88,6 +88,8 @@ TEST(dit_golden) {
 TEST(dit_blocks) {
     zi_dit *m = zi_dit_load(zt_golden(TINY));
     CHECK(m, "load: %s", zi_err());
+    const zi_dit_cfg *cfg = zi_dit_config(m);
+    int want = 2 * cfg->n_refiner_layers + cfg->n_layers;   /* noise and context refiners, main layers */
     dit_case c;
     CHECK(!case_open(&c, "dit-0.safetensors"), "dit-0: %s", zi_err());
     char path[512];
@@ -96,7 +98,6 @@ TEST(dit_blocks) {
     float *out = run1(m, &c);
     int rc = zi_dump_end(path);
     free(out);
-    zi_dit_free(m);
     zi_st *d = rc ? NULL : zi_st_open(path);
     int ok = d != NULL, nblocks = 0;
     for (int i = 0; d && i < zi_st_count(c.st); i++) {
@@ -116,7 +117,8 @@ TEST(dit_blocks) {
     }
     zi_st_close(d);
     case_close(&c);
-    CHECK(nblocks == 6, "dit-0 holds %d block outputs", nblocks);
+    zi_dit_free(m);
+    CHECK(nblocks == want, "dit-0 holds %d block outputs, the model has %d blocks", nblocks, want);
     CHECK(ok, "block outputs differ from diffusers");
 }
 
@@ -180,19 +182,38 @@ TEST(dit_bad_inputs) {
     zi_dit *m = zi_dit_load(zt_golden(TINY));
     CHECK(m, "load: %s", zi_err());
     const zi_dit_cfg *cfg = zi_dit_config(m);
-    CHECK(cfg->dim == 64 && cfg->n_heads == 2 && cfg->patch == 2 && cfg->adaln_dim == 64 && cfg->cap_feat_dim == 32,
-          "config read wrong");
-    CHECK(zi_dit_nlin(m) == 6 + 2 * 7 + 4 * 8, "%d Linear layers", zi_dit_nlin(m));
-    CHECK(zi_dit_linear(m, "layers.1.feed_forward.w2") && zi_dit_linear(m, "noise_refiner.0.adaLN_modulation.0") &&
+    zj *json = zj_load(zt_golden(TINY "/config.json"));
+    CHECK(json, "%s", zi_err());
+    const zj *patch = zj_at(zj_get(json, "all_patch_size"), 0);
+    int dim = (int)zj_num(json, "dim", 0), heads = (int)zj_num(json, "n_heads", 0);
+    int read_right = cfg->dim == dim && cfg->n_heads == heads && cfg->head_dim == dim / heads &&
+                     patch && cfg->patch == (int)patch->num && cfg->adaln_dim == (dim < 256 ? dim : 256) &&
+                     cfg->cap_feat_dim == (int)zj_num(json, "cap_feat_dim", 0) &&
+                     cfg->n_layers == (int)zj_num(json, "n_layers", 0) &&
+                     cfg->n_refiner_layers == (int)zj_num(json, "n_refiner_layers", 0);
+    zj_free(json);
+    CHECK(read_right, "config read wrong");
+    /* 6 outside the blocks (x embedder, t embedder's two, caption embedder, final layer's two); 7
+     * in each context refiner block (attention 4, feed-forward 3); 8 in each modulated block */
+    int nref = cfg->n_refiner_layers, nlay = cfg->n_layers;
+    CHECK(zi_dit_nlin(m) == 6 + nref * 7 + (nref + nlay) * 8, "%d Linear layers", zi_dit_nlin(m));
+    char last[64];
+    snprintf(last, sizeof last, "layers.%d.feed_forward.w2", nlay - 1);
+    CHECK(zi_dit_linear(m, last) && zi_dit_linear(m, "noise_refiner.0.adaLN_modulation.0") &&
           zi_dit_linear(m, "all_final_layer.2-1.linear") && !zi_dit_linear(m, "context_refiner.0.adaLN_modulation.0"),
           "Linear layers by name");
-    int C = cfg->in_channels;
-    float *x = calloc((size_t)C * 2 * 1026, sizeof(float)), *cap = calloc((size_t)1600 * 32, sizeof(float));
-    float *out = calloc((size_t)C * 2 * 1026, sizeof(float)), t = 0.5f;
+    /* Sizes from the model: a side not a multiple of the patch, a caption whose padded length
+     * (a multiple of 32, as diffusers pads it) reaches axes_lens[0], an image row or column
+     * index reaching axes_lens[1] / axes_lens[2]. */
+    int C = cfg->in_channels, p = cfg->patch, far_h = p * (cfg->axes_lens[1] + 1), far_w = p * (cfg->axes_lens[2] + 1);
+    int Lmax = (cfg->axes_lens[0] - 2) / 32 * 32;  /* the longest caption that fits: padded Lmax + 1 < axes_lens[0] */
+    size_t npix = (size_t)p * (far_h > far_w ? far_h : far_w);
+    float *x = calloc((size_t)C * npix, sizeof(float)), *cap = calloc((size_t)(Lmax + 32) * cfg->cap_feat_dim, sizeof(float));
+    float *out = calloc((size_t)C * npix, sizeof(float)), t = 0.5f;
     const float *xp = x, *cp = cap;
     struct { int h, w, L; const char *what; } bad[] = {
-        { 3, 4, 5, "patch" }, { 4, 0, 5, "patch" }, { 4, 4, 0, "caption length" },
-        { 4, 4, 1535, "axes_lens" }, { 2, 1026, 5, "axes_lens" }, { 1026, 2, 5, "axes_lens" },
+        { p + 1, 2 * p, 5, "patch" }, { 2 * p, 0, 5, "patch" }, { 2 * p, 2 * p, 0, "caption length" },
+        { 2 * p, 2 * p, cfg->axes_lens[0] - 1, "axes_lens" }, { p, far_w, 5, "axes_lens" }, { far_h, p, 5, "axes_lens" },
     };
     int ok = 1;
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
@@ -202,35 +223,50 @@ TEST(dit_bad_inputs) {
             ok = 0;
         }
     }
-    /* the largest caption that still fits: padded 1504 + 1 < 1536 */
-    int h = 2, w = 2, L = 1504;
+    int h = p, w = p, L = Lmax;
     if (zi_dit_forward(m, 1, &xp, &h, &w, &t, &cp, &L, &out)) ok = 0;
     free(x); free(cap); free(out);
     zi_dit_free(m);
     CHECK(ok, "bad inputs accepted");
 }
 
-/* A copy of the tiny transformer directory whose config.json has FROM replaced by TO. */
-static zi_dit *load_edited(const char *from, const char *to) {
+/* A copy of the tiny transformer directory whose config.json went through the sed expression */
+static zi_dit *load_edited(const char *sed_expr) {
     char dir[512];
     snprintf(dir, sizeof dir, "%s/dit-edit", zt_tmpdir());
     int rc = zt_sh(NULL, 0, "rm -rf %s && mkdir -p %s && ln -s \"$PWD\"/test/golden/%s/*.safetensors* %s/ && "
-                   "sed 's/%s/%s/' test/golden/%s/config.json > %s/config.json", dir, dir, TINY, dir, from, to, TINY, dir);
+                   "sed '%s' test/golden/%s/config.json > %s/config.json", dir, dir, TINY, dir, sed_expr, TINY, dir);
     if (rc) return NULL;
     return zi_dit_load(dir);
 }
 
+/* the sed expression that sets KEY's number to VALUE */
+static const char *set_num(const char *key, int value) {
+    static char e[128];
+    snprintf(e, sizeof e, "s/\"%s\": *[0-9]*/\"%s\": %d/", key, key, value);
+    return e;
+}
+
+/* Config values that contradict the weights, each named in the error: twice the heads (head_dim
+ * no longer the sum of axes_dims), half the caption width, one layer more than stored, a
+ * temporal patch list of two. */
 TEST(dit_bad_models) {
     CHECK(!zi_dit_load("/nonexistent/transformer"), "loaded a missing directory");
-    zi_dit *m = load_edited("\"n_heads\": 2", "\"n_heads\": 4");
-    CHECK(!m && strstr(zi_err(), "config.json") && strstr(zi_err(), "axes_dims"), "n_heads 4: %s", zi_err());
-    m = load_edited("\"cap_feat_dim\": 32", "\"cap_feat_dim\": 16");
-    CHECK(!m && strstr(zi_err(), "cap_embedder"), "cap_feat_dim 16: %s", zi_err());
-    m = load_edited("\"n_layers\": 2", "\"n_layers\": 3");
-    CHECK(!m && strstr(zi_err(), "layers.2"), "n_layers 3: %s", zi_err());
-    m = load_edited("\"all_f_patch_size\": \\[", "\"all_f_patch_size\": [2, ");
+    zi_dit *m = zi_dit_load(zt_golden(TINY));
+    CHECK(m, "load: %s", zi_err());
+    zi_dit_cfg cfg = *zi_dit_config(m);
+    zi_dit_free(m);
+    char layer[32];
+    snprintf(layer, sizeof layer, "layers.%d", cfg.n_layers);
+    m = load_edited(set_num("n_heads", 2 * cfg.n_heads));
+    CHECK(!m && strstr(zi_err(), "config.json") && strstr(zi_err(), "axes_dims"), "n_heads %d: %s", 2 * cfg.n_heads, zi_err());
+    m = load_edited(set_num("cap_feat_dim", cfg.cap_feat_dim / 2));
+    CHECK(!m && strstr(zi_err(), "cap_embedder"), "cap_feat_dim %d: %s", cfg.cap_feat_dim / 2, zi_err());
+    m = load_edited(set_num("n_layers", cfg.n_layers + 1));
+    CHECK(!m && strstr(zi_err(), layer), "n_layers %d: %s", cfg.n_layers + 1, zi_err());
+    m = load_edited("s/\"all_f_patch_size\": \\[/\"all_f_patch_size\": [2, /");
     CHECK(!m && strstr(zi_err(), "config.json"), "f_patch 2: %s", zi_err());
-    m = load_edited("x", "x");
+    m = load_edited("");
     CHECK(m, "unchanged copy: %s", zi_err());
     zi_dit_free(m);
 }

@@ -35,8 +35,16 @@ TEST(lora_formats_agree) {
     zi_lora *a = zi_lora_load(zt_golden("lora-a-diffsynth.safetensors"));
     zi_lora *b = zi_lora_load(zt_golden("lora-a-diffusers.safetensors"));
     CHECK(a && b, "%s", zi_err());
-    CHECK(a->n == 6 * 7, "%d modules, want 7 in each of 6 blocks", a->n);
-    CHECK(find_module(a, "layers.1.feed_forward.w2") && find_module(a, "context_refiner.0.attention.to_out.0"),
+    /* the oracle's LoRA: attention q, k, v, out and feed-forward w1, w2, w3 of every block */
+    zi_dit *dit = zi_dit_load(zt_golden("tiny-zimage/transformer"));
+    CHECK(dit, "%s", zi_err());
+    const zi_dit_cfg *cfg = zi_dit_config(dit);
+    int blocks = 2 * cfg->n_refiner_layers + cfg->n_layers;
+    char last[64];
+    snprintf(last, sizeof last, "layers.%d.feed_forward.w2", cfg->n_layers - 1);
+    zi_dit_free(dit);
+    CHECK(a->n == 7 * blocks, "%d modules, want 7 in each of %d blocks", a->n, blocks);
+    CHECK(find_module(a, last) && find_module(a, "context_refiner.0.attention.to_out.0"),
           "diffusers module names expected");
     CHECK(same_lora(a, b), "diffsynth and diffusers files of the same LoRA differ");
     zi_lora *c = zi_lora_load(zt_golden("lora-b-aitoolkit.safetensors"));

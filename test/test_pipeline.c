@@ -276,8 +276,8 @@ TEST(lora_merge_vs_runtime) {
         int n = zi_dit_nlin(dit);
         zi_lin **lins = malloc((size_t)n * sizeof *lins);
         for (int i = 0; i < n; i++) lins[i] = zi_dit_lin_at(dit, i);
-        zi_lin *q = zi_dit_linear(dit, "layers.1.attention.to_q");
-        CHECK(q, "no layers.1.attention.to_q");
+        zi_lin *q = zi_dit_linear(dit, "layers.0.attention.to_q");
+        CHECK(q, "no layers.0.attention.to_q");
         zi_mat before = q->W;
         for (int mode = 0; mode < 3; mode++) {
             /* 0: run time, 1: merged, 2: merged then removed (the base model) */
