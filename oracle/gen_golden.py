@@ -11,6 +11,7 @@
 #        ONLY=sampler python3 gen_golden.py OUTDIR   (just the sampler-*.safetensors files: no models, no DEPS)
 #        ONLY=distill GOLDEN=test/golden python3 gen_golden.py OUTDIR   (just distill-0.safetensors, from GOLDEN's tiny model)
 #        ONLY=img2img GOLDEN=test/golden python3 gen_golden.py OUTDIR   (just pipe-img2img.safetensors, likewise)
+#        SHAPES=alt ...: the same from a model of other shapes (see ALT below)
 #
 # File naming follows the evaluation convention of the C tools: every golden file holds the
 # inputs of one component and its expected outputs, under these tensor names:
@@ -62,8 +63,11 @@ os.makedirs(OUT, exist_ok=True)
 
 from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler, DPMSolverMultistepScheduler
 
-BASE_SEED = 1234
 ONLY = os.environ.get("ONLY")   # ONLY=sampler / distill / img2img: only that section
+# SHAPES=alt: the same files from a model of other widths, head counts and depths (and another seed
+# and prompts): copied over test/golden, `make test` must still pass, so nothing is sized by hand
+ALT = os.environ.get("SHAPES") == "alt"
+BASE_SEED = 4321 if ALT else 1234
 
 def f32(d):
     return {k: (v.detach().to(torch.float32).contiguous() if v.is_floating_point() else v.detach().contiguous())
@@ -339,6 +343,10 @@ VAE_CFG = dict(in_channels=3, out_channels=3,
                norm_num_groups=16, sample_size=64, scaling_factor=0.3611, shift_factor=0.1159,
                use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=True, force_upcast=True)
 SCHED_CFG = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
+if ALT:   # 5 DiT blocks of head_dim 32; a text encoder whose head_dim (16) is not hidden/heads (8)
+    DIT_CFG.update(dim=96, n_layers=3, n_refiner_layers=1, n_heads=3, n_kv_heads=3, cap_feat_dim=48, axes_dims=[16, 8, 8])
+    TE_CFG.update(hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=6, head_dim=16)
+    VAE_CFG.update(block_out_channels=[16, 32, 64, 64], layers_per_block=1, norm_num_groups=8)
 
 def randomize(model, seed, scale_vec=0.1):
     # default inits leave adaLN, final layers and pad tokens near zero or undefined:
@@ -403,7 +411,8 @@ for t in TOK_TEXTS:
 json.dump(cases, open(os.path.join(OUT, "tokenizer-cases.json"), "w"), ensure_ascii=False, indent=1)
 
 # ---------------------------------------------------------------- text encoder
-PROMPTS = ["a dog", "一只在雪地里奔跑的柴犬, cinematic lighting"]
+PROMPTS = (["a red bicycle leaning on a brick wall", "雨の日の東京、ネオン"] if ALT else
+           ["a dog", "一只在雪地里奔跑的柴犬, cinematic lighting"])
 for i, p in enumerate(PROMPTS):
     ids = torch.tensor(tok(chat(p))["input_ids"], dtype=torch.int64)
     embeds = pipe._encode_prompt([p], device="cpu", max_sequence_length=512)[0]
