@@ -427,10 +427,10 @@ TEST(backward_dit_golden) {
  * probes together is taken relative to their largest magnitude (zt_close). The finite
  * difference's own error is absolute, not relative to the probed entry: the loss comes out of
  * a float32 forward, so it carries a rounding error of about 1e-7 of the loss, which the
- * central difference divides by 2h: ~1e-5 at h = 1e-2. The O(h²) truncation is smaller (on
- * both golden sets the differences at h = 2e-2 and 1e-2 agree to a few 1e-6, while at
- * h = 1.25e-3 the rounding scatters them by 1e-4), so h = 1e-2 is about the most accurate
- * step. Against the scale of the gradients (~1e-2 to 1e-1) that error stays ~1e-4, well inside
+ * central difference divides by 2h: ~1e-5 at h = 1e-2. The O(h²) truncation is no larger (on
+ * both golden sets the differences at h = 2e-2 and 1e-2 agree to 1e-5 or better, while at
+ * h = 1.25e-3 the rounding scatters them by up to 1e-4), so h = 1e-2 is about the most
+ * accurate step. Against the scale of the gradients (~1e-2 to 1e-1) that error stays ~1e-4, well inside
  * 2e-3; judged per probe it would not for a module whose largest gradient happens to be small
  * (a few 1e-3), without the backward being any less right. */
 
