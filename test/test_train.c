@@ -288,67 +288,114 @@ static int same_tensors(const char *pa, const char *pb) {
     return ok;
 }
 
-/* An --eval input from the cached encoding of one example, with fixed noise and σ. */
-static int write_fixed_batch(const char *out_dir, const char *path) {
-    char cache[700];
-    snprintf(cache, sizeof cache, "%s/cache", out_dir);
-    DIR *d = opendir(cache);
-    if (!d) return -1;
+/* The LoRA modules train makes with its default targets (to_q, to_k, to_v, to_out.0, w1, w2,
+ * w3): 7 Linears in each block, n_layers main layers and n_refiner_layers noise and context
+ * refiners each, from the DiT's config. -1 when the model does not load. */
+static int target_modules(void) {
+    zi_dit *m = zi_dit_load(TINY "/transformer");
+    if (!m) return -1;
+    const zi_dit_cfg *c = zi_dit_config(m);
+    int n = 7 * (c->n_layers + 2 * c->n_refiner_layers);
+    zi_dit_free(m);
+    return n;
+}
+
+/* The training loss (σ weight 1) of the base model and of the base plus the LoRA a run wrote,
+ * on every example that run cached (out_dir/cache), each at fixed noise and at each of the ns
+ * σ: point k = example·ns + j goes to base[k] and trained[k] (cap points at most). Returns the
+ * number of points, or -1. */
+static int cached_losses(const char *out_dir, const char *lora_path, const float *sigmas, int ns, float *base,
+                         float *trained, int cap) {
+    char dir[700], file[1000];
+    snprintf(dir, sizeof dir, "%s/cache", out_dir);
+    zi_dit *dit = zi_dit_load(TINY "/transformer");
+    zi_lora *lora = zi_lora_load(lora_path);
+    DIR *d = opendir(dir);
+    int nlin = 0, k = 0, rc = dit && lora && d ? 0 : -1;
+    zi_lin *const *lins = dit ? zi_dit_lins(dit, &nlin) : NULL;
     struct dirent *e;
-    char file[1000] = "";
-    while ((e = readdir(d)))
-        if (strstr(e->d_name, ".safetensors")) { snprintf(file, sizeof file, "%s/%s", cache, e->d_name); break; }
-    closedir(d);
-    zi_st *st = file[0] ? zi_st_open(file) : NULL;
-    if (!st) return -1;
-    const zi_tensor *x = zi_st_get(st, "latents"), *c = zi_st_get(st, "prompt_embeds");
-    int64_t n = x->numel, shape[4] = {x->shape[0], 1, x->shape[1], x->shape[2]};
-    float *noise = malloc(n * sizeof(float)), sigma = 0.6f;
-    zi_randn(noise, n, 123, ZI_RNG_CPU);
-    zi_stw *w = zi_stw_new();
-    zi_stw_add(w, "train.x0", ZI_F32, 4, shape, x->data);
-    zi_stw_add_f32(w, "train.noise", 4, shape, noise);
-    zi_stw_add_f32(w, "train.sigma", 1, (int64_t[]){1}, &sigma);
-    zi_stw_add(w, "train.cap", ZI_F32, 2, c->shape, c->data);
-    int rc = zi_stw_write(w, path);
-    zi_stw_free(w);
-    zi_st_close(st);
-    free(noise);
-    return rc;
-}
-
-static float eval_loss(const char *in, const char *lora) {
-    char out[600], log[4096];
-    snprintf(out, sizeof out, "%s/eval-loss.safetensors", zt_tmpdir());
-    if (zt_sh(log, sizeof log, "%s/train " TINY " --eval %s --eval-out %s --lora %s", zt_bin(), in, out, lora)) {
-        fprintf(stderr, "%s", log);
-        return NAN;
+    while (!rc && (e = readdir(d))) {
+        if (!strstr(e->d_name, ".safetensors")) continue;
+        snprintf(file, sizeof file, "%s/%s", dir, e->d_name);
+        zi_st *st = zi_st_open(file);
+        /* latents [C, h, w], prompt_embeds [L, cap_feat_dim] */
+        const zi_tensor *x = st ? zi_st_get(st, "latents") : NULL, *c = st ? zi_st_get(st, "prompt_embeds") : NULL;
+        if (!x || !c || x->ndim != 3 || c->ndim != 2 || k + ns > cap) {
+            zi_st_close(st);
+            rc = -1;
+            break;
+        }
+        int64_t n = x->numel;
+        int h = (int)x->shape[1], w = (int)x->shape[2], L = (int)c->shape[0];
+        float *x0 = zi_tensor_f32(x), *cp = zi_tensor_f32(c), *noise = malloc(n * sizeof(float));
+        float *xt = malloc(n * sizeof(float)), *out = malloc(n * sizeof(float));
+        const float *xp = xt, *cc = cp;
+        /* the example's noise, seeded by its prompt (FNV-1a): the same from run to run, whatever
+         * the order of the listing (the file names hash the run's paths) */
+        const char *prompt = zi_st_meta(st, "prompt");
+        uint64_t seed = 1469598103934665603ull;
+        for (const char *q = prompt ? prompt : ""; *q; q++) seed = (seed ^ (uint8_t)*q) * 1099511628211ull;
+        zi_randn(noise, n, seed, ZI_RNG_CPU);
+        for (int j = 0; j < ns && !rc; j++, k++) {
+            float t = zi_flow_t(sigmas[j]);
+            zi_train_noisy(xt, x0, noise, sigmas[j], n);
+            for (int with = 0; with < 2 && !rc; with++) {
+                if (with && zi_lora_apply(lora, lins, nlin, 1.0f, 0, 0) < 0) rc = -1;
+                else rc = zi_dit_forward(dit, 1, &xp, &h, &w, &t, &cc, &L, &out);
+                if (!rc) (with ? trained : base)[k] = zi_train_loss(out, x0, noise, n, 1.0f, 1.0f, NULL);
+                if (with) zi_lora_remove(lora);
+            }
+        }
+        free(x0); free(cp); free(noise); free(xt); free(out);
+        zi_st_close(st);
     }
-    zi_st *st = zi_st_open(out);
-    const zi_tensor *t = st ? zi_st_get(st, "train.loss") : NULL;
-    float v = t ? *(const float *)t->data : NAN;
-    zi_st_close(st);
-    return v;
+    if (d) closedir(d);
+    zi_lora_free(lora);
+    zi_dit_free(dit);
+    return rc ? -1 : k;
 }
 
-/* Training on two images lowers the loss on one of them at a fixed noise and σ: the trained
- * LoRA at strength 1 against strength 0 (the base model). */
+/* Whether a run's training lowered the loss on its examples: at every cached example and at
+ * every σ of a spread over the noise levels, the trained LoRA's loss lies below the base
+ * model's. All examples are judged (not one picked by the order of a directory listing, which
+ * changes from run to run), each at fixed noise, at several σ: a LoRA that learnt nothing (no
+ * step, wrong gradients) leaves the loss where it was or moves it up at some of these points;
+ * a working one lowers it at all of them. How much lower depends on how much the model at hand
+ * can learn in a few steps (the tiny models of the golden sets: 18% to 37% on average), so it
+ * is printed, not judged. */
+static int loss_went_down(const char *out_dir, const char *lora_path) {
+    static const float sigmas[] = {0.25f, 0.5f, 0.75f};
+    enum { NS = sizeof sigmas / sizeof sigmas[0], CAP = 16 * NS };
+    float base[CAP], trained[CAP];
+    int n = cached_losses(out_dir, lora_path, sigmas, NS, base, trained, CAP);
+    if (n <= 0) {
+        fprintf(stderr, "    %s or its cached encodings: %s\n", lora_path, zi_err());
+        return 0;
+    }
+    double mb = 0, mt = 0;
+    int every = 1;
+    for (int k = 0; k < n; k++) {
+        fprintf(stderr, "    example %d, sigma %.2f: loss base %.6f, trained %.6f\n", k / NS, sigmas[k % NS], base[k],
+                trained[k]);
+        every &= trained[k] < base[k];
+        mb += base[k] / n;
+        mt += trained[k] / n;
+    }
+    fprintf(stderr, "    mean loss: base %.6f, trained %.6f (%.1f%% lower)\n", mb, mt, 100 * (1 - mt / mb));
+    return every;
+}
+
+/* Training on two images lowers the loss on them (loss_went_down): the trained LoRA against
+ * the base model. */
 TEST(train_tiny_loss_goes_down) {
     const char *data = write_dataset();
     CHECK(data, "could not write the dataset");
-    char out[600], log[8192], batch[700], lora[700];
+    char out[600], log[8192], lora[700];
     snprintf(out, sizeof out, "%s/run-down", zt_tmpdir());
     int rc = run_train(log, sizeof log, data, out, "--dataset-repeat 20 --learning-rate 1e-2 --seed 1");
     CHECK(rc == 0, "train failed:\n%s", log);
-    snprintf(batch, sizeof batch, "%s/batch.safetensors", zt_tmpdir());
-    CHECK(write_fixed_batch(out, batch) == 0, "no cached encoding in %s/cache", out);
     snprintf(lora, sizeof lora, "%s/epoch-0.safetensors", out);
-    char l0[800], l1[800];
-    snprintf(l0, sizeof l0, "%s:0", lora);
-    snprintf(l1, sizeof l1, "%s:1", lora);
-    float before = eval_loss(batch, l0), after = eval_loss(batch, l1);
-    fprintf(stderr, "    fixed-batch loss: base %.6f, trained %.6f\n", before, after);
-    CHECK(after < 0.8f * before, "loss %g -> %g did not go down", before, after);
+    CHECK(loss_went_down(out, lora), "the loss did not go down");
     /* a second run finds everything in the cache */
     rc = zt_sh(log, sizeof log, "%s/train " TINY " --dataset-base-path %s --dataset-metadata-path %s/meta.csv "
                "--output-path %s --lora-rank 4 --num-epochs 1 --dataset-repeat 1", zt_bin(), data, data, out);
@@ -432,8 +479,10 @@ TEST(train_eval_golden) {
                        out, lora);
         CHECK(rc == 0, "train --eval failed:\n%s", log);
         zi_st *got = zi_st_open(out), *ref = zi_st_open(in);
-        CHECK(got && ref, "%s", zi_err());
-        int ngrad = 0, ok = 1;
+        zi_lora *l = zi_lora_load(lora);
+        CHECK(got && ref && l, "%s", zi_err());
+        int nmod = l->n, ngrad = 0, ok = 1;
+        zi_lora_free(l);
         for (int i = 0; i < zi_st_count(ref); i++) {
             const zi_tensor *r = zi_st_at(ref, i);
             if (strcmp(r->name, "train.loss") && strncmp(r->name, "grad.", 5)) continue;
@@ -444,7 +493,9 @@ TEST(train_eval_golden) {
         }
         zi_st_close(got);
         zi_st_close(ref);
-        CHECK(ok && ngrad == 84, "%s: %d gradients compared; loss or gradients differ", name, ngrad);
+        /* the golden file holds d/dA and d/dB of every module of the LoRA: all of them compared */
+        CHECK(ok && ngrad == 2 * nmod, "%s: %d gradients compared (LoRA of %d modules); loss or gradients differ",
+              name, ngrad, nmod);
     }
 }
 
@@ -459,7 +510,9 @@ TEST(train_preset_lora) {
     CHECK(run_train(log, sizeof log, data, out, extra) == 0, "train failed:\n%s", log);
     snprintf(path, sizeof path, "%s/epoch-0.safetensors", out);
     zi_lora *l = zi_lora_load(path);
-    CHECK(l && l->n == 42 && l->m[0].rank == 4, "the saved LoRA is the trained one alone (rank 4, 42 modules)");
+    int want = target_modules();
+    CHECK(l && l->n == want && l->m[0].rank == 4, "the saved LoRA is the trained one alone (rank 4, %d modules)",
+          want);
     zi_lora_free(l);
 }
 
@@ -482,7 +535,8 @@ TEST(train_preset_lora_strength) {
     }
     CHECK(same_tensors(path[0], path[1]), "a preset at strength 0 changed the training");
     zi_st *a = zi_st_open(path[0]), *b = zi_st_open(path[2]);
-    CHECK(a && b && zi_st_count(a) == 84 && zi_st_count(b) == 84, "84 tensors (the trained LoRA alone)");
+    int want = 2 * target_modules();
+    CHECK(a && b && zi_st_count(a) == want && zi_st_count(b) == want, "%d tensors (the trained LoRA alone)", want);
     int differ = 0;
     for (int i = 0; i < zi_st_count(a); i++) {
         const zi_tensor *x = zi_st_at(a, i), *y = zi_st_get(b, x->name);
@@ -577,7 +631,9 @@ TEST(train_lora_format) {
         CHECK(run_train(log, sizeof log, data, out, extra) == 0, "train failed:\n%s", log);
         snprintf(path, sizeof path, "%s/epoch-0.safetensors", out);
         zi_lora *l = zi_lora_load(path);
-        CHECK(l && l->n == 42 && l->n_unknown == 0, "%s: %s", fmt[k][1], l ? "wrong modules" : zi_err());
+        int want = target_modules();
+        CHECK(l && l->n == want && l->n_unknown == 0, "%s: %s (%d modules, %d unknown keys; want %d)", fmt[k][1],
+              l ? "wrong modules" : zi_err(), l ? l->n : 0, l ? l->n_unknown : 0, want);
         zi_lora_free(l);
     }
     char log[8192], out[600];
@@ -590,7 +646,7 @@ TEST(train_lora_format) {
 
 /* A dataset of PNGs and JPEGs of odd sizes (37x53 RGBA and 100x61 gray PNGs, written here;
  * 61x45 baseline and progressive 4:2:0 JPEGs of test/data/jpeg), two of them in a
- * subfolder, listed in a JSONL file: training lowers the loss on a fixed batch, and
+ * subfolder, listed in a JSONL file: training lowers the loss on them (loss_went_down), and
  * ./sample --lora loads the LoRA it wrote. */
 TEST(train_odd_sizes_png_jpeg) {
     char dir[600], path[800], log[8192];
@@ -622,19 +678,15 @@ TEST(train_odd_sizes_png_jpeg) {
     int rc = zt_sh(log, sizeof log, "%s/train " TINY " --dataset-base-path %s --dataset-metadata-path %s --output-path %s "
                    "--lora-rank 4 --dataset-repeat 20 --learning-rate 1e-2 --seed 2", zt_bin(), dir, path, out);
     CHECK(rc == 0 && strstr(log, "dataset: 4 examples"), "train failed:\n%s", log);
-    char batch[800], lora[800], l0[820], l1[820];
-    snprintf(batch, sizeof batch, "%s/batch.safetensors", dir);
-    CHECK(write_fixed_batch(out, batch) == 0, "no cached encoding in %s/cache", out);
+    char lora[800];
     snprintf(lora, sizeof lora, "%s/epoch-0.safetensors", out);
-    snprintf(l0, sizeof l0, "%s:0", lora);
-    snprintf(l1, sizeof l1, "%s:1", lora);
-    float before = eval_loss(batch, l0), after = eval_loss(batch, l1);
-    fprintf(stderr, "    fixed-batch loss: base %.6f, trained %.6f\n", before, after);
-    CHECK(after < 0.8f * before, "loss %g -> %g did not go down", before, after);
+    CHECK(loss_went_down(out, lora), "the loss did not go down");
     snprintf(path, sizeof path, "%s/sample.png", dir);
     rc = zt_sh(log, sizeof log, "%s/sample " TINY " 'a photo' -W 32 -H 32 --steps 2 --seed 1 --lora %s -o %s", zt_bin(),
                lora, path);
-    CHECK(rc == 0 && strstr(log, "42 modules"), "sample --lora failed:\n%s", log);
+    char applied[64];     /* sample reports the modules of the LoRA it applied */
+    snprintf(applied, sizeof applied, ": %d modules,", target_modules());
+    CHECK(rc == 0 && strstr(log, applied), "sample --lora failed (want \"%s\"):\n%s", applied, log);
     zi_image im;
     CHECK(zi_image_load(path, &im) == 0 && im.w == 32 && im.h == 32, "no 32x32 image from sample: %s", zi_err());
     zi_image_free(&im);
