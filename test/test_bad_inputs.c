@@ -90,6 +90,7 @@ static struct { const char *name; char value[256]; } facts[] = {
     {"dim", ""},            /* the transformer's width */
     {"dim+1", ""},          /* a wrong input width for its LoRAs */
     {"cap_feat_dim", ""},   /* its caption feature width */
+    {"cap_feat_dim+1", ""}, /* a wrong one */
 };
 #define N_FACTS (int)(sizeof facts / sizeof facts[0])
 
@@ -137,10 +138,10 @@ static const bad_case cases[] = {
     {"sample", "--convert-lora @M/" VAEF " @T/x.safetensors --to kohya", NO_EDIT, VAEF},
     {"sample", "--info /nonexistent", NO_EDIT, "/nonexistent"},
     /* ---- --eval inputs of the wrong shape (they were read out of bounds); the caption has the
-     * model's width except where that width is the fault (5) */
+     * model's width except where that width is the fault */
 #define EVAL "@M --eval @T/in.safetensors --eval-out @T/o.safetensors"
     {"sample", EVAL, {E_TENSORS("@T/in.safetensors", "dit.x=1,16,8,8 dit.t=1 dit.cap=3,@{cap_feat_dim}")}, "dit.x"},
-    {"sample", EVAL, {E_TENSORS("@T/in.safetensors", "dit.x=16,1,8,8 dit.t=1 dit.cap=3,5")}, "dit.cap"},
+    {"sample", EVAL, {E_TENSORS("@T/in.safetensors", "dit.x=16,1,8,8 dit.t=1 dit.cap=3,@{cap_feat_dim+1}")}, "dit.cap"},
     {"sample", EVAL, {E_TENSORS("@T/in.safetensors", "dit.x=16,1,8,8 dit.t=0 dit.cap=3,@{cap_feat_dim}")}, "dit.t"},
     {"sample", EVAL, {E_TENSORS("@T/in.safetensors", "dit.x=16,1,8,8 dit.t=1 dit.cap=0,@{cap_feat_dim}")}, "dit.cap"},
     {"sample", EVAL, {E_TENSORS("@T/in.safetensors", "dit.x=16,1,7,8 dit.t=1 dit.cap=3,@{cap_feat_dim}")}, "@T/in.safetensors"},
@@ -230,18 +231,19 @@ static const bad_case cases[] = {
 };
 
 /* The value of fact NAME (name[0..len)), NULL when there is none. */
-static const char *fact(const char *name, size_t len) {
+static const char *fact_n(const char *name, size_t len) {
     for (int i = 0; i < N_FACTS; i++)
         if (strlen(facts[i].name) == len && !strncmp(facts[i].name, name, len)) return facts[i].value;
     return NULL;
 }
+static const char *fact(const char *name) { return fact_n(name, strlen(name)); }
 
 /* "@M" -> model, "@T" -> tmp, "@{NAME}" -> fact NAME, into dst[cap]. */
 static void expand(char *dst, size_t cap, const char *src, const char *model, const char *tmp) {
     size_t n = 0;
     while (*src && n + 1 < cap) {
         const char *end = src[0] == '@' && src[1] == '{' ? strchr(src, '}') : NULL;
-        const char *val = end ? fact(src + 2, (size_t)(end - src - 2)) : NULL;
+        const char *val = end ? fact_n(src + 2, (size_t)(end - src - 2)) : NULL;
         if (end && !val) fprintf(stderr, "    no fact %.*s\n", (int)(end - src + 1), src);
         if (val || (src[0] == '@' && (src[1] == 'M' || src[1] == 'T'))) {
             n += (size_t)snprintf(dst + n, cap - n, "%s", val ? val : src[1] == 'M' ? model : tmp);
@@ -311,7 +313,7 @@ static int sub_file(const char *path, const char *a, const char *b) {
     char *buf = read_file(path, &n, 64 << 20);
     if (!buf) return -1;
     int st = ends_with(path, ".safetensors"), rc = -1;
-    size_t hoff = st ? 8 : 0, hlen = st ? (size_t)st_hlen(buf, n) : n;
+    size_t hoff = st && n >= 8 ? 8 : 0, hlen = st ? (size_t)st_hlen(buf, n) : n;
     if (hlen > n - hoff) hlen = n - hoff;
     char *text = zi_malloc(hlen + 1);
     memcpy(text, buf + hoff, hlen);
@@ -406,6 +408,7 @@ static int learn_model(void) {
     set_fact("dim", "%d", dim);
     set_fact("dim+1", "%d", dim + 1);
     set_fact("cap_feat_dim", "%d", cap);
+    set_fact("cap_feat_dim+1", "%d", cap + 1);
 
     snprintf(path, sizeof path, "%s/text_encoder", dir);
     tensor_file(path, sizeof path, path, "model.norm.weight");
@@ -424,14 +427,14 @@ static int learn_model(void) {
     set_fact("shard", "transformer/%s", shard ? shard : "");
     set_fact("shard.file", "%s", shard ? shard : "");
     zj_free(ix);
-    if (!shard || !fact("shard.other", 11)[0]) {
+    if (!shard || !fact("shard.other")[0]) {
         fprintf(stderr, "    %s: no shard holds %s, or it is the only one\n", path, K);
         return -1;
     }
 
     /* K's entry in its shard's header */
     size_t n = 0;
-    snprintf(path, sizeof path, "%s/transformer/%s", dir, fact("shard.file", 10));
+    snprintf(path, sizeof path, "%s/%s", dir, fact("shard"));
     char *buf = read_file(path, &n, 64 << 20);
     zj *hdr = buf ? st_header(buf, n, path) : NULL;
     const zj *e = zj_get(hdr, K), *shape = zj_get(e, "shape"), *offs = zj_get(e, "data_offsets");
@@ -530,7 +533,7 @@ static int apply_edit(const edit *e, const char *model, const char *tmp) {
     }
     case LORA: {
         /* A [rank, in], B [dim, rank] (the module's output width: the transformer's) */
-        int in = atoi(b), rank = 2, out = atoi(fact("dim", 3));
+        int in = atoi(b), rank = 2, out = atoi(fact("dim"));
         float *A = zi_calloc((size_t)rank * in, sizeof *A), *B = zi_calloc((size_t)out * rank, sizeof *B);
         char name[1100];
         zi_stw *w = zi_stw_new();
