@@ -151,17 +151,46 @@ static void expect_load_error(const char *name, const char *sed, const char *nee
     CHECK(strstr(zi_err(), needle), "%s: error \"%s\" does not name %s", name, zi_err(), needle);
 }
 
+/* An integer of the tiny text encoder's config.json (-1 when absent). */
+static int te_cfg(const char *key) {
+    zj *cfg = zi_config_load(TE_DIR, "");
+    int v = -1;
+    if (!cfg || zi_cfg_need_int(cfg, key, &v)) v = -1;
+    zj_free(cfg);
+    return v;
+}
+
+/* The wrong sizes are derived from the model's own (the golden set may hold another tiny
+ * encoder): each stays a valid config, so only the weight of that size can catch it. */
 TEST(qwen3_bad_input) {
+    int hidden = te_cfg("hidden_size"), inter = te_cfg("intermediate_size"), heads = te_cfg("num_attention_heads");
+    int kv = te_cfg("num_key_value_heads");
+    CHECK(hidden > 0 && inter > 0 && heads > 0 && kv > 0, "config: %s", zi_err());
+    /* another key/value head count that still divides the query heads */
+    int kv_bad = kv == heads ? 1 : heads;
+    CHECK(kv_bad != kv, "no other valid num_key_value_heads for %d heads", heads);
+    char sed[256];
     expect_load_error("te_nohidden", "/\"hidden_size\"/d", "config.json");
-    expect_load_error("te_badhidden", "s/\"hidden_size\": 32/\"hidden_size\": 48/", "embed_tokens");
-    expect_load_error("te_badinter", "s/\"intermediate_size\": 64/\"intermediate_size\": 65/", "gate_proj");
-    expect_load_error("te_badheads", "s/\"num_key_value_heads\": 2/\"num_key_value_heads\": 4/", "k_proj");
+    snprintf(sed, sizeof sed, "s/\"hidden_size\": %d,/\"hidden_size\": %d,/", hidden, 2 * hidden);
+    expect_load_error("te_badhidden", sed, "embed_tokens");
+    snprintf(sed, sizeof sed, "s/\"intermediate_size\": %d,/\"intermediate_size\": %d,/", inter, inter + 1);
+    expect_load_error("te_badinter", sed, "gate_proj");
+    snprintf(sed, sizeof sed, "s/\"num_key_value_heads\": %d,/\"num_key_value_heads\": %d,/", kv, kv_bad);
+    expect_load_error("te_badheads", sed, "k_proj");
     expect_load_error("te_badjson", "s/\"vocab_size\"/vocab_size/", "config.json");
-    expect_load_error("te_fractional", "s/\"num_key_value_heads\": 2/\"num_key_value_heads\": 1.5/", "config.json");
+    snprintf(sed, sizeof sed, "s/\"num_key_value_heads\": %d,/\"num_key_value_heads\": 1.5,/", kv);
+    expect_load_error("te_fractional", sed, "config.json");
     expect_load_error("te_yarn", "s/\"rope_type\": \"default\"/\"rope_type\": \"yarn\"/", "config.json");
+    /* a shard cut short: the one holding the final norm (names depend on the shard count) */
+    zj *ix = zj_load(TE_DIR "/model.safetensors.index.json");
+    const char *shard = zj_str(zj_get(ix, "weight_map"), "model.norm.weight", NULL);
+    CHECK(shard, "index: %s", zi_err());
+    char name[256];
+    snprintf(name, sizeof name, "%.*s", (int)(strlen(shard) - strlen(".safetensors")), shard);
+    zj_free(ix);
     const char *dir = te_copy("te_truncated", "");
-    CHECK(dir && !zt_sh(NULL, 0, "truncate -s 4000 %s/model-00002-of-00002.safetensors", dir), "setup");
-    CHECK(!zi_te_load(dir) && strstr(zi_err(), "model-00002-of-00002"), "truncated shard: %s", zi_err());
+    CHECK(dir && !zt_sh(NULL, 0, "truncate -s 4000 %s/%s.safetensors", dir, name), "setup");
+    CHECK(!zi_te_load(dir) && strstr(zi_err(), name), "truncated shard %s: %s", name, zi_err());
     zi_te *te = zi_te_load("/nonexistent/text_encoder");
     CHECK(!te && strstr(zi_err(), "/nonexistent/text_encoder"), "missing dir: %s", zi_err());
 

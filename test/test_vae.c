@@ -106,25 +106,48 @@ static int write_variant(const char *dir, const char *drop, const char *shrink) 
     return rc;
 }
 
+/* The first tensor of the tiny VAE whose name contains pattern (copied into name[cap]); 0 or -1. */
+static int find_tensor(const char *pattern, char *name, size_t cap) {
+    zi_st *st = zi_st_open(VAE_DIR);
+    int rc = -1;
+    for (int i = 0; st && rc && i < zi_st_count(st); i++)
+        if (strstr(zi_st_at(st, i)->name, pattern)) rc = snprintf(name, cap, "%s", zi_st_at(st, i)->name) < 0;
+    zi_st_close(st);
+    return rc;
+}
+
+/* The damaged tensors are chosen from the model's own config and names, so that the cases
+ * hold for any tiny VAE the golden set has (other channel counts, layers per block). */
 TEST(vae_bad_input) {
-    char dir[512];
+    char dir[512], name[256];
     CHECK(!zi_vae_load("test/golden/no-such-vae"), "missing directory accepted");
 
+    zj *cfg = zi_config_load(VAE_DIR, "");
+    int layers = 0, groups = 0, ch[8];
+    CHECK(cfg && !zi_cfg_need_int(cfg, "layers_per_block", &layers) && !zi_cfg_need_int(cfg, "norm_num_groups", &groups)
+          && zi_cfg_ints(cfg, "block_out_channels", ch, 8) > 1, "config: %s", zi_err());
+    zj_free(cfg);
+
+    /* the last resnet of a decoder up block (the decoder has layers_per_block + 1 of them) */
     snprintf(dir, sizeof dir, "%s/vae-missing", zt_tmpdir());
-    CHECK(write_variant(dir, "decoder.up_blocks.1.resnets.2.conv2.bias", NULL) == 0, "%s", zi_err());
-    CHECK(!zi_vae_load(dir), "missing weight accepted");
-    CHECK(strstr(zi_err(), "decoder.up_blocks.1.resnets.2.conv2.bias"), "message: %s", zi_err());
+    snprintf(name, sizeof name, "decoder.up_blocks.1.resnets.%d.conv2.bias", layers);
+    CHECK(write_variant(dir, name, NULL) == 0, "%s", zi_err());
+    CHECK(!zi_vae_load(dir), "missing weight %s accepted", name);
+    CHECK(strstr(zi_err(), name), "message: %s", zi_err());
 
+    /* a 1x1 shortcut conv (where a block changes the channel count) one output channel short */
     snprintf(dir, sizeof dir, "%s/vae-shape", zt_tmpdir());
-    CHECK(write_variant(dir, NULL, "encoder.down_blocks.1.resnets.0.conv_shortcut.weight") == 0, "%s", zi_err());
-    CHECK(!zi_vae_load(dir), "wrong shape accepted");
-    CHECK(strstr(zi_err(), "conv_shortcut.weight"), "message: %s", zi_err());
+    CHECK(find_tensor("conv_shortcut.weight", name, sizeof name) == 0, "no conv_shortcut in the VAE");
+    CHECK(write_variant(dir, NULL, name) == 0, "%s", zi_err());
+    CHECK(!zi_vae_load(dir), "wrong shape of %s accepted", name);
+    CHECK(strstr(zi_err(), name), "message: %s", zi_err());
 
-    /* a config whose channel counts do not split into the GroupNorm groups */
+    /* a config whose channel counts do not split into the GroupNorm groups: more groups than
+     * the first block has channels */
     snprintf(dir, sizeof dir, "%s/vae-groups", zt_tmpdir());
     CHECK(write_variant(dir, NULL, NULL) == 0, "%s", zi_err());
-    CHECK(zt_sh(NULL, 0, "sed -i 's/\"norm_num_groups\": 16/\"norm_num_groups\": 24/' %s/config.json", dir) == 0,
-          "sed");
+    CHECK(zt_sh(NULL, 0, "sed -i 's/\"norm_num_groups\": %d,/\"norm_num_groups\": %d,/' %s/config.json", groups,
+                ch[0] + groups, dir) == 0, "sed");
     CHECK(!zi_vae_load(dir), "bad norm_num_groups accepted");
     CHECK(strstr(zi_err(), "norm_num_groups"), "message: %s", zi_err());
 }
