@@ -39,7 +39,7 @@ static const char usage[] =
 "      --strength S       img2img: the share of the schedule to run, (0, 1]; 1 = from pure noise (0.6)\n"
 "  -t, --threads N        worker threads (all cores)\n"
 "      --fast             bf16 matrix products (fp32 sums; AMX / AVX512-BF16 where the CPU has\n"
-"                         them): faster there, slower elsewhere, not the golden numbers\n"
+"                         them): faster there, no faster elsewhere, not the golden numbers\n"
 "                         (also ZIMAGE_FAST=1)\n"
 "      --dump FILE        write every intermediate tensor to a safetensors file\n"
 "  -q                     no progress output\n";

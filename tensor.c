@@ -467,6 +467,7 @@ typedef struct {
     int64_t ldb;
     float *C;
     int64_t ldc;
+    int round_bf16;         /* the fast path without bf16 arithmetic: operands rounded to bf16 as packed */
 } gemm_args;
 
 /* C tile (mr x nr valid) = alpha·acc + beta·C (acc: rows ldacc apart); beta = 0: C is not
@@ -581,8 +582,21 @@ static void micro(int kc, const float *a, const float *b, float *C, int64_t ldc,
 }
 #endif
 
+/* p[0 .. n) rounded to the nearest bf16 (ties to even; NaN stays NaN), kept as fp32: exactly
+ * zi_bf16_round, in a loop the compiler can vectorise. */
+static void round_to_bf16(float *p, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        uint32_t u, r;
+        memcpy(&u, p + i, 4);
+        r = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+        if ((u & 0x7fffffffu) > 0x7f800000u) r = (u | 0x00400000u) & 0xffff0000u;
+        memcpy(p + i, &r, 4);
+    }
+}
+
 /* op(A)[i0 .. i0+mc, p0 .. p0+kc] -> strips of MR rows: ap[strip][p][MR], zero padded. */
 static void pack_A(float *ap, const gemm_args *g, int i0, int mc, int p0, int kc) {
+    float *ap0 = ap;
     for (int ir = 0; ir < mc; ir += MR, ap += (size_t)MR * kc) {
         int mr = mc - ir < MR ? mc - ir : MR;
         if (g->transA) {                       /* A stored [K, M]: the strip's rows are contiguous */
@@ -599,6 +613,7 @@ static void pack_A(float *ap, const gemm_args *g, int i0, int mc, int p0, int kc
                 for (int i = mr; i < MR; i++) ap[p * MR + i] = 0;
         }
     }
+    if (g->round_bf16) round_to_bf16(ap0, (size_t)(mc + MR - 1) / MR * MR * kc);
 }
 
 #if defined(__AVX2__) && defined(__F16C__)
@@ -628,7 +643,7 @@ static inline void transpose8(__m256 r[8]) {
 
 /* op(B)[p0 .. p0+kc, j0 .. j0+nc] -> fp32 strips of NR columns: bp[strip][p][NR], zero padded.
  * This is where bf16/f16 weights become fp32, one KC x NC panel at a time. */
-static void pack_B(float *bp, const gemm_args *g, int p0, int kc, int j0, int nc) {
+static void pack_B_f32(float *bp, const gemm_args *g, int p0, int kc, int j0, int nc) {
     size_t es = zi_dtype_size(g->bt);
     const char *B = g->B;
     if (!g->transB) {      /* B stored [K, N]: each row of the panel is read once, dealt into strips */
@@ -670,6 +685,12 @@ static void pack_B(float *bp, const gemm_args *g, int p0, int kc, int j0, int nc
             for (int p = 0; p < kc; p++) bp[p * NR + j] = j < nr ? col[p] : 0;
         }
     }
+}
+
+/* pack_B_f32, then rounded to bf16 where the fast path asks (bf16 weights are already) */
+static void pack_B(float *bp, const gemm_args *g, int p0, int kc, int j0, int nc) {
+    pack_B_f32(bp, g, p0, kc, j0, nc);
+    if (g->round_bf16 && g->bt != ZI_BF16) round_to_bf16(bp, (size_t)(nc + NR - 1) / NR * NR * kc);
 }
 
 /* op(A) packed for a block of rows [r0, r0 + Mp) and every KC slice: the slice starting at pc
@@ -720,10 +741,57 @@ static void pack_B_all(float *dst, const gemm_args *g, int j0, int n) {
     }
 }
 
+/* One call's rows [r0, r0 + ms): op(A) packed once into `pa` (shared by all tasks), then tasks
+ * = rectangles of C of mb rows x nb columns (multiples of MR, NR), each packing its own B panels. */
+typedef struct { const gemm_args *g; packed_A pa; int ms, mb, nmb, nb; } gemm_job;
+
+/* Strip s (rows r0 + s·MR .., mr <= MR of them) of op(A), every KC slice, into pa. */
+static void pack_A_strip(const packed_A *pa, const gemm_args *g, int s, int mr) {
+    for (int pc = 0; pc < g->K; pc += KC) {
+        int kc = g->K - pc < KC ? g->K - pc : KC;
+        pack_A((float *)pa->p + (size_t)pc * pa->Mp + (size_t)s * MR * kc, g, pa->r0 + s * MR, mr, pc, kc);
+    }
+}
+
+static void pack_A_strips(void *ctx, int64_t begin, int64_t end) {
+    const gemm_job *jb = ctx;
+    for (int64_t s = begin; s < end; s++) {
+        int left = jb->ms - (int)s * MR;
+        pack_A_strip(&jb->pa, jb->g, (int)s, left < MR ? left : MR);
+    }
+}
+
+static void gemm_task(void *ctx, int64_t begin, int64_t end) {
+    const gemm_job *jb = ctx;
+    int r1 = jb->pa.r0 + jb->ms;
+    for (int64_t t = begin; t < end; t++) {
+        int i0 = jb->pa.r0 + (int)(t % jb->nmb) * jb->mb, j0 = (int)(t / jb->nmb) * jb->nb;
+        int m = r1 - i0 < jb->mb ? r1 - i0 : jb->mb;
+        int n = jb->g->N - j0 < jb->nb ? jb->g->N - j0 : jb->nb;
+        gemm_tile(jb->g, i0, m, j0, n, &jb->pa);
+    }
+}
+
+static void check_gemm_dtype(zi_dtype bt) {
+    if (bt != ZI_F32 && bt != ZI_BF16 && bt != ZI_F16) zi_die("zi_gemm: unsupported B dtype %s", zi_dtype_name(bt));
+}
+
+/* Packed op(A) is kept per calling thread up to this size; larger M is done in row blocks. */
+enum { A_PACK_FLOATS = 1 << 23 };
+
+static void run_tasks(int T, int64_t n, zi_range_fn fn, void *ctx) {
+    if (T == 1) fn(ctx, 0, n);
+    else zi_parallel_for(n, 1, fn, ctx);
+}
+
+static void gemm_exact(const gemm_args *g, int T);
+
 /* ---------------------------------------------------------------- fast GEMM (opt-in: bf16 operands)
  * zi_set_fast(1): op(A) and op(B) are rounded to bf16 (nearest even) and their products summed
- * in fp32, by AMX tiles, AVX512-BF16 dot products (vdpbf16ps) or, on CPUs with neither, by a
- * kernel that widens the bf16 operands to fp32 in registers. Same blocking as above (fixed KC
+ * in fp32, by AMX tiles or AVX512-BF16 dot products (vdpbf16ps). On CPUs with neither a bf16
+ * product costs an fp32 FMA anyway: there the exact kernels run on operands rounded to bf16 as
+ * they are packed (gemm_args.round_bf16), the fast path's numbers at the exact path's speed.
+ * The bf16 kernels use the same blocking as above (fixed KC
  * slices added to C in order, K never split), with a 32 x 32 block of C per kernel call and
  * slices padded with zeros to a multiple of 32 (an AMX tile's depth), so fast results too are
  * the same for any thread count. Packed layouts (bf16 as uint16):
@@ -745,7 +813,8 @@ int zi_fast(void) {
     return fast_on;
 }
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
+/* (every CPU with AMX-BF16 has AVX512-BF16, which the kernels below also use) */
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__linux__)
 #include <sys/syscall.h>
 #define ZI_AMX 1
 static int amx_usable;
@@ -788,9 +857,22 @@ static void amx_block(int kcp, const uint16_t *a, const uint16_t *b, float *c, i
 }
 #endif
 
+const char *zi_fast_kernel(void) {
+#ifdef ZI_AMX
+    pthread_once(&amx_once, amx_request);
+    if (amx_usable) return "amx";
+#endif
+#if defined(__AVX512BF16__)
+    return "avx512bf16";
+#else
+    return "rounding";
+#endif
+}
+
+/* The bf16 kernels and their packing, up to this path's gemm_fast: CPUs with AVX512-BF16 */
+#if defined(__AVX512BF16__)
 /* acc[i][0..FNR) for the rows i < mr (in blocks of 8: only those a partial strip needs):
  * Σ_k a[i][k]·b[k][j], k in pairs */
-#if defined(__AVX512BF16__)
 static void dot_block(int kcp, const uint16_t *a, const uint16_t *b, float *acc, int mr) {
     for (int i0 = 0; i0 < mr; i0 += 8) {
         __m512 c[8][2];
@@ -812,60 +894,7 @@ static void dot_block(int kcp, const uint16_t *a, const uint16_t *b, float *acc,
         }
     }
 }
-#elif defined(__AVX2__) && defined(__FMA__)
-/* No bf16 arithmetic: a pair word (k even in the low half, k odd in the high half) becomes two
- * fp32 vectors by a shift and a mask; blocks of 4 rows x 16 columns fill the 16 registers. */
-static void dot_block(int kcp, const uint16_t *a, const uint16_t *b, float *acc, int mr) {
-    const __m256i hi = _mm256_set1_epi32((int)0xffff0000u);
-    for (int i0 = 0; i0 < mr; i0 += 4)
-        for (int j0 = 0; j0 < FNR; j0 += 16) {
-            __m256 c[4][2];
-            for (int i = 0; i < 4; i++) c[i][0] = c[i][1] = _mm256_setzero_ps();
-            for (int kp = 0; kp < kcp / 2; kp++) {
-                __m256i b0 = _mm256_loadu_si256((const __m256i *)(b + kp * 2 * FNR + 2 * j0));
-                __m256i b1 = _mm256_loadu_si256((const __m256i *)(b + kp * 2 * FNR + 2 * j0 + 16));
-                __m256 b0e = _mm256_castsi256_ps(_mm256_slli_epi32(b0, 16)), b0o = _mm256_castsi256_ps(_mm256_and_si256(b0, hi));
-                __m256 b1e = _mm256_castsi256_ps(_mm256_slli_epi32(b1, 16)), b1o = _mm256_castsi256_ps(_mm256_and_si256(b1, hi));
-                for (int i = 0; i < 4; i++) {
-                    int32_t pair;
-                    memcpy(&pair, a + (size_t)(i0 + i) * kcp + 2 * kp, 4);
-                    __m256i w = _mm256_set1_epi32(pair);
-                    __m256 ae = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)), ao = _mm256_castsi256_ps(_mm256_and_si256(w, hi));
-                    c[i][0] = _mm256_fmadd_ps(ao, b0o, _mm256_fmadd_ps(ae, b0e, c[i][0]));
-                    c[i][1] = _mm256_fmadd_ps(ao, b1o, _mm256_fmadd_ps(ae, b1e, c[i][1]));
-                }
-            }
-            for (int i = 0; i < 4; i++) {
-                _mm256_storeu_ps(acc + (i0 + i) * FNR + j0, c[i][0]);
-                _mm256_storeu_ps(acc + (i0 + i) * FNR + j0 + 8, c[i][1]);
-            }
-        }
-}
-#else
-static void dot_block(int kcp, const uint16_t *a, const uint16_t *b, float *acc, int mr) {
-    for (int i = 0; i < mr; i++) {
-        float c[FNR] = {0};
-        for (int kp = 0; kp < kcp / 2; kp++) {
-            float ae = zi_bf16_to_f32(a[(size_t)i * kcp + 2 * kp]), ao = zi_bf16_to_f32(a[(size_t)i * kcp + 2 * kp + 1]);
-            for (int j = 0; j < FNR; j++)
-                c[j] += ae * zi_bf16_to_f32(b[kp * 2 * FNR + 2 * j]) + ao * zi_bf16_to_f32(b[kp * 2 * FNR + 2 * j + 1]);
-        }
-        memcpy(acc + i * FNR, c, sizeof c);
-    }
-}
-#endif
 
-const char *zi_fast_kernel(void) {
-#ifdef ZI_AMX
-    pthread_once(&amx_once, amx_request);
-    if (amx_usable) return "amx";
-#endif
-#if defined(__AVX512BF16__)
-    return "avx512bf16";
-#else
-    return "converting";
-#endif
-}
 
 /* op(A)[i0 .. i0+mr, p0 .. p0+kc] -> one bf16 strip [FMR][kcp], zero padded */
 static void pack_A_bf16(uint16_t *ap, const gemm_args *g, int i0, int mr, int p0, int kc, int kcp) {
@@ -873,10 +902,8 @@ static void pack_A_bf16(uint16_t *ap, const gemm_args *g, int i0, int mr, int p0
         int p = 0;
         if (i < mr && !g->transA) {
             const float *s = g->A + (int64_t)(i0 + i) * g->lda + p0;
-#if defined(__AVX512BF16__)
             for (; p + 32 <= kc; p += 32)      /* vcvtne2ps2bf16: also nearest-even (denormals flushed) */
                 _mm512_storeu_si512(ap + p, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(s + p + 16), _mm512_loadu_ps(s + p)));
-#endif
             for (; p < kc; p++) ap[p] = zi_f32_to_bf16(s[p]);
         } else if (i < mr) {
             for (; p < kc; p++) ap[p] = zi_f32_to_bf16(g->A[(int64_t)(p0 + p) * g->lda + i0 + i]);
@@ -892,7 +919,6 @@ static void pack_B_bf16(uint16_t *bp, const gemm_args *g, int p0, int kc, int kc
     if (nr < FNR || kc < kcp) memset(bp, 0, (size_t)kcp * FNR * sizeof *bp);   /* else all written below */
     if (g->transB) {                       /* B stored [N, K]: column j of op(B) is contiguous */
         int j = 0;
-#if defined(__AVX2__) && defined(__F16C__)
         /* bf16 weights (the Linear layers): a pair of k is one 32-bit word, so the strip is an
          * 8 x 8 word transpose per block, as in pack_B */
         for (; g->bt == ZI_BF16 && kc % 16 == 0 && j + 8 <= nr; j += 8) {
@@ -904,7 +930,6 @@ static void pack_B_bf16(uint16_t *bp, const gemm_args *g, int p0, int kc, int kc
                 for (int t = 0; t < 8; t++) _mm256_storeu_ps((float *)bp + (w + t) * FNR + j, r[t]);
             }
         }
-#endif
         float col[FKC];
         for (; j < nr; j++) {
             zi_to_f32(col, B + ((int64_t)(j0 + j) * g->ldb + p0) * es, g->bt, (size_t)kc);
@@ -917,49 +942,6 @@ static void pack_B_bf16(uint16_t *bp, const gemm_args *g, int p0, int kc, int kc
             for (int j = 0; j < nr; j++) bp[(p / 2) * 2 * FNR + 2 * j + (p & 1)] = zi_f32_to_bf16(row[j]);
         }
     }
-}
-
-/* One call's rows [r0, r0 + ms): op(A) packed once into `pa` (shared by all tasks), then tasks
- * = rectangles of C of mb rows x nb columns (multiples of MR, NR), each packing its own B panels. */
-typedef struct { const gemm_args *g; packed_A pa; int ms, mb, nmb, nb; } gemm_job;
-
-/* Strip s (rows r0 + s·MR .., mr <= MR of them) of op(A), every KC slice, into pa. */
-static void pack_A_strip(const packed_A *pa, const gemm_args *g, int s, int mr) {
-    for (int pc = 0; pc < g->K; pc += KC) {
-        int kc = g->K - pc < KC ? g->K - pc : KC;
-        pack_A((float *)pa->p + (size_t)pc * pa->Mp + (size_t)s * MR * kc, g, pa->r0 + s * MR, mr, pc, kc);
-    }
-}
-
-static void pack_A_strips(void *ctx, int64_t begin, int64_t end) {
-    const gemm_job *jb = ctx;
-    for (int64_t s = begin; s < end; s++) {
-        int left = jb->ms - (int)s * MR;
-        pack_A_strip(&jb->pa, jb->g, (int)s, left < MR ? left : MR);
-    }
-}
-
-static void gemm_task(void *ctx, int64_t begin, int64_t end) {
-    const gemm_job *jb = ctx;
-    int r1 = jb->pa.r0 + jb->ms;
-    for (int64_t t = begin; t < end; t++) {
-        int i0 = jb->pa.r0 + (int)(t % jb->nmb) * jb->mb, j0 = (int)(t / jb->nmb) * jb->nb;
-        int m = r1 - i0 < jb->mb ? r1 - i0 : jb->mb;
-        int n = jb->g->N - j0 < jb->nb ? jb->g->N - j0 : jb->nb;
-        gemm_tile(jb->g, i0, m, j0, n, &jb->pa);
-    }
-}
-
-static void check_gemm_dtype(zi_dtype bt) {
-    if (bt != ZI_F32 && bt != ZI_BF16 && bt != ZI_F16) zi_die("zi_gemm: unsupported B dtype %s", zi_dtype_name(bt));
-}
-
-/* Packed op(A) is kept per calling thread up to this size; larger M is done in row blocks. */
-enum { A_PACK_FLOATS = 1 << 23 };
-
-static void run_tasks(int T, int64_t n, zi_range_fn fn, void *ctx) {
-    if (T == 1) fn(ctx, 0, n);
-    else zi_parallel_for(n, 1, fn, ctx);
 }
 
 /* The fast path's zi_gemm. op(A) is packed in bf16 strips once per block of rows, as above;
@@ -1061,19 +1043,15 @@ static void amx_wx_pack(void *ctx, int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; t++) {
         int b = (int)(t / nk), k0 = (int)(t % nk) * 256, k1 = k0 + 256 < g->K ? k0 + 256 : g->K;
         uint16_t *dst = j->xp + (size_t)b * 32 * g->K;
-#if defined(__AVX512BF16__)
         /* 32 k at a time: rounded as pack_A_bf16 does, the 16 pairs scattered 32 words apart */
         const __m512i at = _mm512_setr_epi32(0, 32, 64, 96, 128, 160, 192, 224, 256, 288, 320, 352, 384, 416, 448, 480);
-#endif
         for (int i = 0; i < 32; i++) {
             int m = b * 32 + i, k = k0;
-#if defined(__AVX512BF16__)
             for (; m < g->M && !g->transA && k < k1; k += 32) {
                 const float *s = g->A + (int64_t)m * g->lda + k;
                 _mm512_i32scatter_epi32((int *)dst + (size_t)(k / 2) * 32 + i, at,
                                         (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(s + 16), _mm512_loadu_ps(s)), 4);
             }
-#endif
             for (; k < k1; k++) {
                 float v = m >= g->M ? 0.0f : g->transA ? g->A[(int64_t)k * g->lda + m] : g->A[(int64_t)m * g->lda + k];
                 dst[(size_t)(k / 2) * 64 + 2 * i + (k & 1)] = zi_f32_to_bf16(v);
@@ -1254,6 +1232,14 @@ static void gemm_fast(const gemm_args *g, int T) {
         }
     }
 }
+#else
+/* no bf16 arithmetic: the exact kernels, on operands rounded to bf16 as they are packed */
+static void gemm_fast(const gemm_args *g, int T) {
+    gemm_args r = *g;
+    r.round_bf16 = 1;
+    gemm_exact(&r, T);
+}
+#endif
 
 /* ---------------------------------------------------------------- GEMM for few rows
  * y = x·Wᵀ for a short sequence (the text encoder: M ≈ 32 tokens, W [N, K] bf16). Each element
@@ -1346,12 +1332,14 @@ typedef struct { const gemm_args *g; const float *xt; int Mp; } small_job;
 
 /* op(A) as strips of NR rows: xt[s][k][j] = op(A)[s·NR + j][k], zero past row M */
 static void small_pack_x(float *xt, const gemm_args *g, int Mp) {
+    float *x0 = xt;
     for (int s = 0; s < Mp; s += NR, xt += (size_t)NR * g->K)
         for (int j = 0; j < NR; j++) {
             int i = s + j;
             for (int k = 0; k < g->K; k++)
                 xt[(size_t)k * NR + j] = i >= g->M ? 0 : g->transA ? g->A[(int64_t)k * g->lda + i] : g->A[(int64_t)i * g->lda + k];
         }
+    if (g->round_bf16) round_to_bf16(x0, (size_t)Mp * g->K);
 }
 
 /* C's columns j .. j+n (n <= MR: one group of W's rows), every row */
@@ -1372,8 +1360,10 @@ static void small_group(const small_job *s, int j, int n) {
     int calls = (g->K + KC - 1) / KC * (s->Mp / NR), npf = (int)((lines + calls - 1) / calls);
     for (int pc = 0; pc < g->K; pc += KC) {
         int kc = g->K - pc < KC ? g->K - pc : KC;
-        for (int r = 0; r < n; r++)
+        for (int r = 0; r < n; r++) {
             zi_to_f32(wf + r * KC, (const char *)g->B + ((int64_t)(j + r) * g->ldb + pc) * es, g->bt, (size_t)kc);
+            if (g->round_bf16 && g->bt != ZI_BF16) round_to_bf16(wf + r * KC, (size_t)kc);
+        }
         for (int m = 0; m < s->Mp; m += NR) {
             int nf = lines - done < npf ? (int)(lines - done) : npf;
             micro_rows(kc, wf, s->xt + (size_t)m * g->K + (size_t)pc * NR, acc + m, s->Mp, pc == 0 && g->beta == 0,
@@ -1411,15 +1401,18 @@ static void gemm_run(int transA, int transB, int M, int N, int K, float alpha,
             for (int j = 0; j < N; j++) C[(int64_t)i * ldc + j] = beta == 0 ? 0 : beta * C[(int64_t)i * ldc + j];
         return;
     }
-    gemm_args g = { transA, transB, M, N, K, alpha, beta, A, lda, B, bt, ldb, C, ldc };
+    gemm_args g = { transA, transB, M, N, K, alpha, beta, A, lda, B, bt, ldb, C, ldc, 0 };
     int T = zi_nthreads();
     if ((double)M * N * K < 1e6) T = 1;        /* too small to be worth waking the pool */
-    if (zi_fast()) {
-        gemm_fast(&g, T);
-        return;
-    }
-    if (transB && M >= NR / 2 && M <= SMALL_M && alpha == 1) {
-        gemm_small(&g, T);
+    if (zi_fast()) gemm_fast(&g, T);
+    else gemm_exact(&g, T);
+}
+
+/* The fp32 kernels: the few-row path or the packed one */
+static void gemm_exact(const gemm_args *g, int T) {
+    int M = g->M, N = g->N, K = g->K;
+    if (g->transB && M >= NR / 2 && M <= SMALL_M && g->alpha == 1) {
+        gemm_small(g, T);
         return;
     }
     /* Tasks: about three per thread. Columns are split first (down to single NR strips), so
@@ -1435,7 +1428,7 @@ static void gemm_run(int transA, int transB, int M, int N, int K, float alpha,
         int ms = M - r0 < ms_max ? M - r0 : ms_max, nmb = 1;
         while (ncb * nmb < want && (ms + nmb) / (nmb + 1) >= 4 * MR) nmb++;
         int mb = ((ms + nmb - 1) / nmb + MR - 1) / MR * MR;
-        gemm_job jb = { &g, { ap, r0, (ms + MR - 1) / MR * MR }, ms, mb, (ms + mb - 1) / mb, nb };
+        gemm_job jb = { g, { ap, r0, (ms + MR - 1) / MR * MR }, ms, mb, (ms + mb - 1) / mb, nb };
         run_tasks(T, jb.pa.Mp / MR, pack_A_strips, &jb);
         run_tasks(T, (int64_t)ncb * jb.nmb, gemm_task, &jb);
     }
@@ -1577,7 +1570,7 @@ static void att_block(const att_args *a, int h, int q0, const float *Kp, const f
     memset(O, 0, (size_t)bq * D * sizeof(float));
     /* S = scale·Q·Kᵀ: the query block is packed once, for all key blocks */
     gemm_args qk = { 0, 1, bq, 0, D, a->scale, 0.0f, a->q + (int64_t)q0 * a->ldq + (int64_t)h * D, a->ldq,
-                     NULL, ZI_F32, a->ldk, S, ATT_BK };
+                     NULL, ZI_F32, a->ldk, S, ATT_BK, 0 };
     packed_A pq = { Qp, 0, (bq + MR - 1) / MR * MR };
     for (int s = 0; s * MR < bq; s++) pack_A_strip(&pq, &qk, s, bq - s * MR < MR ? bq - s * MR : MR);
     int kend = a->n_keys < a->Sk ? a->n_keys : a->Sk;
@@ -1594,7 +1587,7 @@ static void att_block(const att_args *a, int h, int q0, const float *Kp, const f
                 for (int d = 0; d < D; d++) O[i * D + d] *= corr;
         }
         /* O += P·V */
-        gemm_args pv = { 0, 0, bq, D, bk, 1.0f, 1.0f, S, ATT_BK, NULL, ZI_F32, a->ldv, O, D };
+        gemm_args pv = { 0, 0, bq, D, bk, 1.0f, 1.0f, S, ATT_BK, NULL, ZI_F32, a->ldv, O, D, 0 };
         gemm_tile_pb(&pv, 0, bq, 0, D, NULL, vp);
     }
     for (int i = 0; i < bq; i++) {
@@ -1614,8 +1607,8 @@ static void att_pack(const att_args *a, int g, int nkb, int kend, float *Kp, flo
     for (int jb = 0; jb < nkb; jb++) {
         int j0 = jb * ATT_BK, bk = kend - j0 < ATT_BK ? kend - j0 : ATT_BK;
         const float *k = a->k + (int64_t)j0 * a->ldk + (int64_t)g * D, *v = a->v + (int64_t)j0 * a->ldv + (int64_t)g * D;
-        gemm_args kb = { 0, 1, 0, bk, D, 0, 0, NULL, 0, k, ZI_F32, a->ldk, NULL, 0 };
-        gemm_args vb = { 0, 0, 0, D, bk, 0, 0, NULL, 0, v, ZI_F32, a->ldv, NULL, 0 };
+        gemm_args kb = { 0, 1, 0, bk, D, 0, 0, NULL, 0, k, ZI_F32, a->ldk, NULL, 0, 0 };
+        gemm_args vb = { 0, 0, 0, D, bk, 0, 0, NULL, 0, v, ZI_F32, a->ldv, NULL, 0, 0 };
         pack_B_all(Kp + (size_t)jb * att_kstride(D), &kb, 0, bk);
         pack_B_all(Vp + (size_t)jb * att_vstride(D), &vb, 0, D);
     }
@@ -1791,7 +1784,7 @@ static void conv_task(void *ctx, int64_t begin, int64_t end) {
 static void conv_implicit(float *y, const conv_geom *geo, const float *A, int Cout, int K, int HWo) {
     int Mp = (Cout + MR - 1) / MR * MR;
     float *ap = zi_malloc((size_t)Mp * K * sizeof(float));
-    conv_job c = { *geo, { 0, 0, Cout, HWo, K, 1.0f, 0.0f, A, K, NULL, ZI_F32, 0, y, HWo }, { ap, 0, Mp } };
+    conv_job c = { *geo, { 0, 0, Cout, HWo, K, 1.0f, 0.0f, A, K, NULL, ZI_F32, 0, y, HWo, 0 }, { ap, 0, Mp } };
     int T = (double)Cout * HWo * K < 1e6 ? 1 : zi_nthreads();
     gemm_job jb = { &c.g, c.pa, Cout, 0, 0, 0 };
     run_tasks(T, Mp / MR, pack_A_strips, &jb);
@@ -2285,9 +2278,9 @@ typedef struct {
  * dS = P ∘ (dO·Vᵀ − D) into the [ATT_BQ, ATT_BK] tiles P and dS. */
 static void att_bw_tile(const att_bw_args *a, int h, int q0, int bq, int j0, int bk, float *P, float *dS) {
     int64_t hq = (int64_t)q0 * a->ld + (int64_t)h * a->D, hk = (int64_t)j0 * a->ld + (int64_t)h * a->D;
-    gemm_args qk = { 0, 1, bq, bk, a->D, a->scale, 0.0f, a->q + hq, a->ld, a->k + hk, ZI_F32, a->ld, P, ATT_BK };
+    gemm_args qk = { 0, 1, bq, bk, a->D, a->scale, 0.0f, a->q + hq, a->ld, a->k + hk, ZI_F32, a->ld, P, ATT_BK, 0 };
     gemm_tile(&qk, 0, bq, 0, bk, NULL);
-    gemm_args dp = { 0, 1, bq, bk, a->D, 1.0f, 0.0f, a->dout + hq, a->ld, a->v + hk, ZI_F32, a->ld, dS, ATT_BK };
+    gemm_args dp = { 0, 1, bq, bk, a->D, 1.0f, 0.0f, a->dout + hq, a->ld, a->v + hk, ZI_F32, a->ld, dS, ATT_BK, 0 };
     gemm_tile(&dp, 0, bq, 0, bk, NULL);
     for (int i = 0; i < bq; i++) {
         float lse = a->lse[(int64_t)h * a->Sq + q0 + i], di = a->Di[(int64_t)h * a->Sq + q0 + i];
@@ -2313,9 +2306,9 @@ static void att_bw_keys(void *ctx, int64_t begin, int64_t end) {
             int bq = a->Sq - q0 < ATT_BQ ? a->Sq - q0 : ATT_BQ;
             int64_t hq = (int64_t)q0 * a->ld + (int64_t)h * D;
             att_bw_tile(a, h, q0, bq, j0, bk, P, dS);
-            gemm_args pv = { 1, 0, bk, D, bq, 1.0f, 1.0f, P, ATT_BK, a->dout + hq, ZI_F32, a->ld, dV, D };
+            gemm_args pv = { 1, 0, bk, D, bq, 1.0f, 1.0f, P, ATT_BK, a->dout + hq, ZI_F32, a->ld, dV, D, 0 };
             gemm_tile(&pv, 0, bk, 0, D, NULL);
-            gemm_args sq = { 1, 0, bk, D, bq, a->scale, 1.0f, dS, ATT_BK, a->q + hq, ZI_F32, a->ld, dK, D };
+            gemm_args sq = { 1, 0, bk, D, bq, a->scale, 1.0f, dS, ATT_BK, a->q + hq, ZI_F32, a->ld, dK, D, 0 };
             gemm_tile(&sq, 0, bk, 0, D, NULL);
         }
         for (int j = 0; j < bk; j++) {
@@ -2340,7 +2333,7 @@ static void att_bw_queries(void *ctx, int64_t begin, int64_t end) {
             int bk = a->Sk - j0 < ATT_BK ? a->Sk - j0 : ATT_BK;
             att_bw_tile(a, h, q0, bq, j0, bk, P, dS);
             gemm_args sk = { 0, 0, bq, D, bk, a->scale, 1.0f, dS, ATT_BK,
-                             a->k + (int64_t)j0 * a->ld + (int64_t)h * D, ZI_F32, a->ld, dQ, D };
+                             a->k + (int64_t)j0 * a->ld + (int64_t)h * D, ZI_F32, a->ld, dQ, D, 0 };
             gemm_tile(&sk, 0, bq, 0, D, NULL);
         }
         for (int i = 0; i < bq; i++)

@@ -111,7 +111,7 @@ void zi_gemm_ref(int transA, int transB, int M, int N, int K, float alpha,
  * differ between kinds of CPU (each kernel sums in its own order). */
 void zi_set_fast(int on);
 int zi_fast(void);                  /* 1 when on (first call: $ZIMAGE_FAST unless zi_set_fast ran) */
-const char *zi_fast_kernel(void);   /* what the fast path runs on here: "amx", "avx512bf16", "converting" */
+const char *zi_fast_kernel(void);   /* what the fast path runs on here: "amx", "avx512bf16", "rounding" */
 
 /* A 2-D weight as stored in the checkpoint: [rows = out features, cols = in features]. */
 typedef struct {

@@ -107,7 +107,7 @@ static void usage(void) {
         "  --sample-size WxH              (--width x --height when given, else 512x512)\n"
         "  -t, --threads N                worker threads (all cores)\n"
         "  --fast                         bf16 matrix products (fp32 sums; AMX / AVX512-BF16 where the\n"
-        "                                 CPU has them): faster there, slower elsewhere, not the\n"
+        "                                 CPU has them): faster there, no faster elsewhere, not the\n"
         "                                 golden numbers (also ZIMAGE_FAST=1)\n"
         "  -q                             no progress output\n");
 }
