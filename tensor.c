@@ -791,10 +791,10 @@ static void gemm_exact(const gemm_args *g, int T);
  * in fp32, by AMX tiles or AVX512-BF16 dot products (vdpbf16ps). On CPUs with neither a bf16
  * product costs an fp32 FMA anyway: there the exact kernels run on operands rounded to bf16 as
  * they are packed (gemm_args.round_bf16), the fast path's numbers at the exact path's speed.
- * The bf16 kernels use the same blocking as above (fixed KC
- * slices added to C in order, K never split), with a 32 x 32 block of C per kernel call and
- * slices padded with zeros to a multiple of 32 (an AMX tile's depth), so fast results too are
- * the same for any thread count. Packed layouts (bf16 as uint16):
+ * The bf16 kernels use the same blocking as above (fixed KC slices added to C in order, K never
+ * split), with a 32 x 32 block of C per kernel call and slices padded with zeros to a multiple
+ * of 32 (an AMX tile's depth), so fast results too are the same for any thread count. Packed
+ * layouts (bf16 as uint16):
  *   A strip [FMR rows][kcp]       row-major: an AMX A tile is 16 rows x 32 consecutive k;
  *   B strip [kcp/2][FNR][2]       pairs of consecutive k per column: the layout of an AMX B tile
  *                                 and of vdpbf16ps's second operand. */
