@@ -582,16 +582,9 @@ static void micro(int kc, const float *a, const float *b, float *C, int64_t ldc,
 }
 #endif
 
-/* p[0 .. n) rounded to the nearest bf16 (ties to even; NaN stays NaN), kept as fp32: exactly
- * zi_bf16_round, in a loop the compiler can vectorise. */
+/* p[0 .. n) rounded to the nearest bf16 (zi_bf16_round), kept as fp32 */
 static void round_to_bf16(float *p, size_t n) {
-    for (size_t i = 0; i < n; i++) {
-        uint32_t u, r;
-        memcpy(&u, p + i, 4);
-        r = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
-        if ((u & 0x7fffffffu) > 0x7f800000u) r = (u | 0x00400000u) & 0xffff0000u;
-        memcpy(p + i, &r, 4);
-    }
+    for (size_t i = 0; i < n; i++) p[i] = zi_bf16_round(p[i]);
 }
 
 /* op(A)[i0 .. i0+mc, p0 .. p0+kc] -> strips of MR rows: ap[strip][p][MR], zero padded. */
