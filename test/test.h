@@ -12,6 +12,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "../zimage.h"
+
 void zt_register(const char *name, void (*fn)(void));
 void zt_fail(const char *file, int line, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 /* Max abs error relative to the reference's largest magnitude; prints both, returns 1 when
@@ -26,6 +28,10 @@ const char *zt_tmpdir(void);
 int zt_sh(char *out, size_t cap, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 /* Directory of the built programs (sample, train): $ZI_BIN, default ".". */
 const char *zt_bin(void);
+/* The DiT's transformer blocks: noise and context refiners, then the main layers. The oracle's
+ * LoRAs and train's default targets put an adapter on 7 Linears of each (to_q, to_k, to_v,
+ * to_out.0, w1, w2, w3). */
+static inline int zt_dit_blocks(const zi_dit_cfg *c) { return 2 * c->n_refiner_layers + c->n_layers; }
 
 #define TEST(name) \
     static void name(void); \

@@ -380,7 +380,7 @@ static int compare_golden(train_setup *s, double loss) {
     int ok = lr && zt_close("train.loss", &lg, lr, 1, 1e-4);
     free(lr);
     const zi_dit_cfg *cfg = zi_dit_config(s->m);
-    int blocks = cfg->n_layers + 2 * cfg->n_refiner_layers, ngolden = 0, ncompared = 0;
+    int blocks = zt_dit_blocks(cfg), ngolden = 0, ncompared = 0;
     for (int i = 0; i < zi_st_count(s->st); i++) ngolden += !strncmp(zi_st_at(s->st, i)->name, "grad.", 5);
     if (s->lora->n != 7 * blocks || ngolden != 2 * s->lora->n) {
         fprintf(stderr, "    %d LoRA modules (want 7 x %d blocks), %d golden gradients\n", s->lora->n, blocks, ngolden);

@@ -89,7 +89,7 @@ TEST(dit_blocks) {
     zi_dit *m = zi_dit_load(zt_golden(TINY));
     CHECK(m, "load: %s", zi_err());
     const zi_dit_cfg *cfg = zi_dit_config(m);
-    int want = 2 * cfg->n_refiner_layers + cfg->n_layers;   /* noise and context refiners, main layers */
+    int want = zt_dit_blocks(cfg);
     dit_case c;
     CHECK(!case_open(&c, "dit-0.safetensors"), "dit-0: %s", zi_err());
     char path[512];

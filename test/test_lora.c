@@ -39,7 +39,7 @@ TEST(lora_formats_agree) {
     zi_dit *dit = zi_dit_load(zt_golden("tiny-zimage/transformer"));
     CHECK(dit, "%s", zi_err());
     const zi_dit_cfg *cfg = zi_dit_config(dit);
-    int blocks = 2 * cfg->n_refiner_layers + cfg->n_layers;
+    int blocks = zt_dit_blocks(cfg);
     char last[64];
     snprintf(last, sizeof last, "layers.%d.feed_forward.w2", cfg->n_layers - 1);
     zi_dit_free(dit);

@@ -267,9 +267,8 @@ TEST(preset_lora_differential) {
 
     zi_train_lora *user = zi_train_lora_new(lins, nlin, "to_q,to_k,to_v,to_out.0,w1,w2,w3", 4, 7);
     CHECK(user, "%s", zi_err());
-    /* the 7 targets of every block: n_layers main layers, n_refiner_layers noise and context refiners each */
-    const zi_dit_cfg *cfg = zi_dit_config(dit);
-    int blocks = cfg->n_layers + 2 * cfg->n_refiner_layers;
+    /* the 7 targets of every block */
+    int blocks = zt_dit_blocks(zi_dit_config(dit));
     CHECK(user->lora.n == 7 * blocks, "%d trained modules, want 7 x %d blocks", user->lora.n, blocks);
     /* B = 0 at the start: the loss is the (preset-merged) base's */
     zi_dit_set_training(dit, 1, 0);

@@ -288,14 +288,12 @@ static int same_tensors(const char *pa, const char *pb) {
     return ok;
 }
 
-/* The LoRA modules train makes with its default targets (to_q, to_k, to_v, to_out.0, w1, w2,
- * w3): 7 Linears in each block, n_layers main layers and n_refiner_layers noise and context
- * refiners each, from the DiT's config. -1 when the model does not load. */
+/* The LoRA modules train makes with its default targets: 7 in each block (zt_dit_blocks).
+ * -1 when the model does not load. */
 static int target_modules(void) {
     zi_dit *m = zi_dit_load(TINY "/transformer");
     if (!m) return -1;
-    const zi_dit_cfg *c = zi_dit_config(m);
-    int n = 7 * (c->n_layers + 2 * c->n_refiner_layers);
+    int n = 7 * zt_dit_blocks(zi_dit_config(m));
     zi_dit_free(m);
     return n;
 }
