@@ -15,6 +15,9 @@
  *   pipe1024   the whole pipeline at 1024² with one step: its peak RSS is the inference goal
  *   dit1024cfg one DiT forward at 1024² with CFG (a batch of two): the largest activations
  *
+ * With the fast path on (ZIMAGE_FAST=1) te, dit* and vae* also run once exactly, untimed, and note
+ * the fast output's error against it, max |fast - exact| / max |exact|.
+ *
  * Each stage runs in its own child process, so that its peak RSS (VmHWM: the weights' mapped
  * pages plus the heap) is its own and a stage's freed memory cannot hide in the next. Before a
  * stage is timed, the component's files are read once (page cache) and, for the DiT, its mapped
@@ -103,6 +106,29 @@ static float *random_floats(int64_t n, uint64_t seed) {
     float *x = zi_malloc((size_t)n * sizeof *x);
     zi_randn(x, n, seed, ZI_RNG_CPU);
     return x;
+}
+
+static int all_finite(const float *x, int64_t n) {
+    for (int64_t i = 0; i < n; i++)
+        if (!isfinite(x[i])) return 0;
+    return 1;
+}
+
+/* The fast path's error on a stage's output: max |fast − exact| / max |exact|. */
+static double rel_error(const float *fast, const float *exact, int64_t n) {
+    double d = 0, m = 0;
+    for (int64_t i = 0; i < n; i++) {
+        d = fmax(d, fabs((double)fast[i] - exact[i]));
+        m = fmax(m, fabs((double)exact[i]));
+    }
+    return d / m;
+}
+
+/* With the fast path on (ZIMAGE_FAST=1) a stage also runs once exactly, untimed, and appends
+ * its output's rel_error to the note: the error of --fast per stage at full size. */
+static void note_fast_error(result *r, double err) {
+    size_t n = strlen(r->note);
+    snprintf(r->note + n, sizeof r->note - n, "; --fast vs exact %.1e", err);
 }
 
 /* ---------------------------------------------------------------- FLOP counts */
@@ -201,14 +227,20 @@ static void stage_te(const char *dir, result *r) {
     float *h = zi_te_encode(te, ids, CAPTION_TOKENS);
     stop(t, r);
     double gemm = zi_kernel_time().gemm - k0.gemm;
-    int finite = 1;
-    for (int i = 0; i < CAPTION_TOKENS * zi_te_dim(te); i++) finite &= isfinite(h[i]);
+    int64_t n = (int64_t)CAPTION_TOKENS * zi_te_dim(te);
+    r->ok = all_finite(h, n);
+    snprintf(r->note, sizeof r->note, "first call %.2f s; GEMM %.3f s; weights %.2f GB streamed: %.2fx their read time%s",
+             first, gemm, stream * 1e-9, r->run / (stream / r->mach.bandwidth), r->ok ? "" : "; NOT FINITE");
+    if (zi_fast()) {
+        zi_set_fast(0);
+        float *exact = zi_te_encode(te, ids, CAPTION_TOKENS);
+        zi_set_fast(1);
+        note_fast_error(r, rel_error(h, exact, n));
+        free(exact);
+    }
     free(h);
     zi_te_free(te);
     r->rss = vm_hwm();
-    r->ok = finite;
-    snprintf(r->note, sizeof r->note, "first call %.2f s; GEMM %.3f s; weights %.2f GB streamed: %.2fx their read time%s",
-             first, gemm, stream * 1e-9, r->run / (stream / r->mach.bandwidth), finite ? "" : "; NOT FINITE");
 }
 
 /* The DiT, loaded and faulted in. */
@@ -222,12 +254,6 @@ static zi_dit *load_dit(const char *dir, result *r) {
     fault_in(dit_lin, m);
     r->load = zi_now() - t0;
     return m;
-}
-
-static int all_finite(const float *x, int64_t n) {
-    for (int64_t i = 0; i < n; i++)
-        if (!isfinite(x[i])) return 0;
-    return 1;
 }
 
 /* One forward of B items of size px² (cfg 1: B = 1; CFG: B = 2, the pair of prompts). */
@@ -254,6 +280,13 @@ static void stage_dit(const char *dir, result *r, int px, int B) {
              r->run / (gemm + att));
     if (rc) snprintf(r->note, sizeof r->note, "%s", zi_err());
     else if (!r->ok) snprintf(r->note, sizeof r->note, "output NOT FINITE");
+    else if (zi_fast()) {
+        float *exact = zi_malloc(2 * (size_t)n * sizeof *exact), *exacts[2] = { exact, exact + n };
+        zi_set_fast(0);
+        if (!zi_dit_forward(m, B, xs, hs, ws, ts, caps, Ls, exacts)) note_fast_error(r, rel_error(out, exact, B * n));
+        zi_set_fast(1);
+        free(exact);
+    }
     free(x); free(cap); free(out);
     zi_dit_free(m);
     r->rss = vm_hwm();
@@ -279,6 +312,13 @@ static void stage_vae(const char *dir, result *r, int px) {
     r->flop = vae_flop(dir, px, px);
     r->ok = img && all_finite(img, (int64_t)3 * px * px);
     if (!r->ok) snprintf(r->note, sizeof r->note, "%s", img ? "output NOT FINITE" : zi_err());
+    else if (zi_fast()) {
+        zi_set_fast(0);
+        float *exact = zi_vae_decode(v, z, h, w);
+        zi_set_fast(1);
+        if (exact) note_fast_error(r, rel_error(img, exact, (int64_t)3 * px * px));
+        free(exact);
+    }
     free(img); free(z);
     zi_vae_free(v);
     r->rss = vm_hwm();
