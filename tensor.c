@@ -240,10 +240,11 @@ int zi_nthreads(void) {
     return omp_n;
 }
 
-void zi_parallel_for(int64_t n, int64_t grain, zi_range_fn fn, void *ctx) {
+/* items [0, n) in chunks of `chunk`, handed out one chunk at a time */
+static void parallel_chunks(int64_t n, int64_t chunk, zi_range_fn fn, void *ctx) {
     if (n <= 0) return;
     int T = zi_nthreads();
-    int64_t chunk = chunk_len(n, grain, T), nchunks = (n + chunk - 1) / chunk;
+    int64_t nchunks = (n + chunk - 1) / chunk;
     if (nchunks <= 1 || T == 1 || omp_in_parallel()) { fn(ctx, 0, n); return; }
 #pragma omp parallel for schedule(dynamic, 1) num_threads(T)
     for (int64_t c = 0; c < nchunks; c++) {
@@ -377,10 +378,10 @@ int zi_nthreads(void) {
     return pool.n;
 }
 
-void zi_parallel_for(int64_t n, int64_t grain, zi_range_fn fn, void *ctx) {
+/* items [0, n) in chunks of `chunk`, handed out one chunk at a time */
+static void parallel_chunks(int64_t n, int64_t chunk, zi_range_fn fn, void *ctx) {
     if (n <= 0) return;
     int T = zi_nthreads();
-    int64_t chunk = chunk_len(n, grain, T);
     /* serial: one chunk, one thread, a nested call, or another thread's job in flight */
     if (chunk >= n || T == 1 || in_job || pthread_mutex_trylock(&pool_job)) { fn(ctx, 0, n); return; }
     pool.fn = fn;
@@ -401,6 +402,10 @@ void zi_parallel_for(int64_t n, int64_t grain, zi_range_fn fn, void *ctx) {
     pthread_mutex_unlock(&pool_job);
 }
 #endif
+
+void zi_parallel_for(int64_t n, int64_t grain, zi_range_fn fn, void *ctx) {
+    if (n > 0) parallel_chunks(n, chunk_len(n, grain, zi_nthreads()), fn, ctx);
+}
 
 /* Per-thread scratch buffers (64-byte aligned, grown on demand, freed at thread exit).
  * Slots: 0 = the GEMM's packed B panel, 1 = a packed A panel, 2 = attention tiles,
@@ -772,9 +777,13 @@ static void check_gemm_dtype(zi_dtype bt) {
 /* Packed op(A) is kept per calling thread up to this size; larger M is done in row blocks. */
 enum { A_PACK_FLOATS = 1 << 23 };
 
+/* n tasks that the caller sized (a few per thread, of equal work): handed out one at a time.
+ * In chunks of several, as zi_parallel_for groups cheap items, the last round would leave
+ * threads idle (80 tasks on 16 threads in chunks of 2: 40 chunks, 3 rounds for 2.5 rounds of
+ * work). */
 static void run_tasks(int T, int64_t n, zi_range_fn fn, void *ctx) {
     if (T == 1) fn(ctx, 0, n);
-    else zi_parallel_for(n, 1, fn, ctx);
+    else parallel_chunks(n, 1, fn, ctx);
 }
 
 static void gemm_exact(const gemm_args *g, int T);
@@ -1025,7 +1034,8 @@ static void fast_task(void *ctx, int64_t begin, int64_t end) {
 typedef struct {
     const gemm_args *g;
     uint16_t *xp;               /* op(A) packed: block b (rows 32b ..) at xp + b·32·K */
-    int nmblk, mper, nper;      /* 32-row blocks of op(A); blocks per task along m, along n */
+    int nmblk, mtasks;          /* 32-row blocks of op(A), split into mtasks near-equal runs */
+    int unit, nunits, nranges;  /* W in units of `unit` rows, split into nranges near-equal runs */
 } amx_wx_job;
 
 /* op(A) rows [32b, 32b + 32) x k [k0, k1) -> xp (rows past M are zeros) */
@@ -1136,27 +1146,28 @@ static void amx_wx_rows16(const gemm_args *g, int n0, const uint16_t *x, float *
     _tile_stored(0, ct, 128); _tile_stored(1, ct + 16, 128);
 }
 
-/* A task: the W rows of nper 32-blocks against mper 32-row blocks of op(A) (at most 1024 rows,
- * their K slice in L2), one K slice of FKC at a time: each 32 x FKC slice of W (24 KB) is loaded
+/* A task: a run of W's units against a run of 32-row blocks of op(A) (at most 1024 rows, their
+ * K slice in L2), one K slice of FKC at a time: each 32 x FKC slice of W (24 KB) is loaded
  * once, from memory, and meets every row block while it sits in L1; the partial Cᵀ blocks wait
  * in ct between slices. (Software prefetch of W, other slice depths and task shapes measured no
- * better: bench/README.md.) */
+ * better: bench/README.md.) A single row block streams its units of 16 W rows instead. */
 static void amx_wx_task(void *ctx, int64_t begin, int64_t end) {
     const amx_wx_job *j = ctx;
     const gemm_args *g = j->g;
-    int mtasks = (j->nmblk + j->mper - 1) / j->mper;
-    float *ct = scratch(0, (size_t)j->nper * j->mper * 32 * 32);
     for (int64_t t = begin; t < end; t++) {
-        int b0 = (int)(t % mtasks) * j->mper, b1 = b0 + j->mper < j->nmblk ? b0 + j->mper : j->nmblk;
-        int n0 = (int)(t / mtasks) * j->nper * 32, n1 = n0 + j->nper * 32 < g->N ? n0 + j->nper * 32 : g->N;
-        int mb = b1 - b0, mr = g->M - b0 * 32 < 32 ? g->M - b0 * 32 : 32;
-        if (mb == 1) {
+        int mi = (int)(t % j->mtasks), ri = (int)(t / j->mtasks);
+        int b0 = (int)((int64_t)mi * j->nmblk / j->mtasks), b1 = (int)((int64_t)(mi + 1) * j->nmblk / j->mtasks);
+        int n0 = (int)((int64_t)ri * j->nunits / j->nranges) * j->unit;
+        int n1 = (int)((int64_t)(ri + 1) * j->nunits / j->nranges) * j->unit, mb = b1 - b0;
+        if (j->nmblk == 1) {
+            float *ct = scratch(0, 16 * 32);
             for (int n = n0; n < n1; n += 16) {
-                amx_wx_rows16(g, n, j->xp + (size_t)b0 * 32 * g->K, ct);
-                amx_wx_store(g, ct, b0 * 32, mr, n, 16);
+                amx_wx_rows16(g, n, j->xp, ct);
+                amx_wx_store(g, ct, 0, g->M, n, 16);
             }
             continue;
         }
+        float *ct = scratch(0, (size_t)(n1 - n0) / 32 * mb * 1024);
         for (int k0 = 0; k0 < g->K; k0 += FKC) {
             int kc = g->K - k0 < FKC ? g->K - k0 : FKC;
             for (int n = n0; n < n1; n += 32)
@@ -1175,19 +1186,21 @@ static int amx_wx_fits(const gemm_args *g) {
     return amx_usable && g->transB && g->bt == ZI_BF16 && g->K % 32 == 0 && g->N % 32 == 0;
 }
 
+static int gcd(int a, int b) { return b ? gcd(b, a % b) : a; }
+
 static void amx_wx(const gemm_args *g, int T) {
-    amx_wx_job j = { g, NULL, (g->M + 31) / 32, 1, 1 };
+    amx_wx_job j = { g, NULL, (g->M + 31) / 32, 0, g->M <= 32 ? 16 : 32, 0, 0 };
     j.xp = (uint16_t *)scratch(3, (size_t)j.nmblk * 32 * g->K / 2);
     run_tasks(T, (int64_t)j.nmblk * ((g->K + 255) / 256), amx_wx_pack, &j);
-    /* tasks: row blocks of up to 1024 rows, and as many column ranges as give about three
-     * tasks per thread (one task per thread measured slower: a thread that starts late then
-     * holds up the call) */
-    int nblk = g->N / 32, mtasks;
-    j.mper = j.nmblk < 32 ? j.nmblk : 32;
-    mtasks = (j.nmblk + j.mper - 1) / j.mper;
-    j.nper = nblk / ((3 * T + mtasks - 1) / mtasks);
-    j.nper = j.nper < 1 ? 1 : j.nper;
-    run_tasks(T, (int64_t)mtasks * ((nblk + j.nper - 1) / j.nper), amx_wx_task, &j);
+    /* Tasks of near-equal work, about four per thread and, where W has the units for it, a
+     * multiple of T of them: with equal tasks one more than a multiple of T would keep a
+     * single thread busy for a whole extra round. */
+    j.mtasks = (j.nmblk + 31) / 32;
+    j.nunits = g->N / j.unit;
+    int step = T / gcd(j.mtasks, T), want = (4 * T + j.mtasks - 1) / j.mtasks;
+    j.nranges = (want + step - 1) / step * step;
+    j.nranges = j.nranges < j.nunits ? j.nranges : j.nunits;
+    run_tasks(T, (int64_t)j.mtasks * j.nranges, amx_wx_task, &j);
 }
 #endif
 
