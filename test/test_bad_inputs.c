@@ -342,8 +342,8 @@ static int cfg_edit(const char *path, const char *key, const char *mul_add) {
     size_t n = 0;
     char pat[128], old[256] = "", new[256] = "", *end = NULL;
     char *text = read_file(path, &n, 1 << 20);
-    snprintf(pat, sizeof pat, "\"%s\":", key);
-    char *at = text ? strstr(text, pat) : NULL;
+    int fits = snprintf(pat, sizeof pat, "\"%s\":", key) < (int)sizeof pat;
+    char *at = text && fits ? strstr(text, pat) : NULL;
     if (at) {
         char *num = at + strlen(pat) + strspn(at + strlen(pat), " \n[");
         double v = strtod(num, &end);
