@@ -410,7 +410,8 @@ void zi_parallel_for(int64_t n, int64_t grain, zi_range_fn fn, void *ctx) {
 /* Per-thread scratch buffers (64-byte aligned, grown on demand, freed at thread exit).
  * Slots: 0 = the GEMM's packed B panel, 1 = a packed A panel, 2 = attention tiles,
  * 3 = zi_gemm's packed op(A) (of the calling thread), 4 = attention's packed keys and values,
- * 5 = the fast path's packed op(B) (of the calling thread). */
+ * 5 = zi_gemm's op(B) packed once for all tasks (of the calling thread: the fast path's, or the
+ * exact path's single NR strip). */
 enum { SCRATCH_SLOTS = 6 };
 typedef struct { float *p[SCRATCH_SLOTS]; size_t n[SCRATCH_SLOTS]; } scratch_set;
 static pthread_key_t scratch_key;
@@ -740,8 +741,9 @@ static void pack_B_all(float *dst, const gemm_args *g, int j0, int n) {
 }
 
 /* One call's rows [r0, r0 + ms): op(A) packed once into `pa` (shared by all tasks), then tasks
- * = rectangles of C of mb rows x nb columns (multiples of MR, NR), each packing its own B panels. */
-typedef struct { const gemm_args *g; packed_A pa; int ms, mb, nmb, nb; } gemm_job;
+ * = rectangles of C of mb rows x nb columns (multiples of MR, NR), each packing its own B panels
+ * or, given pb, reading op(B) packed once for all of them (pack_B_all's layout, every column). */
+typedef struct { const gemm_args *g; packed_A pa; const float *pb; int ms, mb, nmb, nb; } gemm_job;
 
 /* Strip s (rows r0 + s·MR .., mr <= MR of them) of op(A), every KC slice, into pa. */
 static void pack_A_strip(const packed_A *pa, const gemm_args *g, int s, int mr) {
@@ -766,7 +768,17 @@ static void gemm_task(void *ctx, int64_t begin, int64_t end) {
         int i0 = jb->pa.r0 + (int)(t % jb->nmb) * jb->mb, j0 = (int)(t / jb->nmb) * jb->nb;
         int m = r1 - i0 < jb->mb ? r1 - i0 : jb->mb;
         int n = jb->g->N - j0 < jb->nb ? jb->g->N - j0 : jb->nb;
-        gemm_tile(jb->g, i0, m, j0, n, &jb->pa);
+        gemm_tile_pb(jb->g, i0, m, j0, n, &jb->pa, jb->pb);
+    }
+}
+
+/* KC slices [begin, end) of op(B), every column, into jb->pb (pack_B_all's layout) */
+static void pack_B_slices(void *ctx, int64_t begin, int64_t end) {
+    const gemm_job *jb = ctx;
+    size_t Np = (size_t)(jb->g->N + NR - 1) / NR * NR;
+    for (int64_t s = begin; s < end; s++) {
+        int pc = (int)s * KC, kc = jb->g->K - pc < KC ? jb->g->K - pc : KC;
+        pack_B((float *)jb->pb + (size_t)pc * Np, jb->g, pc, kc, 0, jb->g->N);
     }
 }
 
@@ -1422,7 +1434,10 @@ static void gemm_exact(const gemm_args *g, int T) {
         return;
     }
     /* Tasks: about three per thread. Columns are split first (down to single NR strips), so
-     * that each B panel is converted once; rows only when there are too few strips. */
+     * that each B panel is converted once; rows only when there are too few strips, each task
+     * packing the same B panels again, so not below 4·MR rows. A single strip (N <= NR: a LoRA
+     * adapter's x·Aᵀ or dy·B, N = the rank) is packed once for all tasks instead, and its rows
+     * are split down to MR: 24 tasks at 288 rows rather than 6 (16 cores: 2.5x faster). */
     int want = 3 * T, strips = (N + NR - 1) / NR, spb = (strips + want - 1) / want;
     spb = spb > NC / NR ? NC / NR : spb;
     int nb = spb * NR, ncb = (N + nb - 1) / nb;
@@ -1430,11 +1445,17 @@ static void gemm_exact(const gemm_args *g, int T) {
     if (ms_max < MR) ms_max = MR;
     if (ms_max > (M + MR - 1) / MR * MR) ms_max = (M + MR - 1) / MR * MR;
     float *ap = scratch(3, (size_t)ms_max * K);
+    gemm_job jb = { g, { ap, 0, 0 }, NULL, 0, 0, 0, nb };
+    if (strips == 1 && T > 1) {
+        jb.pb = scratch(5, (size_t)K * NR);
+        run_tasks(T, (K + KC - 1) / KC, pack_B_slices, &jb);
+    }
     for (int r0 = 0; r0 < M; r0 += ms_max) {
         int ms = M - r0 < ms_max ? M - r0 : ms_max, nmb = 1;
-        while (ncb * nmb < want && (ms + nmb) / (nmb + 1) >= 4 * MR) nmb++;
-        int mb = ((ms + nmb - 1) / nmb + MR - 1) / MR * MR;
-        gemm_job jb = { g, { ap, r0, (ms + MR - 1) / MR * MR }, ms, mb, (ms + mb - 1) / mb, nb };
+        while (ncb * nmb < want && (ms + nmb) / (nmb + 1) >= (jb.pb ? MR : 4 * MR)) nmb++;
+        jb.mb = ((ms + nmb - 1) / nmb + MR - 1) / MR * MR;
+        jb.pa = (packed_A){ ap, r0, (ms + MR - 1) / MR * MR };
+        jb.ms = ms, jb.nmb = (ms + jb.mb - 1) / jb.mb;
         run_tasks(T, jb.pa.Mp / MR, pack_A_strips, &jb);
         run_tasks(T, (int64_t)ncb * jb.nmb, gemm_task, &jb);
     }
@@ -1792,7 +1813,7 @@ static void conv_implicit(float *y, const conv_geom *geo, const float *A, int Co
     float *ap = zi_malloc((size_t)Mp * K * sizeof(float));
     conv_job c = { *geo, { 0, 0, Cout, HWo, K, 1.0f, 0.0f, A, K, NULL, ZI_F32, 0, y, HWo, 0 }, { ap, 0, Mp } };
     int T = (double)Cout * HWo * K < 1e6 ? 1 : zi_nthreads();
-    gemm_job jb = { &c.g, c.pa, Cout, 0, 0, 0 };
+    gemm_job jb = { &c.g, c.pa, NULL, Cout, 0, 0, 0 };
     run_tasks(T, Mp / MR, pack_A_strips, &jb);
     run_tasks(T, (HWo + NC - 1) / NC, conv_task, &c);
     free(ap);
