@@ -145,6 +145,7 @@ TEST(gemm_vs_ref) {
     static const int shapes[][3] = {
         {1, 1, 1}, {1, 7, 13}, {7, 13, 131}, {13, 7, 1}, {17, 33, 65}, {64, 64, 64}, {37, 50, 300},
         {5, 600, 29}, {100, 3, 257}, {97, 131, 513}, {1, 300, 600}, {300, 1, 70}, {61, 67, 9},
+        {300, 13, 600},   /* one column strip, large enough to be threaded: B packed once */
     };
     zi_dtype dts[3] = { ZI_F32, ZI_BF16, ZI_F16 };
     int n = 0;
@@ -456,7 +457,7 @@ TEST(rope) {
 }
 
 /* ---------------------------------------------------------------- thread-count invariance */
-typedef struct { float *gemm_bf16, *gemm_f16, *small_bf16, *small_f32, *att, *lse, *att1, *conv, *norm, *gn; } invariant_out;
+typedef struct { float *gemm_bf16, *gemm_f16, *small_bf16, *small_f32, *strip, *att, *lse, *att1, *conv, *norm, *gn; } invariant_out;
 
 static void invariant_run(invariant_out *o, const float *A, const void *Bb, const void *Bh, const float *Bf,
                           const float *q, const float *x, const zi_mat *cw) {
@@ -469,6 +470,8 @@ static void invariant_run(invariant_out *o, const float *A, const void *Bb, cons
     o->small_f32 = malloc(sizeof(float) * 20 * N);
     zi_gemm(0, 1, 33, N, K, 1, A, K, Bb, ZI_BF16, K, 0, o->small_bf16, N);
     zi_gemm(1, 1, 20, N, K, 1, A, M, Bf, ZI_F32, K, 0, o->small_f32, N);
+    o->strip = malloc(sizeof(float) * M * 13);                  /* one column strip: B packed once */
+    zi_gemm(0, 1, M, 13, K, 1, A, K, Bf, ZI_F32, K, 0, o->strip, 13);
     int S = 300, H = 4, D = 64;
     o->att = malloc(sizeof(float) * S * H * D);
     o->lse = malloc(sizeof(float) * S * H);
@@ -487,7 +490,7 @@ static void invariant_run(invariant_out *o, const float *A, const void *Bb, cons
 }
 
 static void invariant_free(invariant_out *o) {
-    free(o->gemm_bf16); free(o->gemm_f16); free(o->small_bf16); free(o->small_f32); free(o->att); free(o->lse); free(o->att1); free(o->conv); free(o->norm); free(o->gn);
+    free(o->gemm_bf16); free(o->gemm_f16); free(o->small_bf16); free(o->small_f32); free(o->strip); free(o->att); free(o->lse); free(o->att1); free(o->conv); free(o->norm); free(o->gn);
 }
 
 TEST(thread_invariance) {
@@ -507,6 +510,7 @@ TEST(thread_invariance) {
         CHECK(!memcmp(o.gemm_f16, ref.gemm_f16, sizeof(float) * M * N), "gemm f16, %d threads", nt);
         CHECK(!memcmp(o.small_bf16, ref.small_bf16, sizeof(float) * 33 * N), "small-M gemm bf16, %d threads", nt);
         CHECK(!memcmp(o.small_f32, ref.small_f32, sizeof(float) * 20 * N), "small-M gemm f32, %d threads", nt);
+        CHECK(!memcmp(o.strip, ref.strip, sizeof(float) * M * 13), "one-strip gemm, %d threads", nt);
         CHECK(!memcmp(o.att, ref.att, sizeof(float) * 300 * 4 * 64), "attention, %d threads", nt);
         CHECK(!memcmp(o.att1, ref.att1, sizeof(float) * 300 * 4 * 64), "attention with one kv head, %d threads", nt);
         CHECK(!memcmp(o.lse, ref.lse, sizeof(float) * 300 * 4), "lse, %d threads", nt);
