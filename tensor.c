@@ -1346,7 +1346,7 @@ static void micro_rows(int kc, const float *a, const float *b, float *c, int ldc
 }
 #endif
 
-typedef struct { const gemm_args *g; const float *xt; int Mp; } small_job;
+typedef struct { const gemm_args *g; const float *xt; int Mp, ngroups, ntasks; } small_job;
 
 /* op(A) as strips of NR rows: xt[s][k][j] = op(A)[s·NR + j][k], zero past row M */
 static void small_pack_x(float *xt, const gemm_args *g, int Mp) {
@@ -1393,20 +1393,24 @@ static void small_group(const small_job *s, int j, int n) {
         for (int r = 0; r < n; r++) g->C[(int64_t)i * g->ldc + j + r] = acc[r * s->Mp + i];
 }
 
+/* tasks [begin, end): each a run of consecutive groups (so that the prefetch of the next group
+ * serves the same thread, and two threads share no line of C) */
 static void small_task(void *ctx, int64_t begin, int64_t end) {
     const small_job *s = ctx;
-    for (int64_t q = begin; q < end; q++) {
-        int j = (int)q * MR;
-        small_group(s, j, s->g->N - j < MR ? s->g->N - j : MR);
-    }
+    for (int64_t t = begin; t < end; t++)
+        for (int64_t q = t * s->ngroups / s->ntasks; q < (t + 1) * s->ngroups / s->ntasks; q++) {
+            int j = (int)q * MR;
+            small_group(s, j, s->g->N - j < MR ? s->g->N - j : MR);
+        }
 }
 
 static void gemm_small(const gemm_args *g, int T) {
     int Mp = (g->M + NR - 1) / NR * NR;
     float *xt = scratch(3, (size_t)Mp * g->K);
     small_pack_x(xt, g, Mp);
-    small_job s = { g, xt, Mp };
-    run_tasks(T, (g->N + MR - 1) / MR, small_task, &s);
+    small_job s = { g, xt, Mp, (g->N + MR - 1) / MR, 0 };
+    s.ntasks = s.ngroups < 4 * T ? s.ngroups : 4 * T;   /* four near-equal runs per thread */
+    run_tasks(T, s.ntasks, small_task, &s);
 }
 
 static void gemm_run(int transA, int transB, int M, int N, int K, float alpha,
