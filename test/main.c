@@ -61,6 +61,23 @@ const char *zt_tmpdir(void) {
     return dir;
 }
 
+int zt_tensor_file(char *out, size_t cap, const char *dir_in, const char *name) {
+    static const char *indexes[] = {"diffusion_pytorch_model.safetensors.index.json", "model.safetensors.index.json"};
+    char dir[1024], path[1100];
+    snprintf(dir, sizeof dir, "%s", dir_in);    /* out may be dir_in */
+    for (int i = 0; i < 2; i++) {
+        snprintf(path, sizeof path, "%s/%s", dir, indexes[i]);
+        if (access(path, F_OK)) continue;
+        zj *ix = zj_load(path);
+        const char *file = zj_str(zj_get(ix, "weight_map"), name, NULL);
+        snprintf(out, cap, "%s/%s", dir, file ? file : "(not in the index)");
+        zj_free(ix);
+        return file ? 0 : -1;
+    }
+    snprintf(out, cap, "%s/diffusion_pytorch_model.safetensors", dir);
+    return 0;
+}
+
 const char *zt_bin(void) {
     const char *b = getenv("ZI_BIN");
     return b && *b ? b : ".";

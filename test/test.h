@@ -28,6 +28,10 @@ const char *zt_tmpdir(void);
 int zt_sh(char *out, size_t cap, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 /* Directory of the built programs (sample, train): $ZI_BIN, default ".". */
 const char *zt_bin(void);
+/* "DIR/FILE" into out: the file of checkpoint directory dir that holds tensor name, the one
+ * its index names (diffusers' or transformers' index file), else the directory's single
+ * diffusers file. 0, or -1 when the index does not name it. out may be dir. */
+int zt_tensor_file(char *out, size_t cap, const char *dir, const char *name);
 /* The DiT's transformer blocks: noise and context refiners, then the main layers. The oracle's
  * LoRAs and train's default targets put an adapter on 7 Linears of each (to_q, to_k, to_v,
  * to_out.0, w1, w2, w3). */

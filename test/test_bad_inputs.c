@@ -363,24 +363,6 @@ static int cfg_edit(const char *path, const char *key, const char *mul_add) {
     return rc;
 }
 
-/* The file of checkpoint directory dir that holds tensor name: the one its index names
- * (diffusers' or transformers' index file), else the directory's single diffusers file. */
-static void tensor_file(char *out, size_t cap, const char *dir_in, const char *name) {
-    static const char *indexes[] = {"diffusion_pytorch_model.safetensors.index.json", "model.safetensors.index.json"};
-    char dir[1024], path[1100];
-    snprintf(dir, sizeof dir, "%s", dir_in);    /* out may be dir_in */
-    for (int i = 0; i < 2; i++) {
-        snprintf(path, sizeof path, "%s/%s", dir, indexes[i]);
-        if (access(path, F_OK)) continue;
-        zj *ix = zj_load(path);
-        const char *file = zj_str(zj_get(ix, "weight_map"), name, NULL);
-        snprintf(out, cap, "%s/%s", dir, file ? file : "(not in the index)");
-        zj_free(ix);
-        return;
-    }
-    snprintf(out, cap, "%s/diffusion_pytorch_model.safetensors", dir);
-}
-
 /* Sets fact name to a printf-formatted value. */
 static void set_fact(const char *name, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 static void set_fact(const char *name, const char *fmt, ...) {
@@ -411,7 +393,7 @@ static int learn_model(void) {
     set_fact("cap_feat_dim+1", "%d", cap + 1);
 
     snprintf(path, sizeof path, "%s/text_encoder", dir);
-    tensor_file(path, sizeof path, path, "model.norm.weight");
+    zt_tensor_file(path, sizeof path, path, "model.norm.weight");
     set_fact("te.shard", "text_encoder/%s", strrchr(path, '/') + 1);
 
     /* K's shard, and another shard: the first other file the index names */
@@ -495,7 +477,7 @@ static int apply_edit(const edit *e, const char *model, const char *tmp) {
     case CFG: rc = cfg_edit(path, a, e->b ? b : NULL); break;
     case FILL: {
         struct stat sb;
-        if (!stat(path, &sb) && S_ISDIR(sb.st_mode)) tensor_file(path, sizeof path, path, a);
+        if (!stat(path, &sb) && S_ISDIR(sb.st_mode)) zt_tensor_file(path, sizeof path, path, a);
         if (!(buf = read_file(path, &n, 64 << 20))) break;
         size_t h = (size_t)st_hlen(buf, n);
         zj *hdr = st_header(buf, n, path);

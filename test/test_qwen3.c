@@ -182,12 +182,10 @@ TEST(qwen3_bad_input) {
     expect_load_error("te_fractional", sed, "config.json");
     expect_load_error("te_yarn", "s/\"rope_type\": \"default\"/\"rope_type\": \"yarn\"/", "config.json");
     /* a shard cut short: the one holding the final norm (names depend on the shard count) */
-    zj *ix = zj_load(TE_DIR "/model.safetensors.index.json");
-    const char *shard = zj_str(zj_get(ix, "weight_map"), "model.norm.weight", NULL);
-    CHECK(shard, "index: %s", zi_err());
-    char name[256];
+    char path[1100], name[256];
+    CHECK(!zt_tensor_file(path, sizeof path, TE_DIR, "model.norm.weight"), "index: %s", path);
+    const char *shard = strrchr(path, '/') + 1;
     snprintf(name, sizeof name, "%.*s", (int)(strlen(shard) - strlen(".safetensors")), shard);
-    zj_free(ix);
     const char *dir = te_copy("te_truncated", "");
     CHECK(dir && !zt_sh(NULL, 0, "truncate -s 4000 %s/%s.safetensors", dir, name), "setup");
     CHECK(!zi_te_load(dir) && strstr(zi_err(), name), "truncated shard %s: %s", name, zi_err());
