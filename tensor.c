@@ -729,15 +729,19 @@ static void gemm_tile(const gemm_args *g, int i0, int m, int j0, int n, const pa
     gemm_tile_pb(g, i0, m, j0, n, pa, NULL);
 }
 
+/* The KC slice of op(B) starting at pc, columns j0 .. j0+n: its NR-column strips one after
+ * another from dst. */
+static void pack_B_slice(float *dst, const gemm_args *g, int pc, int j0, int n) {
+    int kc = g->K - pc < KC ? g->K - pc : KC;
+    for (int jc = 0; jc < n; jc += NC)
+        pack_B(dst + (size_t)jc * kc, g, pc, kc, j0 + jc, n - jc < NC ? n - jc : NC);
+}
+
 /* op(B)'s columns j0 .. j0+n, every KC slice, packed for gemm_tile_pb: the slice starting at
- * pc is at dst + pc·Np (Np = n rounded up to NR), its NR-column strips one after another. */
+ * pc is at dst + pc·Np (Np = n rounded up to NR). */
 static void pack_B_all(float *dst, const gemm_args *g, int j0, int n) {
     size_t Np = (size_t)(n + NR - 1) / NR * NR;
-    for (int pc = 0; pc < g->K; pc += KC) {
-        int kc = g->K - pc < KC ? g->K - pc : KC;
-        for (int jc = 0; jc < n; jc += NC)
-            pack_B(dst + (size_t)pc * Np + (size_t)jc * kc, g, pc, kc, j0 + jc, n - jc < NC ? n - jc : NC);
-    }
+    for (int pc = 0; pc < g->K; pc += KC) pack_B_slice(dst + (size_t)pc * Np, g, pc, j0, n);
 }
 
 /* One call's rows [r0, r0 + ms): op(A) packed once into `pa` (shared by all tasks), then tasks
@@ -772,14 +776,11 @@ static void gemm_task(void *ctx, int64_t begin, int64_t end) {
     }
 }
 
-/* KC slices [begin, end) of op(B), every column, into jb->pb (pack_B_all's layout) */
+/* KC slices [begin, end) of op(B), every column, into jb->pb: pack_B_all, by slices */
 static void pack_B_slices(void *ctx, int64_t begin, int64_t end) {
     const gemm_job *jb = ctx;
     size_t Np = (size_t)(jb->g->N + NR - 1) / NR * NR;
-    for (int64_t s = begin; s < end; s++) {
-        int pc = (int)s * KC, kc = jb->g->K - pc < KC ? jb->g->K - pc : KC;
-        pack_B((float *)jb->pb + (size_t)pc * Np, jb->g, pc, kc, 0, jb->g->N);
-    }
+    for (int64_t s = begin; s < end; s++) pack_B_slice((float *)jb->pb + s * KC * Np, jb->g, (int)s * KC, 0, jb->g->N);
 }
 
 static void check_gemm_dtype(zi_dtype bt) {
@@ -1450,7 +1451,7 @@ static void gemm_exact(const gemm_args *g, int T) {
     if (ms_max > (M + MR - 1) / MR * MR) ms_max = (M + MR - 1) / MR * MR;
     float *ap = scratch(3, (size_t)ms_max * K);
     gemm_job jb = { g, { ap, 0, 0 }, NULL, 0, 0, 0, nb };
-    if (strips == 1 && T > 1) {
+    if (strips == 1) {
         jb.pb = scratch(5, (size_t)K * NR);
         run_tasks(T, (K + KC - 1) / KC, pack_B_slices, &jb);
     }
