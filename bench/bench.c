@@ -151,10 +151,6 @@ static void bench_attention(const char *filter, int S, int H, int D) {
     attention_free(&c);
 }
 
-/* Thread scaling: a Linear layer and attention at 1056 tokens, timed with one thread and with
- * all of them. The speed-up is printed as a percentage of linear (the goal: >= 85%) and next
- * to the speed-up of the FMA peak itself, which is less than linear where clocks drop with
- * more busy cores or vCPUs share a core. */
 /* The thread pool's own cost: zi_parallel_for over n items that do (almost) nothing, the price
  * every parallel step pays; the text encoder at 32 tokens makes about 900 such calls. */
 static void count_items(void *ctx, int64_t b, int64_t e) { atomic_fetch_add((atomic_llong *)ctx, e - b); }
@@ -174,6 +170,10 @@ static void bench_dispatch(const char *filter) {
     }
 }
 
+/* Thread scaling: a Linear layer and attention at 1056 tokens, timed with one thread and with
+ * all of them. The speed-up is printed as a percentage of linear (the goal: >= 85%) and next
+ * to the speed-up of the FMA peak itself, which is less than linear where clocks drop with
+ * more busy cores or vCPUs share a core. */
 static void bench_scaling(const char *filter) {
     if (!selected(filter, "scaling")) return;
     linear_case lc = linear_new(1056, 3840, 3840, ZI_BF16);
