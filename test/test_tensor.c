@@ -457,7 +457,7 @@ TEST(rope) {
 }
 
 /* ---------------------------------------------------------------- thread-count invariance */
-typedef struct { float *gemm_bf16, *gemm_f16, *small_bf16, *small_f32, *strip, *att, *lse, *att1, *conv, *norm, *gn; } invariant_out;
+typedef struct { float *gemm_bf16, *gemm_f16, *small_bf16, *small_f32, *strip, *att, *lse, *att1, *att4, *conv, *norm, *gn; } invariant_out;
 
 static void invariant_run(invariant_out *o, const float *A, const void *Bb, const void *Bh, const float *Bf,
                           const float *q, const float *x, const zi_mat *cw) {
@@ -477,10 +477,14 @@ static void invariant_run(invariant_out *o, const float *A, const void *Bb, cons
     o->lse = malloc(sizeof(float) * S * H);
     zi_attention(o->att, H * D, q, 3 * H * D, q + H * D, 3 * H * D, q + 2 * H * D, 3 * H * D, S, S, H, H, D, 0.125f,
                  1, S - 7, o->lse);
-    /* one kv head, not causal: packed once and shared when there are fewer kv heads than threads */
+    /* not causal: each task packs its head, or (fewer kv heads than threads, or fewer than 3
+     * query heads per thread) every head is packed once and shared; both give the same bits */
     o->att1 = malloc(sizeof(float) * S * H * D);
     zi_attention(o->att1, H * D, q, 3 * H * D, q + H * D, 3 * H * D, q + 2 * H * D, 3 * H * D, S, S, H, 1, D, 0.125f,
                  0, S - 7, NULL);
+    o->att4 = malloc(sizeof(float) * S * H * D);
+    zi_attention(o->att4, H * D, q, 3 * H * D, q + H * D, 3 * H * D, q + 2 * H * D, 3 * H * D, S, S, H, H, D, 0.125f,
+                 0, S, NULL);
     o->conv = malloc(sizeof(float) * 8 * 33 * 40);
     zi_conv2d(o->conv, x, 16, 66, 80, cw, NULL, 3, 3, 2, 0, 0, 1, 1);
     o->norm = malloc(sizeof(float) * M * K);
@@ -490,7 +494,7 @@ static void invariant_run(invariant_out *o, const float *A, const void *Bb, cons
 }
 
 static void invariant_free(invariant_out *o) {
-    free(o->gemm_bf16); free(o->gemm_f16); free(o->small_bf16); free(o->small_f32); free(o->strip); free(o->att); free(o->lse); free(o->att1); free(o->conv); free(o->norm); free(o->gn);
+    free(o->gemm_bf16); free(o->gemm_f16); free(o->small_bf16); free(o->small_f32); free(o->strip); free(o->att); free(o->lse); free(o->att1); free(o->att4); free(o->conv); free(o->norm); free(o->gn);
 }
 
 TEST(thread_invariance) {
@@ -513,6 +517,7 @@ TEST(thread_invariance) {
         CHECK(!memcmp(o.strip, ref.strip, sizeof(float) * M * 13), "one-strip gemm, %d threads", nt);
         CHECK(!memcmp(o.att, ref.att, sizeof(float) * 300 * 4 * 64), "attention, %d threads", nt);
         CHECK(!memcmp(o.att1, ref.att1, sizeof(float) * 300 * 4 * 64), "attention with one kv head, %d threads", nt);
+        CHECK(!memcmp(o.att4, ref.att4, sizeof(float) * 300 * 4 * 64), "attention, not causal, %d threads", nt);
         CHECK(!memcmp(o.lse, ref.lse, sizeof(float) * 300 * 4), "lse, %d threads", nt);
         CHECK(!memcmp(o.conv, ref.conv, sizeof(float) * 8 * 33 * 40), "conv, %d threads", nt);
         CHECK(!memcmp(o.norm, ref.norm, sizeof(float) * M * K), "rmsnorm, %d threads", nt);
