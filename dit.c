@@ -415,21 +415,40 @@ static void mul_rows(float *y, const segs *sg, int D, const float *vec, int64_t 
 }
 
 /* Backward of y = u ⊙ v row by row (mul_rows, v_s = vec + s·stride; no vec: y = u):
- * du = dy ⊙ v_s (du may alias dy), dvec_s += Σ_rows dy ⊙ u, summed over rows in order. */
+ * du = dy ⊙ v_s (du may alias dy), dvec_s += Σ_rows dy ⊙ u, summed over rows in order. The
+ * work is split by columns, in blocks of 16 (whole cache lines of du): each column's sum is
+ * then one thread's, in row order, so the bits do not depend on the split. */
+typedef struct {
+    float *du, *dvec;
+    const float *dy, *u, *vec;
+    const segs *sg;
+    int D;
+    int64_t stride;
+} mul_bw_job;
+
+static void mul_bw_cols(void *ctx, int64_t b0, int64_t b1) {
+    const mul_bw_job *j = ctx;
+    int d0 = (int)b0 * 16, d1 = b1 * 16 < j->D ? (int)b1 * 16 : j->D;
+    for (int s = 0; s < j->sg->n; s++) {
+        float *dv = j->dvec + s * j->stride;
+        const float *v = j->vec + s * j->stride;
+        for (int r = j->sg->off[s]; r < j->sg->off[s] + j->sg->len[s]; r++)
+            for (int d = d0; d < d1; d++) {
+                int64_t i = (int64_t)r * j->D + d;
+                dv[d] += j->dy[i] * j->u[i];
+                j->du[i] = j->dy[i] * v[d];
+            }
+    }
+}
+
 static void mul_rows_backward(float *du, float *dvec, const float *dy, const float *u, const segs *sg, int D,
                               const float *vec, int64_t stride) {
-    int64_t n = (int64_t)segs_rows(sg) * D;
     if (!vec) {
-        if (du != dy) memcpy(du, dy, n * sizeof(float));
+        if (du != dy) memcpy(du, dy, (size_t)segs_rows(sg) * D * sizeof(float));
         return;
     }
-    for (int s = 0; s < sg->n; s++)
-        for (int r = sg->off[s]; r < sg->off[s] + sg->len[s]; r++)
-            for (int d = 0; d < D; d++) {
-                int64_t i = (int64_t)r * D + d;
-                dvec[s * stride + d] += dy[i] * u[i];
-                du[i] = dy[i] * vec[s * stride + d];
-            }
+    mul_bw_job j = { du, dvec, dy, u, vec, sg, D, stride };
+    zi_parallel_for((D + 15) / 16, 1, mul_bw_cols, &j);
 }
 
 /* x += g_s ⊙ y row by row (g_s = gate + s·stride), or x += y without a gate. */
