@@ -1157,9 +1157,9 @@ static void amx_wx_store(const gemm_args *g, const float *ct, int m0, int mr, in
  * RW_AHEAD tile steps ahead: the hardware prefetchers alone, tracking 16 streams per core,
  * left the 16-core text encoder at 1.9-2.0x the time to stream its weights, against 1.5-1.8x
  * with this (4, 16 or 32 steps ahead, or into L2 only, measured slower: bench/README.md).
- * Past a row's end it fetches the start of the next row, which comes next anyway. The sums
- * are those of the 32-row blocks of the general path, bit for bit (each element's tile
- * products, in the same order). */
+ * Past a row's end it fetches the start of the next row (of this unit or the next), which
+ * is read soon anyway. The sums are those of the 32-row blocks of the general path, bit for
+ * bit (each element's tile products, in the same order). */
 enum { RW_AHEAD = 8 };
 static void amx_wx_rows16(const gemm_args *g, int n0, const uint16_t *x, float *ct) {
     const uint16_t *w = (const uint16_t *)g->B + (int64_t)n0 * g->ldb;
