@@ -1367,9 +1367,9 @@ typedef struct { const gemm_args *g; float *xt; int Mp, ngroups, ntasks; } small
 
 /* op(A) as strips of NR rows: xt[s][k][j] = op(A)[s·NR + j][k], zero past row M. Items: a
  * strip's k in blocks of 256, whose 16 KB (AVX2) of xt stay in L1 while the strip's rows are
- * written into it one after another. (Written whole by the calling thread, strip by strip,
- * this was 0.12 ms at K = 2560 and 0.66 ms at K = 9728, 50 ms of each text encoder call: 2% on
- * two cores, a tenth of the exact encoder's time on sixteen.) */
+ * written into it one after another. (Written whole by the calling thread, strip by strip, it
+ * took 0.12 ms at K = 2560 and 0.66 ms at K = 9728 on the 2-core EPYC, 50 ms of each text
+ * encoder call: 2% there, but a part that more threads did not shorten.) */
 static void small_pack_x(void *ctx, int64_t begin, int64_t end) {
     const small_job *sj = ctx;
     const gemm_args *g = sj->g;
