@@ -1666,16 +1666,21 @@ static void att_pack_block(const att_args *a, int g, int jb, int kend, float *kp
     pack_B_all(vp, &vb, 0, D);
 }
 
-/* Every kv head's key blocks into a->kv (head g at g·nkb·(kstride + vstride): its K blocks,
- * then its V blocks), one item per (head, key block) */
+/* kv head g's blocks in the shared pack a->kv: its nkb K blocks at *Kp, then its V blocks */
+static void att_shared_head(const att_args *a, int g, float **Kp, float **Vp) {
+    *Kp = a->kv + (size_t)g * a->nkb * (att_kstride(a->D) + att_vstride(a->D));
+    *Vp = *Kp + (size_t)a->nkb * att_kstride(a->D);
+}
+
+/* Every kv head's key blocks into a->kv, one item per (head, key block) */
 static void att_pack_shared(void *ctx, int64_t begin, int64_t end) {
     const att_args *a = ctx;
-    size_t ks = att_kstride(a->D), per = (size_t)a->nkb * (ks + att_vstride(a->D));
     int kend = a->n_keys < a->Sk ? a->n_keys : a->Sk;
     for (int64_t t = begin; t < end; t++) {
         int g = (int)(t / a->nkb), jb = (int)(t % a->nkb);
-        float *head = a->kv + g * per;
-        att_pack_block(a, g, jb, kend, head + jb * ks, head + a->nkb * ks + jb * att_vstride(a->D));
+        float *Kp, *Vp;
+        att_shared_head(a, g, &Kp, &Vp);
+        att_pack_block(a, g, jb, kend, Kp + (size_t)jb * att_kstride(a->D), Vp + (size_t)jb * att_vstride(a->D));
     }
 }
 
@@ -1693,8 +1698,7 @@ static void att_task(void *ctx, int64_t begin, int64_t end) {
         int nkb = (kend + ATT_BK - 1) / ATT_BK;
         float *Kp, *Vp;
         if (a->kv) {                               /* packed once for all tasks */
-            Kp = a->kv + (size_t)g * a->nkb * (att_kstride(D) + att_vstride(D));
-            Vp = Kp + (size_t)a->nkb * att_kstride(D);
+            att_shared_head(a, g, &Kp, &Vp);
         } else {                                   /* this task's own copy of the head's blocks */
             Kp = scratch(4, (size_t)nkb * (att_kstride(D) + att_vstride(D)));
             Vp = Kp + (size_t)nkb * att_kstride(D);
