@@ -1122,8 +1122,13 @@ static void amx_wx_copy(const gemm_args *g, int n0, int k0, int kc, uint16_t *wc
 }
 
 /* ct[32][32] (Cᵀ block: [n][m]) += the K slice [k0, k0 + kc) of W rows n0 .. n0+31 (wc, from
- * amx_wx_copy) times packed rows m0 .. m0+31 (x: their block at k0); first: ct starts from zero. */
-static void amx_wx_slice(const uint16_t *w, int kc, const uint16_t *x, float *ct, int first) {
+ * amx_wx_copy) times packed rows m0 .. m0+31 (x: their block at k0); first: ct starts from zero.
+ * The x tiles come from L2, and a tile register is not reused before its products are done, so
+ * each tile step's 2 KB of x is prefetched into L1 X_AHEAD steps ahead, past the slice's end
+ * into the next row block's (xn, NULL if none): dit512 --fast 5-10% faster in five alternating
+ * pairs of runs (16-core Xeon), where 1 and 4 steps measured about the same. */
+enum { X_AHEAD = 2 };
+static void amx_wx_slice(const uint16_t *w, int kc, const uint16_t *x, const uint16_t *xn, float *ct, int first) {
     const int64_t ldw = FKC * 2;
     amx_configure();
     if (first) {
@@ -1133,6 +1138,9 @@ static void amx_wx_slice(const uint16_t *w, int kc, const uint16_t *x, float *ct
         _tile_loadd(2, ct + 16 * 32, 128); _tile_loadd(3, ct + 16 * 32 + 16, 128);
     }
     for (int k = 0; k < kc; k += 32) {
+        int ka = k + X_AHEAD * 32;
+        const char *xa = ka < kc ? (const char *)(x + (size_t)ka * 32) : xn ? (const char *)(xn + (size_t)(ka - kc) * 32) : NULL;
+        for (int l = 0; xa && l < 32; l++) _mm_prefetch(xa + 64 * l, _MM_HINT_T0);
         _tile_loadd(4, w + k, ldw);                    /* W rows n0 .. n0+15 */
         _tile_loadd(5, w + 16 * FKC + k, ldw);         /* rows n0+16 .. n0+31 */
         _tile_loadd(6, x + (size_t)k * 32, 128);       /* pairs of k, rows m0 .. m0+15 */
@@ -1214,6 +1222,7 @@ static void amx_wx_task(void *ctx, int64_t begin, int64_t end) {
                 amx_wx_copy(g, n, k0, kc, wc);
                 for (int b = b0; b < b1; b++)
                     amx_wx_slice(wc, kc, j->xp + (size_t)b * 32 * g->K + (size_t)k0 * 32,
+                                 b + 1 < b1 ? j->xp + (size_t)(b + 1) * 32 * g->K + (size_t)k0 * 32 : NULL,
                                  ct + ((size_t)(n - n0) / 32 * mb + (b - b0)) * 1024, k0 == 0);
             }
         }
