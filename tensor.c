@@ -1044,10 +1044,11 @@ static void fast_task(void *ctx, int64_t begin, int64_t end) {
 }
 
 #ifdef ZI_AMX
-/* AMX with the weight read where it lies. A bf16 Linear weight W [N, K] is row-major with
- * consecutive k, which is exactly an AMX A tile (16 rows x 32 k), so the product is computed
- * transposed, Cᵀ = W · op(A)ᵀ: W's tiles are loaded straight from the (mmap'd) weight, never
- * packed, and only op(A) — M x K, far smaller than W when M is a few hundred tokens — is
+/* AMX with the weight as stored. A bf16 Linear weight W [N, K] is row-major with consecutive
+ * k, which is exactly an AMX A tile (16 rows x 32 k), so the product is computed transposed,
+ * Cᵀ = W · op(A)ᵀ: W's tiles come from the (mmap'd) weight as it is, never converted or
+ * rearranged (at most copied a slice at a time, amx_wx_copy), and only op(A) — M x K, far
+ * smaller than W when M is a few hundred tokens — is
  * packed, as the B operand: per block of 32 rows, [K/2][32][2] (a pair of consecutive k of
  * one row is one 32-bit word). Each 32 x 32 block of C is summed in four tiles, FKC slices of
  * K in order, by one task (so any thread count gives the same bits), and transposed on the way
