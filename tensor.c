@@ -1048,12 +1048,11 @@ static void fast_task(void *ctx, int64_t begin, int64_t end) {
  * k, which is exactly an AMX A tile (16 rows x 32 k), so the product is computed transposed,
  * Cᵀ = W · op(A)ᵀ: W's tiles come from the (mmap'd) weight as it is, never converted or
  * rearranged (at most copied a slice at a time, amx_wx_copy), and only op(A) — M x K, far
- * smaller than W when M is a few hundred tokens — is
- * packed, as the B operand: per block of 32 rows, [K/2][32][2] (a pair of consecutive k of
- * one row is one 32-bit word). Each 32 x 32 block of C is summed in four tiles, FKC slices of
- * K in order, by one task (so any thread count gives the same bits), and transposed on the way
- * out. The packed-B path above remains for other operands (f32/f16 B, B not transposed, K or N
- * not a multiple of 32). */
+ * smaller than W when M is a few hundred tokens — is packed, as the B operand: per block of
+ * 32 rows, [K/2][32][2] (a pair of consecutive k of one row is one 32-bit word). Each 32 x 32
+ * block of C is summed in four tiles, FKC slices of K in order, by one task (so any thread
+ * count gives the same bits), and transposed on the way out. The packed-B path above remains
+ * for other operands (f32/f16 B, B not transposed, K or N not a multiple of 32). */
 typedef struct {
     const gemm_args *g;
     uint16_t *xp;               /* op(A) packed: block b (rows 32b ..) at xp + b·32·K */
