@@ -416,9 +416,10 @@ enum { EW_GRAIN = 4096 };
 static int64_t row_grain(int64_t row_len) { return 1 + EW_GRAIN / (row_len + 1); }
 
 /* Per-thread scratch buffers (64-byte aligned, grown on demand, freed at thread exit).
- * Slots: 0 = the GEMM's packed B panel, 1 = a packed A panel, 2 = attention tiles,
- * 3 = zi_gemm's packed op(A) (of the calling thread), 4 = attention's packed keys and values
- * (a causal task's own, or every head's, shared, in the calling thread's),
+ * Slots: 0 = the GEMM's packed B panel (AMX: a task's partial Cᵀ blocks), 1 = a packed A
+ * panel (AMX: the copied W slice), 2 = attention tiles, 3 = zi_gemm's packed op(A) (of the
+ * calling thread), 4 = attention's packed keys and values (a task's own, or every head's,
+ * shared, in the calling thread's),
  * 5 = zi_gemm's op(B) packed once for all tasks (of the calling thread: the fast path's, or the
  * exact path's single NR strip). */
 enum { SCRATCH_SLOTS = 6 };
