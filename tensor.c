@@ -656,24 +656,16 @@ static void pack_B_f32(float *bp, const gemm_args *g, int p0, int kc, int j0, in
     size_t es = zi_dtype_size(g->bt);
     const char *B = g->B;
     if (!g->transB) {      /* B stored [K, N]: each row of the panel is read once, dealt into strips */
+        float tmp[NC];
         for (int p = 0; p < kc; p++) {
             const char *src = B + ((int64_t)(p0 + p) * g->ldb + j0) * es;
             if (p + 8 < kc)         /* rows may be far apart (attention's V): fetch ahead */
                 for (size_t off = 0; off < (size_t)nc * es; off += 64) __builtin_prefetch(src + 8 * g->ldb * es + off);
+            const float *row = (const float *)src;
+            if (g->bt != ZI_F32) zi_to_f32(tmp, src, g->bt, (size_t)nc), row = tmp;
             int jr = 0;
-            for (; jr + NR <= nc; jr += NR) {  /* converted straight into the strip */
-                float *dst = bp + (size_t)jr * kc + p * NR;
-#if defined(__AVX2__) && defined(__F16C__)
-                for (int j = 0; j < NR; j += 8) _mm256_storeu_ps(dst + j, load8(src + (size_t)(jr + j) * es, g->bt));
-#else
-                zi_to_f32(dst, src + (size_t)jr * es, g->bt, NR);
-#endif
-            }
-            if (jr < nc) {
-                float *dst = bp + (size_t)jr * kc + p * NR;
-                zi_to_f32(dst, src + (size_t)jr * es, g->bt, (size_t)(nc - jr));
-                memset(dst + nc - jr, 0, (size_t)(NR - (nc - jr)) * sizeof(float));
-            }
+            for (; jr + NR <= nc; jr += NR) memcpy(bp + (size_t)jr * kc + p * NR, row + jr, NR * sizeof(float));
+            for (int j = 0; jr < nc && j < NR; j++) bp[(size_t)jr * kc + p * NR + j] = jr + j < nc ? row[jr + j] : 0;
         }
         return;
     }
