@@ -6,12 +6,17 @@ float32 and in bfloat16. Optional; not part of `make test`. Needs torch and diff
     python3 bench/torch_bench.py                       # random weights, nothing downloaded
     python3 bench/torch_bench.py --model ~/.cache/zimage-bench/model   # bench/make_model.c's model
     python3 bench/torch_bench.py --threads 16 --sizes 256,512 --dtypes fp32,bf16
+    python3 bench/torch_bench.py --threads 16 --gemm   # only the Linear shapes of `make bench`
 
 Random weights are drawn as bench/make_model.c draws them (Linear weights uniform with variance
 1/fan_in, norm weights 1, biases 0): the timing does not depend on the values, only on the shapes.
 With --model the transformer of that directory is loaded instead (its bf16 weights, widened to
 float32 for the fp32 run). The first forward of each dtype is a warm-up (oneDNN builds its kernels);
 the next one per size is timed.
+
+--gemm times torch's own matrix products instead (MKL for fp32, oneDNN for bf16), the Linear
+layers of `make bench`'s "gemm bf16" and "gemm fast" lines, y = x·Wᵀ with M = 288, 1056, 4128 rows:
+what the vendor libraries reach on the same machine. It needs torch only.
 """
 import argparse
 import math
@@ -74,17 +79,41 @@ def forward(m, px, dtype):
     return dt
 
 
+def bench_gemm(dtypes):
+    """The best of five calls of F.linear after two warm-ups, per shape (M x N x K as `make bench` names them)."""
+    for name in dtypes:
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+        for M in (288, 1056, 4128):
+            for K, N in ((3840, 3840), (3840, 10240), (10240, 3840)):
+                x = torch.rand(M, K).sub_(0.5).to(dtype)
+                w = torch.rand(N, K).sub_(0.5).mul_(2 * math.sqrt(3.0 / K)).to(dtype)
+                with torch.inference_mode():
+                    for _ in range(2):
+                        torch.nn.functional.linear(x, w)
+                    best = math.inf
+                    for _ in range(5):
+                        t0 = time.perf_counter()
+                        torch.nn.functional.linear(x, w)
+                        best = min(best, time.perf_counter() - t0)
+                print(f"torch {name} {M}x{N}x{K}: {best * 1e3:8.1f} ms {2 * M * N * K / best * 1e-9:8.1f} GFLOP/s",
+                      flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="model directory (bench/make_model.c layout); default: random weights")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     ap.add_argument("--sizes", default="256,512")
     ap.add_argument("--dtypes", default="fp32,bf16")
+    ap.add_argument("--gemm", action="store_true", help="time torch's matrix products at make bench's shapes instead")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"oneDNN bf16 (AMX/AVX512-BF16) usable: {torch.backends.mkldnn.is_available()}", flush=True)
+    if a.gemm:
+        bench_gemm(a.dtypes.split(","))
+        return
     sizes = [int(s) for s in a.sizes.split(",")]
     for name in a.dtypes.split(","):
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
