@@ -7,6 +7,7 @@ float32 and in bfloat16. Optional; not part of `make test`. Needs torch and diff
     python3 bench/torch_bench.py --model ~/.cache/zimage-bench/model   # bench/make_model.c's model
     python3 bench/torch_bench.py --threads 16 --sizes 256,512 --dtypes fp32,bf16
     python3 bench/torch_bench.py --threads 16 --gemm   # only the Linear shapes of `make bench`
+    python3 bench/torch_bench.py --threads 16 --te     # the text encoder instead (bench_full's `te`)
 
 Random weights are drawn as bench/make_model.c draws them (Linear weights uniform with variance
 1/fan_in, norm weights 1, biases 0): the timing does not depend on the values, only on the shapes.
@@ -17,6 +18,10 @@ the next one per size is timed.
 --gemm times torch's own matrix products instead (MKL for fp32, oneDNN for bf16), the Linear
 layers of `make bench`'s "gemm bf16" and "gemm fast" lines, y = x·Wᵀ with M = 288, 1056, 4128 rows:
 what the vendor libraries reach on the same machine. It needs torch only.
+
+--te times the text encoder instead, as bench_full's `te` stage runs it: transformers' Qwen3Model
+with Qwen3-4B's config cut to the 35 layers Z-Image uses (hidden_states[-2]), a 32-token prompt,
+random weights (or --model's text_encoder), the second call. It needs torch and transformers.
 """
 import argparse
 import math
@@ -79,6 +84,45 @@ def forward(m, px, dtype):
     return dt
 
 
+QWEN3_4B = dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=35,
+                num_attention_heads=32, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-6,
+                rope_theta=1000000.0, max_position_embeddings=40960, tie_word_embeddings=True)
+
+
+def bench_te(model, dtypes):
+    from transformers import Qwen3Config, Qwen3Model
+    for name in dtypes:
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+        if model:
+            m = Qwen3Model.from_pretrained(f"{model}/text_encoder", torch_dtype=dtype)
+            m.layers = m.layers[:QWEN3_4B["num_hidden_layers"]]
+        else:
+            with torch.device("meta"):
+                m = Qwen3Model(Qwen3Config(**QWEN3_4B))
+            m = m.to_empty(device="cpu").to(dtype)
+            with torch.no_grad():
+                for p in m.parameters():          # as bench/make_model.c: variance 1/fan_in, norms 1
+                    if p.ndim >= 2:
+                        a = math.sqrt(3.0 / p.shape[-1])
+                        p.uniform_(-a, a)
+                    else:
+                        p.fill_(1.0)
+            m.rotary_emb = type(m.rotary_emb)(config=m.config)   # its inverse frequencies, not left empty
+        m.eval()
+        ids = torch.arange(1000, 1000 + CAPTION_TOKENS).unsqueeze(0)
+        with torch.inference_mode():
+            times = []
+            for _ in range(2):
+                t0 = time.perf_counter()
+                out = m(input_ids=ids).last_hidden_state
+                times.append(time.perf_counter() - t0)
+        assert torch.isfinite(out.float()).all(), "output not finite"
+        layer_bytes = sum(p.numel() * p.element_size() for p in m.layers.parameters())
+        print(f"{name} te: {times[1]:.3f} s (first call {times[0]:.3f} s); its {len(m.layers)} layers hold "
+              f"{layer_bytes / 1e9:.2f} GB", flush=True)
+        del m
+
+
 def bench_gemm(dtypes):
     """The best of five calls of F.linear after two warm-ups, per shape (M x N x K as `make bench` names them)."""
     for name in dtypes:
@@ -106,6 +150,7 @@ def main():
     ap.add_argument("--sizes", default="256,512")
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--gemm", action="store_true", help="time torch's matrix products at make bench's shapes instead")
+    ap.add_argument("--te", action="store_true", help="time the text encoder (Qwen3-4B, 35 layers) instead")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -113,6 +158,9 @@ def main():
           f"oneDNN bf16 (AMX/AVX512-BF16) usable: {torch.backends.mkldnn.is_available()}", flush=True)
     if a.gemm:
         bench_gemm(a.dtypes.split(","))
+        return
+    if a.te:
+        bench_te(a.model, a.dtypes.split(","))
         return
     sizes = [int(s) for s in a.sizes.split(",")]
     for name in a.dtypes.split(","):
