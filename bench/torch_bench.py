@@ -36,11 +36,11 @@ CONFIG = dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=38
 CAPTION_TOKENS = 32
 
 
-def random_model(dtype):
-    from diffusers import ZImageTransformer2DModel
-    with torch.device("meta"):
-        m = ZImageTransformer2DModel(**CONFIG)
-    m = m.to_empty(device="cpu").to(dtype)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def fill_random(m):
+    """m's parameters as bench/make_model.c draws them; returns m."""
     with torch.no_grad():
         for name, p in m.named_parameters():
             if p.ndim >= 2:
@@ -50,6 +50,15 @@ def random_model(dtype):
                 p.fill_(1.0)
             else:
                 p.zero_()
+    return m
+
+
+def random_model(dtype):
+    from diffusers import ZImageTransformer2DModel
+    with torch.device("meta"):
+        m = ZImageTransformer2DModel(**CONFIG)
+    m = fill_random(m.to_empty(device="cpu").to(dtype))
+    with torch.no_grad():
         for name, b in m.named_buffers():
             if b.is_floating_point():
                 b.zero_()
@@ -92,21 +101,14 @@ QWEN3_4B = dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num
 def bench_te(model, dtypes):
     from transformers import Qwen3Config, Qwen3Model
     for name in dtypes:
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+        dtype = DTYPES[name]
         if model:
             m = Qwen3Model.from_pretrained(f"{model}/text_encoder", torch_dtype=dtype)
             m.layers = m.layers[:QWEN3_4B["num_hidden_layers"]]
         else:
             with torch.device("meta"):
                 m = Qwen3Model(Qwen3Config(**QWEN3_4B))
-            m = m.to_empty(device="cpu").to(dtype)
-            with torch.no_grad():
-                for p in m.parameters():          # as bench/make_model.c: variance 1/fan_in, norms 1
-                    if p.ndim >= 2:
-                        a = math.sqrt(3.0 / p.shape[-1])
-                        p.uniform_(-a, a)
-                    else:
-                        p.fill_(1.0)
+            m = fill_random(m.to_empty(device="cpu").to(dtype))
             m.rotary_emb = type(m.rotary_emb)(config=m.config)   # its inverse frequencies, not left empty
         m.eval()
         ids = torch.arange(1000, 1000 + CAPTION_TOKENS).unsqueeze(0)
@@ -126,7 +128,7 @@ def bench_te(model, dtypes):
 def bench_gemm(dtypes):
     """The best of five calls of F.linear after two warm-ups, per shape (M x N x K as `make bench` names them)."""
     for name in dtypes:
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+        dtype = DTYPES[name]
         for M in (288, 1056, 4128):
             for K, N in ((3840, 3840), (3840, 10240), (10240, 3840)):
                 x = torch.rand(M, K).sub_(0.5).to(dtype)
@@ -164,7 +166,7 @@ def main():
         return
     sizes = [int(s) for s in a.sizes.split(",")]
     for name in a.dtypes.split(","):
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+        dtype = DTYPES[name]
         t0 = time.perf_counter()
         m = load_model(a.model, dtype) if a.model else random_model(dtype)
         print(f"{name}: model ready in {time.perf_counter() - t0:.1f} s", flush=True)
