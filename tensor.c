@@ -1679,14 +1679,14 @@ static void att_block(const att_args *a, int h, int q0, const float *Kp, const f
 }
 
 /* Key block jb (keys jb·ATT_BK .. up to kend) of kv head g, packed as the B operands of
- * S = Q·Kᵀ (into kp) and O = P·V (into vp) */
-static void att_pack_block(const att_args *a, int g, int jb, int kend, float *kp, float *vp) {
+ * S = Q·Kᵀ and O = P·V: block jb of the head's K blocks at Kp and of its V blocks at Vp */
+static void att_pack_block(const att_args *a, int g, int jb, int kend, float *Kp, float *Vp) {
     int D = a->D, j0 = jb * ATT_BK, bk = kend - j0 < ATT_BK ? kend - j0 : ATT_BK;
     const float *k = a->k + (int64_t)j0 * a->ldk + (int64_t)g * D, *v = a->v + (int64_t)j0 * a->ldv + (int64_t)g * D;
     gemm_args kb = { 0, 1, 0, bk, D, 0, 0, NULL, 0, k, ZI_F32, a->ldk, NULL, 0, 0 };
     gemm_args vb = { 0, 0, 0, D, bk, 0, 0, NULL, 0, v, ZI_F32, a->ldv, NULL, 0, 0 };
-    pack_B_all(kp, &kb, 0, bk);
-    pack_B_all(vp, &vb, 0, D);
+    pack_B_all(Kp + (size_t)jb * att_kstride(D), &kb, 0, bk);
+    pack_B_all(Vp + (size_t)jb * att_vstride(D), &vb, 0, D);
 }
 
 /* kv head g's blocks in the shared pack a->kv: its nkb K blocks at *Kp, then its V blocks */
@@ -1703,7 +1703,7 @@ static void att_pack_shared(void *ctx, int64_t begin, int64_t end) {
         int g = (int)(t / a->nkb), jb = (int)(t % a->nkb);
         float *Kp, *Vp;
         att_shared_head(a, g, &Kp, &Vp);
-        att_pack_block(a, g, jb, kend, Kp + (size_t)jb * att_kstride(a->D), Vp + (size_t)jb * att_vstride(a->D));
+        att_pack_block(a, g, jb, kend, Kp, Vp);
     }
 }
 
@@ -1725,8 +1725,7 @@ static void att_task(void *ctx, int64_t begin, int64_t end) {
         } else {                                   /* this task's own copy of the head's blocks */
             Kp = scratch(4, (size_t)nkb * (att_kstride(D) + att_vstride(D)));
             Vp = Kp + (size_t)nkb * att_kstride(D);
-            for (int jb = 0; jb < nkb; jb++)
-                att_pack_block(a, g, jb, kend, Kp + (size_t)jb * att_kstride(D), Vp + (size_t)jb * att_vstride(D));
+            for (int jb = 0; jb < nkb; jb++) att_pack_block(a, g, jb, kend, Kp, Vp);
         }
         for (int qb = qb0; qb < qb1; qb++) att_block(a, h, qb * ATT_BQ, Kp, Vp);
     }
